@@ -1,0 +1,293 @@
+"""The wire format: packed msgpack tensors and the two records (Rollout, ScoredSample), version 1.
+
+The only module that spells a msgpack field. A tensor is the map
+``{"dtype": "<i4" | "<i8" | "<f2" | "<f4", "shape": [..], "data": <bin, C order>}``.
+Decoding is zero-copy past msgpack itself: arrays are ``numpy.frombuffer`` views (read-only) of the
+bin payloads. Only plain msgpack types are decoded: no pickle, and ext types are rejected. Every
+validation failure raises `WireFormatError` naming the field, what was expected and what came.
+
+Shape legend: T = tokens in a rollout (prompt + completion), P = prompt_len, R = T - P rows scored,
+K = teacher top-k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from pipeline.errors import WireFormatError
+
+VERSION = 1
+
+#: dtype strings accepted on the wire (little-endian only).
+TENSOR_DTYPES = frozenset({"<i4", "<i8", "<f2", "<f4"})
+ID_DTYPES = frozenset({"<i4"})
+LOGPROB_DTYPES = frozenset({"<f2", "<f4"})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits applied to every decoded (and encoded) record."""
+
+    max_tokens: int = 32768
+    """Largest T (prompt + completion tokens) in one rollout."""
+    max_k: int = 256
+    """Largest teacher top-k."""
+    max_message_bytes: int = 64 * 1024 * 1024
+    """Largest encoded record in bytes."""
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass
+class Rollout:
+    """A student sequence waiting for teacher scores. Loss is on tokens prompt_len..T-1."""
+
+    id: str
+    input_ids: np.ndarray
+    """int32 [T]: exactly the ids the student trains on, prompt then completion."""
+    prompt_len: int
+    policy_version: int = 0
+    source: str = "dataset"
+    created_ms: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass
+class ScoredSample:
+    """A Rollout with the teacher's top-k. Row r is the distribution over token prompt_len + r."""
+
+    rollout: Rollout
+    topk_ids: np.ndarray
+    """int32 [R, K], each row sorted by logprob, descending."""
+    topk_logprobs: np.ndarray
+    """float16 | float32 [R, K], natural-log probabilities normalized over the full vocabulary."""
+    teacher: str
+    k: int
+    scored_ms: int = 0
+
+
+# ---------------------------------------------------------------------------------------------- tensors
+
+
+def pack_tensor(arr: np.ndarray, name: str = "tensor") -> dict[str, Any]:
+    """Return the msgpack map of a tensor; the data is a view when `arr` is C-contiguous (no copy here)."""
+    dtype = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == "=" else arr.dtype
+    if dtype.str not in TENSOR_DTYPES:
+        raise WireFormatError(
+            name, f"expected dtype in {sorted(TENSOR_DTYPES)} (little-endian), got {arr.dtype.str!r}"
+        )
+    arr = np.ascontiguousarray(arr)
+    return {"dtype": dtype.str, "shape": list(arr.shape), "data": memoryview(arr).cast("B")}
+
+
+def unpack_tensor(obj: Any, name: str, dtypes: frozenset[str], ndim: int) -> np.ndarray:
+    """Validate a decoded tensor map and return a read-only zero-copy numpy view of its data."""
+    if not isinstance(obj, dict):
+        raise WireFormatError(name, f"expected a tensor map, got {type(obj).__name__}")
+    dtype, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
+    if not isinstance(dtype, str) or dtype not in dtypes:
+        raise WireFormatError(f"{name}.dtype", f"expected one of {sorted(dtypes)}, got {dtype!r}")
+    if not isinstance(shape, list) or len(shape) != ndim:
+        raise WireFormatError(f"{name}.shape", f"expected a list of {ndim} ints, got {shape!r:.80}")
+    if not all(type(d) is int and d >= 0 for d in shape):
+        raise WireFormatError(f"{name}.shape", f"expected non-negative ints, got {shape!r:.80}")
+    if not isinstance(data, bytes):
+        raise WireFormatError(f"{name}.data", f"expected bin, got {type(data).__name__}")
+    itemsize = int(dtype[2:])
+    expected = itemsize
+    for d in shape:
+        expected *= d
+    if expected != len(data):
+        raise WireFormatError(
+            f"{name}.data",
+            f"shape {shape} of {dtype} needs {expected} bytes, got {len(data)}",
+        )
+    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------- records
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise WireFormatError("<msgpack>", f"expected plain msgpack types, got ext type {code}")
+
+
+def _unpack(buf: bytes | memoryview, limits: Limits, record: str) -> dict[str, Any]:
+    if len(buf) > limits.max_message_bytes:
+        raise WireFormatError(
+            record, f"expected at most {limits.max_message_bytes} bytes, got {len(buf)}"
+        )
+    try:
+        obj = msgpack.unpackb(
+            buf,
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_reject_ext,
+            timestamp=0,
+            max_str_len=1 << 20,
+            max_array_len=1 << 16,
+            max_map_len=1 << 12,
+        )
+    except WireFormatError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated classes for bad bytes
+        raise WireFormatError(record, f"expected a msgpack map, got undecodable bytes ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise WireFormatError(record, f"expected a msgpack map, got {type(obj).__name__}")
+    v = obj.get("v")
+    if v != VERSION:
+        raise WireFormatError("v", f"expected version {VERSION}, got {v!r}")
+    return obj
+
+
+def _int(obj: Mapping[str, Any], name: str, lo: int | None = None, hi: int | None = None) -> int:
+    value = obj.get(name)
+    if type(value) is not int:
+        raise WireFormatError(name, f"expected an int, got {type(value).__name__}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise WireFormatError(name, f"expected an int in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _str(obj: Mapping[str, Any], name: str, max_len: int = 1024) -> str:
+    value = obj.get(name)
+    if not isinstance(value, str) or not value or len(value) > max_len:
+        raise WireFormatError(name, f"expected a non-empty string of <= {max_len} chars, got {value!r:.80}")
+    return value
+
+
+def _check_rollout(r: Rollout, limits: Limits) -> None:
+    ids = r.input_ids
+    if ids.ndim != 1:
+        raise WireFormatError("input_ids.shape", f"expected 1 dimension [T], got {list(ids.shape)}")
+    t = ids.shape[0]
+    if t > limits.max_tokens:
+        raise WireFormatError("input_ids.shape", f"expected T <= {limits.max_tokens}, got {t}")
+    if not 1 <= r.prompt_len < t:
+        raise WireFormatError("prompt_len", f"expected 1 <= prompt_len < T = {t}, got {r.prompt_len}")
+    if t and int(ids.min()) < 0:
+        raise WireFormatError("input_ids", f"expected non-negative token ids, got {int(ids.min())}")
+
+
+def _rollout_map(r: Rollout, limits: Limits) -> dict[str, Any]:
+    ids = r.input_ids
+    if ids.dtype != np.int32:
+        if ids.dtype.kind not in "iu":
+            raise WireFormatError("input_ids", f"expected integer ids, got dtype {ids.dtype}")
+        if ids.size and (int(ids.max()) > np.iinfo(np.int32).max):
+            raise WireFormatError("input_ids", f"expected ids < 2**31, got {int(ids.max())}")
+        ids = ids.astype(np.int32)
+    _check_rollout(r, limits)
+    return {
+        "v": VERSION,
+        "id": r.id,
+        "input_ids": pack_tensor(ids, "input_ids"),
+        "prompt_len": int(r.prompt_len),
+        "policy_version": int(r.policy_version),
+        "source": r.source,
+        "created_ms": int(r.created_ms),
+        "meta": r.meta,
+    }
+
+
+def _rollout_from(obj: dict[str, Any], limits: Limits) -> Rollout:
+    ids = unpack_tensor(obj.get("input_ids"), "input_ids", ID_DTYPES, 1)
+    meta = obj.get("meta", {})
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        raise WireFormatError("meta", f"expected a map, got {type(meta).__name__}")
+    r = Rollout(
+        id=_str(obj, "id"),
+        input_ids=ids,
+        prompt_len=_int(obj, "prompt_len"),
+        policy_version=_int(obj, "policy_version", lo=0),
+        source=_str(obj, "source"),
+        created_ms=_int(obj, "created_ms", lo=0),
+        meta=meta,
+    )
+    _check_rollout(r, limits)
+    return r
+
+
+def encode_rollout(r: Rollout, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """Validate and encode a Rollout (ids of any integer dtype are converted to int32)."""
+    out: bytes = msgpack.packb(_rollout_map(r, limits), use_bin_type=True)
+    return out
+
+
+def decode_rollout(buf: bytes | memoryview, limits: Limits = DEFAULT_LIMITS) -> Rollout:
+    """Decode and validate a Rollout. Raises WireFormatError naming the bad field."""
+    return _rollout_from(_unpack(buf, limits, "rollout"), limits)
+
+
+def _check_scores(
+    r: Rollout, ids_RK: np.ndarray, logprobs_RK: np.ndarray, k: int, limits: Limits
+) -> None:
+    rows = r.num_tokens - r.prompt_len
+    if ids_RK.ndim != 2 or ids_RK.shape[0] != rows:
+        raise WireFormatError(
+            "topk_ids.shape", f"expected [R={rows}, k] (R = T - prompt_len), got {list(ids_RK.shape)}"
+        )
+    if ids_RK.shape != logprobs_RK.shape:
+        raise WireFormatError(
+            "topk_logprobs.shape",
+            f"expected the shape of topk_ids {list(ids_RK.shape)}, got {list(logprobs_RK.shape)}",
+        )
+    if not 1 <= k <= limits.max_k:
+        raise WireFormatError("k", f"expected 1 <= k <= {limits.max_k}, got {k}")
+    if ids_RK.shape[1] != k:
+        raise WireFormatError("topk_ids.shape", f"expected k = {k} columns, got {ids_RK.shape[1]}")
+    if ids_RK.size and int(ids_RK.min()) < 0:
+        raise WireFormatError("topk_ids", f"expected non-negative token ids, got {int(ids_RK.min())}")
+
+
+def encode_scored(s: ScoredSample, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """Validate and encode a ScoredSample; topk_ids must be int32, logprobs float16 or float32."""
+    obj = _rollout_map(s.rollout, limits)
+    _check_scores(s.rollout, s.topk_ids, s.topk_logprobs, s.k, limits)
+    if s.topk_ids.dtype != np.int32:
+        raise WireFormatError("topk_ids", f"expected dtype int32, got {s.topk_ids.dtype}")
+    if s.topk_logprobs.dtype not in (np.float16, np.float32):
+        raise WireFormatError(
+            "topk_logprobs", f"expected dtype float16 or float32, got {s.topk_logprobs.dtype}"
+        )
+    obj["topk_ids"] = pack_tensor(s.topk_ids, "topk_ids")
+    obj["topk_logprobs"] = pack_tensor(s.topk_logprobs, "topk_logprobs")
+    obj["teacher"] = s.teacher
+    obj["k"] = int(s.k)
+    obj["scored_ms"] = int(s.scored_ms)
+    out: bytes = msgpack.packb(obj, use_bin_type=True)
+    if len(out) > limits.max_message_bytes:
+        raise WireFormatError(
+            "scored", f"expected at most {limits.max_message_bytes} bytes, got {len(out)}"
+        )
+    return out
+
+
+def decode_scored(buf: bytes | memoryview, limits: Limits = DEFAULT_LIMITS) -> ScoredSample:
+    """Decode and validate a ScoredSample. Raises WireFormatError naming the bad field."""
+    obj = _unpack(buf, limits, "scored")
+    r = _rollout_from(obj, limits)
+    ids_RK = unpack_tensor(obj.get("topk_ids"), "topk_ids", ID_DTYPES, 2)
+    logprobs_RK = unpack_tensor(obj.get("topk_logprobs"), "topk_logprobs", LOGPROB_DTYPES, 2)
+    k = _int(obj, "k")
+    _check_scores(r, ids_RK, logprobs_RK, k, limits)
+    return ScoredSample(
+        rollout=r,
+        topk_ids=ids_RK,
+        topk_logprobs=logprobs_RK,
+        teacher=_str(obj, "teacher"),
+        k=k,
+        scored_ms=_int(obj, "scored_ms", lo=0),
+    )

@@ -1,0 +1,76 @@
+"""One exception hierarchy for the whole pipeline.
+
+Retry and dead-letter logic branch on the class, never on message text:
+
+    GKDError
+    ├── RetryableError        the same request may succeed later (connection, timeout, 429, 5xx)
+    │   ├── TeacherConnectionError
+    │   ├── TeacherTimeout
+    │   ├── TeacherOverloaded  (HTTP 429)
+    │   └── TeacherServerError (HTTP 5xx)
+    ├── PermanentError        the same input will fail again; the rollout goes to `dead`
+    │   ├── WireFormatError    a msgpack record or tensor is invalid (names the field)
+    │   ├── TeacherBadRequest  (HTTP 4xx other than 429)
+    │   └── MalformedResponse  a teacher body that does not parse or fails validation
+    ├── LeaseLost             this consumer no longer owns a stream entry; it must not publish
+    ├── ConfigMismatch        a process joins a run whose fixed settings differ from its own
+    └── SettingsError         a flag, environment variable or TOML value is invalid
+"""
+
+from __future__ import annotations
+
+
+class GKDError(Exception):
+    """Base of every error raised on purpose by gkd-pipeline."""
+
+
+class RetryableError(GKDError):
+    """A failure that may go away: retry with backoff, or fail over to another endpoint."""
+
+
+class PermanentError(GKDError):
+    """A failure that will repeat for the same input: dead-letter it with this message as the reason."""
+
+
+class WireFormatError(PermanentError):
+    """A wire record or tensor is invalid. `field` names the offending field (dotted for nesting)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class TeacherConnectionError(RetryableError):
+    """The teacher endpoint could not be reached or dropped the connection."""
+
+
+class TeacherTimeout(RetryableError):
+    """The teacher did not answer within the configured timeout."""
+
+
+class TeacherOverloaded(RetryableError):
+    """The teacher answered HTTP 429 (too many requests)."""
+
+
+class TeacherServerError(RetryableError):
+    """The teacher answered HTTP 5xx."""
+
+
+class TeacherBadRequest(PermanentError):
+    """The teacher answered HTTP 4xx (not 429): the request itself is wrong (e.g. k above --max-logprobs)."""
+
+
+class MalformedResponse(PermanentError):
+    """The teacher's body did not parse, or its numbers fail validation (row count, NaN, logprob > 0, ...)."""
+
+
+class LeaseLost(GKDError):
+    """The stream entry was reclaimed by another consumer; publishing it now would create a duplicate."""
+
+
+class ConfigMismatch(GKDError):
+    """The run's stored config differs from this process's settings (names every differing setting)."""
+
+
+class SettingsError(GKDError):
+    """A setting from a flag, a GKD_* environment variable or a TOML file is invalid."""

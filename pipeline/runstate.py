@@ -1,0 +1,140 @@
+"""Run-wide state in Redis: stats counters, worker heartbeats, the fixed run config, the policy version."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Mapping
+
+import redis.asyncio as aioredis
+
+from pipeline import keys as K
+from pipeline.errors import ConfigMismatch
+from pipeline.keys import RunKeys
+
+# KEYS: config. ARGV: field, value pairs. Writes missing fields; returns [field, stored, ours] for
+# each field whose stored value differs. Atomic, so two processes racing to create a run agree.
+_CHECK_CONFIG = """
+local diff = {}
+for i = 1, #ARGV, 2 do
+  local cur = redis.call('HGET', KEYS[1], ARGV[i])
+  if not cur then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  elseif cur ~= ARGV[i + 1] then
+    diff[#diff + 1] = ARGV[i]
+    diff[#diff + 1] = cur
+    diff[#diff + 1] = ARGV[i + 1]
+  end
+end
+return diff
+"""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+async def check_run_config(r: aioredis.Redis, keys: RunKeys, settings: Mapping[str, object]) -> None:
+    """Record this process's fixed run settings, or refuse to join a run whose stored ones differ.
+
+    Settings not stored yet are added (the first process to name one fixes it). Raises
+    ConfigMismatch naming every differing setting with the run's value and ours.
+    """
+    args: list[str] = []
+    for name, value in sorted(settings.items()):
+        args += [name, str(value)]
+    if not args:
+        return
+    diff = await r.eval(_CHECK_CONFIG, 1, keys.config, *args)
+    if diff:
+        parts = [
+            f"{_s(diff[i])}: run has {_s(diff[i + 1])!r}, this process has {_s(diff[i + 2])!r}"
+            for i in range(0, len(diff), 3)
+        ]
+        raise ConfigMismatch(
+            f"run {keys.run!r} was started with different settings ({'; '.join(parts)}); "
+            f"use the run's settings or another --run name"
+        )
+
+
+async def read_config(r: aioredis.Redis, keys: RunKeys) -> dict[str, str]:
+    raw = await r.hgetall(keys.config)
+    return {_s(k): _s(v) for k, v in raw.items()}
+
+
+async def incr_stats(r: aioredis.Redis, keys: RunKeys, counts: Mapping[str, int]) -> None:
+    """Add to monotonic counters in `stats` (one round trip)."""
+    items = {k: int(v) for k, v in counts.items() if v}
+    if not items:
+        return
+    async with r.pipeline(transaction=False) as pipe:
+        for name, n in items.items():
+            pipe.hincrby(keys.stats, name, n)
+        await pipe.execute()
+
+
+async def read_stats(r: aioredis.Redis, keys: RunKeys) -> dict[str, int]:
+    raw = await r.hgetall(keys.stats)
+    return {_s(k): int(v) for k, v in raw.items()}
+
+
+async def heartbeat(
+    r: aioredis.Redis,
+    keys: RunKeys,
+    name: str,
+    *,
+    role: str,
+    in_flight: int,
+    ttl_ms: int,
+    extra: Mapping[str, object] | None = None,
+) -> None:
+    """Write this process's heartbeat hash; it expires `ttl_ms` after the last beat."""
+    fields: dict[str, object] = {
+        K.HB_HOST: socket.gethostname(),
+        K.HB_PID: os.getpid(),
+        K.HB_ROLE: role,
+        K.HB_IN_FLIGHT: in_flight,
+        K.HB_LAST_SEEN_MS: now_ms(),
+        **(extra or {}),
+    }
+    key = keys.worker(name)
+    async with r.pipeline(transaction=True) as pipe:
+        pipe.hset(key, mapping={k: str(v) for k, v in fields.items()})
+        pipe.pexpire(key, ttl_ms)
+        await pipe.execute()
+
+
+async def live_workers(r: aioredis.Redis, keys: RunKeys) -> dict[str, dict[str, str]]:
+    """Every process whose heartbeat has not expired: name -> heartbeat fields."""
+    out: dict[str, dict[str, str]] = {}
+    async for key in r.scan_iter(match=keys.worker_pattern, count=500):
+        raw = await r.hgetall(key)
+        if raw:
+            out[keys.worker_name(_s(key))] = {_s(k): _s(v) for k, v in raw.items()}
+    return out
+
+
+async def publish_policy(r: aioredis.Redis, keys: RunKeys, version: int, checkpoint: str) -> None:
+    """Announce a new student policy; producers reload when the version changes."""
+    await r.hset(
+        keys.policy,
+        mapping={
+            K.POLICY_VERSION: str(version),
+            K.POLICY_CHECKPOINT: checkpoint,
+            K.POLICY_UPDATED_MS: str(now_ms()),
+        },
+    )
+
+
+async def read_policy(r: aioredis.Redis, keys: RunKeys) -> tuple[int, str | None]:
+    """(version, checkpoint path) of the latest policy; (0, None) before the first publish."""
+    raw = await r.hgetall(keys.policy)
+    if not raw:
+        return 0, None
+    d = {_s(k): _s(v) for k, v in raw.items()}
+    return int(d.get(K.POLICY_VERSION, 0)), d.get(K.POLICY_CHECKPOINT) or None

@@ -119,6 +119,25 @@ return res
 """
 )
 
+# KEYS: src. ARGV: group, consumer, idle_ms, then pairs (sid, retrycount). Makes owned entries
+# reclaimable at once by any consumer, without counting this hand-back as a delivery.
+_RELEASE = (
+    _OWNED
+    + """
+local group, consumer, idle = ARGV[1], ARGV[2], ARGV[3]
+local res = {}
+for i = 4, #ARGV, 2 do
+  if owned(KEYS[1], group, consumer, ARGV[i]) then
+    redis.call('XCLAIM', KEYS[1], group, consumer, 0, ARGV[i], 'IDLE', idle, 'RETRYCOUNT', ARGV[i + 1], 'JUSTID')
+    res[#res + 1] = 1
+  else
+    res[#res + 1] = 0
+  end
+end
+return res
+"""
+)
+
 
 @dataclass
 class Entry:
@@ -206,6 +225,7 @@ class StreamConsumer:
         self._ack = r.register_script(_ACK)
         self._dead = r.register_script(_DEAD)
         self._renew = r.register_script(_RENEW)
+        self._release = r.register_script(_RELEASE)
 
     async def ensure_group(self) -> None:
         await ensure_group(self.r, self.stream, self.group)
@@ -289,6 +309,20 @@ class StreamConsumer:
         res = await self._renew(
             keys=[self.stream], args=[self.group, self.consumer, *[e.sid for e in entries]]
         )
+        return [bool(x) for x in res]
+
+    async def release(self, entries: Sequence[Entry]) -> list[bool]:
+        """Hand owned entries back (graceful shutdown): any consumer may reclaim them at once.
+
+        The hand-back does not count as a delivery: the next reclaim brings the count to what it
+        would have been had this consumer never read them again.
+        """
+        if not entries:
+            return []
+        args: list[Any] = [self.group, self.consumer, self.lease_ms + 1]
+        for e in entries:
+            args += [e.sid, max(e.deliveries - 1, 0)]
+        res = await self._release(keys=[self.stream], args=args)
         return [bool(x) for x in res]
 
     async def dead_letter(self, entry: Entry, stage: str, reason: str) -> bool:

@@ -160,3 +160,18 @@ def test_bad_run_names_are_rejected(bad: str) -> None:
 
     with pytest.raises(SettingsError, match="run name"):
         RunKeys.for_run(bad)
+
+
+async def test_released_entries_are_reclaimable_at_once_without_a_new_delivery(
+    r: aioredis.Redis, keys: RunKeys
+) -> None:
+    await ensure_groups(r, keys)
+    await produce(r, keys, 2)
+    leaving = StreamConsumer(r, keys, "rollouts", "leaving", lease_ms=60_000)
+    staying = StreamConsumer(r, keys, "rollouts", "staying", lease_ms=60_000)
+    mine = await leaving.read(count=2, block_ms=100)
+    assert await leaving.release(mine) == [True, True]
+    got, over = await staying.reclaim(count=10)
+    assert sorted(e.id for e in got) == ["r0", "r1"] and over == []
+    assert [e.deliveries for e in got] == [1, 1]
+    assert await leaving.release(mine) == [False, False]

@@ -1,0 +1,67 @@
+"""`gkd bench <suite> [--json] [suite options]`: run a benchmark suite.
+
+Each suite is a module `workers.bench.<suite>` with `run(args: list[str]) -> list[dict]`; every dict is
+one measurement ``{"bench", "metric", "value", "unit", "baseline", "ratio"}`` (baseline and ratio None
+where there is none; ratio says how many times better than the baseline, > 1 is better). With
+``--json`` each is printed as one JSON line, else as an aligned table.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+SUITES: dict[str, str] = {
+    "codec": "encode/decode of a ScoredSample (T=4096, k=64) against a memory copy",
+    "worker": "teacher worker pool against an ms-swift-style blocking baseline",
+    "loss": "top-k GKD loss time and peak memory against a full-vocabulary loss",
+    "trainer": "data-wait fraction of step time with prefetch on and off",
+    "e2e": "async pipeline against a synchronous fetch-then-train loop",
+}
+
+FIELDS = ("bench", "metric", "value", "unit", "baseline", "ratio")
+
+
+def result(
+    bench: str, metric: str, value: float, unit: str, baseline: float | None = None,
+    ratio: float | None = None,
+) -> dict[str, Any]:
+    """One measurement in the output format of DESIGN.md."""
+    return {"bench": bench, "metric": metric, "value": value, "unit": unit, "baseline": baseline,
+            "ratio": ratio}
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
+def main(argv: Sequence[str]) -> int:
+    args = list(argv)
+    as_json = "--json" in args
+    args = [a for a in args if a != "--json"]
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: gkd bench <suite|all> [--json] [suite options]\n\nsuites:")
+        for name, desc in SUITES.items():
+            print(f"  {name:<8} {desc}")
+        return 0 if args else 2
+    suite, rest = args[0], args[1:]
+    names = list(SUITES) if suite == "all" else [suite]
+    unknown = [n for n in names if n not in SUITES]
+    if unknown:
+        print(f"gkd bench: unknown suite {unknown[0]!r}; expected one of {', '.join(SUITES)} or all",
+              file=sys.stderr)
+        return 2
+    for name in names:
+        module = importlib.import_module(f"workers.bench.{name}")
+        rows: list[dict[str, Any]] = module.run(rest)
+        for row in rows:
+            if as_json:
+                print(json.dumps({k: row.get(k) for k in FIELDS}), flush=True)
+            else:
+                print("  ".join(f"{_fmt(row.get(k)):>14}" for k in FIELDS), flush=True)
+    return 0

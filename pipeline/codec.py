@@ -2,8 +2,9 @@
 
 The only module that spells a msgpack field. A tensor is the map
 ``{"dtype": "<i4" | "<i8" | "<f2" | "<f4", "shape": [..], "data": <bin, C order>}``.
-Decoding is zero-copy past msgpack itself: arrays are ``numpy.frombuffer`` views (read-only) of the
-bin payloads. Only plain msgpack types are decoded: no pickle, and ext types are rejected. Every
+Decoding is zero-copy: arrays are read-only ``numpy.frombuffer`` views into the message itself
+(`pipeline.mpack` reads bins as memoryview slices); encoding copies each tensor once. Only plain msgpack
+types are decoded: no pickle, and ext types are rejected. Every
 validation failure raises `WireFormatError` naming the field, what was expected and what came.
 
 Shape legend: T = tokens in a rollout (prompt + completion), P = prompt_len, R = T - P rows scored,
@@ -16,9 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 import numpy as np
 
+from pipeline import mpack
 from pipeline.errors import WireFormatError
 
 VERSION = 1
@@ -101,7 +102,7 @@ def unpack_tensor(obj: Any, name: str, dtypes: frozenset[str], ndim: int) -> np.
         raise WireFormatError(f"{name}.shape", f"expected a list of {ndim} ints, got {shape!r:.80}")
     if not all(type(d) is int and d >= 0 for d in shape):
         raise WireFormatError(f"{name}.shape", f"expected non-negative ints, got {shape!r:.80}")
-    if not isinstance(data, bytes):
+    if not isinstance(data, (bytes, memoryview)):
         raise WireFormatError(f"{name}.data", f"expected bin, got {type(data).__name__}")
     itemsize = int(dtype[2:])
     expected = itemsize
@@ -118,30 +119,15 @@ def unpack_tensor(obj: Any, name: str, dtypes: frozenset[str], ndim: int) -> np.
 # ---------------------------------------------------------------------------------------------- records
 
 
-def _reject_ext(code: int, data: bytes) -> Any:
-    raise WireFormatError("<msgpack>", f"expected plain msgpack types, got ext type {code}")
-
-
 def _unpack(buf: bytes | memoryview, limits: Limits, record: str) -> dict[str, Any]:
     if len(buf) > limits.max_message_bytes:
         raise WireFormatError(
             record, f"expected at most {limits.max_message_bytes} bytes, got {len(buf)}"
         )
     try:
-        obj = msgpack.unpackb(
-            buf,
-            raw=False,
-            strict_map_key=True,
-            ext_hook=_reject_ext,
-            timestamp=0,
-            max_str_len=1 << 20,
-            max_array_len=1 << 16,
-            max_map_len=1 << 12,
-        )
-    except WireFormatError:
-        raise
-    except Exception as exc:  # msgpack raises several unrelated classes for bad bytes
-        raise WireFormatError(record, f"expected a msgpack map, got undecodable bytes ({exc})") from exc
+        obj = mpack.loads(buf)
+    except ValueError as exc:
+        raise WireFormatError(record, f"expected one plain msgpack map, got {exc}") from None
     if not isinstance(obj, dict):
         raise WireFormatError(record, f"expected a msgpack map, got {type(obj).__name__}")
     v = obj.get("v")
@@ -222,8 +208,7 @@ def _rollout_from(obj: dict[str, Any], limits: Limits) -> Rollout:
 
 def encode_rollout(r: Rollout, limits: Limits = DEFAULT_LIMITS) -> bytes:
     """Validate and encode a Rollout (ids of any integer dtype are converted to int32)."""
-    out: bytes = msgpack.packb(_rollout_map(r, limits), use_bin_type=True)
-    return out
+    return mpack.dumps(_rollout_map(r, limits))
 
 
 def decode_rollout(buf: bytes | memoryview, limits: Limits = DEFAULT_LIMITS) -> Rollout:
@@ -267,7 +252,7 @@ def encode_scored(s: ScoredSample, limits: Limits = DEFAULT_LIMITS) -> bytes:
     obj["teacher"] = s.teacher
     obj["k"] = int(s.k)
     obj["scored_ms"] = int(s.scored_ms)
-    out: bytes = msgpack.packb(obj, use_bin_type=True)
+    out = mpack.dumps(obj)
     if len(out) > limits.max_message_bytes:
         raise WireFormatError(
             "scored", f"expected at most {limits.max_message_bytes} bytes, got {len(out)}"

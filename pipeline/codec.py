@@ -88,7 +88,7 @@ def pack_tensor(arr: np.ndarray, name: str = "tensor") -> dict[str, Any]:
             name, f"expected dtype in {sorted(TENSOR_DTYPES)} (little-endian), got {arr.dtype.str!r}"
         )
     arr = np.ascontiguousarray(arr)
-    return {"dtype": dtype.str, "shape": list(arr.shape), "data": memoryview(arr).cast("B")}
+    return {"dtype": dtype.str, "shape": list(arr.shape), "data": arr.data.cast("B")}
 
 
 def unpack_tensor(obj: Any, name: str, dtypes: frozenset[str], ndim: int) -> np.ndarray:
@@ -121,9 +121,7 @@ def unpack_tensor(obj: Any, name: str, dtypes: frozenset[str], ndim: int) -> np.
 
 def _unpack(buf: bytes | memoryview, limits: Limits, record: str) -> dict[str, Any]:
     if len(buf) > limits.max_message_bytes:
-        raise WireFormatError(
-            record, f"expected at most {limits.max_message_bytes} bytes, got {len(buf)}"
-        )
+        raise WireFormatError(record, f"expected at most {limits.max_message_bytes} bytes, got {len(buf)}")
     try:
         obj = mpack.loads(buf)
     except ValueError as exc:
@@ -216,9 +214,7 @@ def decode_rollout(buf: bytes | memoryview, limits: Limits = DEFAULT_LIMITS) -> 
     return _rollout_from(_unpack(buf, limits, "rollout"), limits)
 
 
-def _check_scores(
-    r: Rollout, ids_RK: np.ndarray, logprobs_RK: np.ndarray, k: int, limits: Limits
-) -> None:
+def _check_scores(r: Rollout, ids_RK: np.ndarray, logprobs_RK: np.ndarray, k: int, limits: Limits) -> None:
     rows = r.num_tokens - r.prompt_len
     if ids_RK.ndim != 2 or ids_RK.shape[0] != rows:
         raise WireFormatError(
@@ -254,9 +250,7 @@ def encode_scored(s: ScoredSample, limits: Limits = DEFAULT_LIMITS) -> bytes:
     obj["scored_ms"] = int(s.scored_ms)
     out = mpack.dumps(obj)
     if len(out) > limits.max_message_bytes:
-        raise WireFormatError(
-            "scored", f"expected at most {limits.max_message_bytes} bytes, got {len(out)}"
-        )
+        raise WireFormatError("scored", f"expected at most {limits.max_message_bytes} bytes, got {len(out)}")
     return out
 
 

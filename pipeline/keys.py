@@ -87,9 +87,7 @@ class RunKeys:
     def for_run(cls, run: str) -> RunKeys:
         """Validate the run name (letters, digits, ``_.-``, 1-64 chars) and return its keys."""
         if not _RUN_NAME.match(run):
-            raise SettingsError(
-                f"run name: expected 1-64 characters from [A-Za-z0-9_.-], got {run!r}"
-            )
+            raise SettingsError(f"run name: expected 1-64 characters from [A-Za-z0-9_.-], got {run!r}")
         return cls(run)
 
     def _key(self, suffix: str) -> str:

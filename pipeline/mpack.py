@@ -19,12 +19,29 @@ import msgpack
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _FIXED = {
-    0xCC: struct.Struct(">B"), 0xCD: _U16, 0xCE: _U32, 0xCF: struct.Struct(">Q"),
-    0xD0: struct.Struct(">b"), 0xD1: struct.Struct(">h"), 0xD2: struct.Struct(">i"), 0xD3: struct.Struct(">q"),
-    0xCA: struct.Struct(">f"), 0xCB: struct.Struct(">d"),
+    0xCC: struct.Struct(">B"),
+    0xCD: _U16,
+    0xCE: _U32,
+    0xCF: struct.Struct(">Q"),
+    0xD0: struct.Struct(">b"),
+    0xD1: struct.Struct(">h"),
+    0xD2: struct.Struct(">i"),
+    0xD3: struct.Struct(">q"),
+    0xCA: struct.Struct(">f"),
+    0xCB: struct.Struct(">d"),
 }
-_LEN = {0xD9: (1, "str"), 0xDA: (2, "str"), 0xDB: (4, "str"), 0xC4: (1, "bin"), 0xC5: (2, "bin"),
-        0xC6: (4, "bin"), 0xDC: (2, "array"), 0xDD: (4, "array"), 0xDE: (2, "map"), 0xDF: (4, "map")}
+_LEN = {
+    0xD9: (1, "str"),
+    0xDA: (2, "str"),
+    0xDB: (4, "str"),
+    0xC4: (1, "bin"),
+    0xC5: (2, "bin"),
+    0xC6: (4, "bin"),
+    0xDC: (2, "array"),
+    0xDD: (4, "array"),
+    0xDE: (2, "map"),
+    0xDF: (4, "map"),
+}
 
 
 class _Reader:
@@ -80,7 +97,9 @@ class _Reader:
                     raise ValueError(f"array of {n} elements cannot fit in the message")
                 return [self.value(depth + 1) for _ in range(n)]
             return self._map(n, depth)
-        raise ValueError(f"unsupported msgpack type byte 0x{b:02x} at offset {self.pos - 1} (ext or reserved)")
+        raise ValueError(
+            f"unsupported msgpack type byte 0x{b:02x} at offset {self.pos - 1} (ext or reserved)"
+        )
 
     def _str(self, n: int) -> str:
         try:

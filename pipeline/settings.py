@@ -119,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         flag = "--" + f.name.replace("_", "-")
         names = [flag, *[x for x in f.metadata.get("flags", ()) if x != flag]]
         base, _ = _base_type(tp)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         env = ENV_PREFIX + f.name.upper()
         shown = "***" if f.metadata.get("secret") and default else default
         help_text = f"{f.metadata.get('help', '')} [env {env}; default {shown!r}]"
@@ -210,6 +210,6 @@ def mask_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep or "@" not in rest:
         return url
-    cred, at, host = rest.rpartition("@")
+    cred, _, host = rest.rpartition("@")
     user = cred.split(":", 1)[0]
     return f"{scheme}://{user}:***@{host}" if ":" in cred else f"{scheme}://***@{host}"

@@ -128,7 +128,8 @@ local group, consumer, idle = ARGV[1], ARGV[2], ARGV[3]
 local res = {}
 for i = 4, #ARGV, 2 do
   if owned(KEYS[1], group, consumer, ARGV[i]) then
-    redis.call('XCLAIM', KEYS[1], group, consumer, 0, ARGV[i], 'IDLE', idle, 'RETRYCOUNT', ARGV[i + 1], 'JUSTID')
+    redis.call('XCLAIM', KEYS[1], group, consumer, 0, ARGV[i],
+      'IDLE', idle, 'RETRYCOUNT', ARGV[i + 1], 'JUSTID')
     res[#res + 1] = 1
   else
     res[#res + 1] = 0
@@ -159,7 +160,7 @@ def _s(value: Any) -> str:
 
 def _entry(sid: bytes, fields: Any, deliveries: int = 1) -> Entry:
     if isinstance(fields, list):  # RESP2 may give a flat list
-        fields = dict(zip(fields[::2], fields[1::2]))
+        fields = dict(zip(fields[::2], fields[1::2], strict=True))
     fid = fields.get(K.FIELD_ID.encode(), b"")
     data = fields.get(K.FIELD_DATA.encode(), b"")
     return Entry(sid=sid, id=_s(fid), data=bytes(data), deliveries=deliveries)
@@ -180,9 +181,7 @@ async def ensure_groups(r: aioredis.Redis, keys: RunKeys) -> None:
     await ensure_group(r, keys.ready, K.TRAINERS_GROUP)
 
 
-async def add_rollouts(
-    r: aioredis.Redis, keys: RunKeys, items: Sequence[tuple[str, bytes]]
-) -> list[bytes]:
+async def add_rollouts(r: aioredis.Redis, keys: RunKeys, items: Sequence[tuple[str, bytes]]) -> list[bytes]:
     """XADD (rollout id, payload) pairs to the rollouts stream in one MULTI transaction.
 
     Counts them in `stats` (produced, bytes in). Returns the stream entry ids. Callers wait for
@@ -265,7 +264,11 @@ class StreamConsumer:
             return entries
         sids = sorted((e.sid for e in entries), key=_sid_key)
         pend = await self.r.xpending_range(
-            self.stream, self.group, min=sids[0], max=sids[-1], count=len(entries) * 4 + 16,
+            self.stream,
+            self.group,
+            min=sids[0],
+            max=sids[-1],
+            count=len(entries) * 4 + 16,
             consumername=self.consumer,
         )
         counts = {p["message_id"]: int(p["times_delivered"]) for p in pend}
@@ -273,9 +276,7 @@ class StreamConsumer:
             e.deliveries = counts.get(e.sid, e.deliveries)
         return entries
 
-    async def handoff(
-        self, dest: str, items: Sequence[tuple[Entry, bytes, int]]
-    ) -> list[bool]:
+    async def handoff(self, dest: str, items: Sequence[tuple[Entry, bytes, int]]) -> list[bool]:
         """Atomically publish results to `dest` and ack+delete their source entries.
 
         `items` are (source entry, result payload, scored positions). An item whose entry this
@@ -284,8 +285,12 @@ class StreamConsumer:
         if not items:
             return []
         args: list[Any] = [
-            self.group, self.consumer, Stat.bytes_out(self.kind), Stat.bytes_in("ready"),
-            Stat.SCORED, Stat.SCORED_POSITIONS,
+            self.group,
+            self.consumer,
+            Stat.bytes_out(self.kind),
+            Stat.bytes_in("ready"),
+            Stat.SCORED,
+            Stat.SCORED_POSITIONS,
         ]
         for entry, payload, positions in items:
             args += [entry.sid, entry.id, payload, len(entry.data), positions]
@@ -330,8 +335,16 @@ class StreamConsumer:
         res = await self._dead(
             keys=[self.stream, self.keys.dead, self.keys.stats],
             args=[
-                self.group, self.consumer, entry.sid, entry.id, stage, reason[:2000],
-                entry.deliveries, entry.data, Stat.bytes_out(self.kind), Stat.DEAD,
+                self.group,
+                self.consumer,
+                entry.sid,
+                entry.id,
+                stage,
+                reason[:2000],
+                entry.deliveries,
+                entry.data,
+                Stat.bytes_out(self.kind),
+                Stat.DEAD,
                 Stat.dead_stage(self.kind),
             ],
         )

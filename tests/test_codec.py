@@ -1,4 +1,4 @@
-"""The wire format of DESIGN.md: round trips, zero-copy decode, and an error naming the field for each bad input."""
+"""The wire format of DESIGN.md: round trips, zero-copy decode, an error naming the field per bad input."""
 
 from __future__ import annotations
 
@@ -21,8 +21,15 @@ from pipeline.errors import PermanentError, WireFormatError
 
 def make_rollout(t: int = 12, p: int = 4, rid: str = "r1") -> Rollout:
     ids = np.arange(100, 100 + t, dtype=np.int32)
-    return Rollout(id=rid, input_ids=ids, prompt_len=p, policy_version=3, source="student",
-                   created_ms=1_700_000_000_000, meta={"prompt_idx": 7})
+    return Rollout(
+        id=rid,
+        input_ids=ids,
+        prompt_len=p,
+        policy_version=3,
+        source="student",
+        created_ms=1_700_000_000_000,
+        meta={"prompt_idx": 7},
+    )
 
 
 def make_scored(t: int = 12, p: int = 4, k: int = 5, dtype: type = np.float16) -> ScoredSample:
@@ -41,7 +48,9 @@ def test_rollout_round_trip() -> None:
     r = make_rollout()
     back = decode_rollout(encode_rollout(r))
     assert back.id == "r1" and back.prompt_len == 4 and back.policy_version == 3
-    assert back.source == "student" and back.created_ms == 1_700_000_000_000 and back.meta == {"prompt_idx": 7}
+    assert (
+        back.source == "student" and back.created_ms == 1_700_000_000_000 and back.meta == {"prompt_idx": 7}
+    )
     assert back.input_ids.dtype == np.int32
     np.testing.assert_array_equal(back.input_ids, r.input_ids)
 

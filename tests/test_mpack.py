@@ -20,7 +20,9 @@ plain = st.recursive(
     | st.floats(allow_nan=False)
     | st.text(max_size=40)
     | st.binary(max_size=300),
-    lambda children: st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=10), children, max_size=6),
+    lambda children: (
+        st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=10), children, max_size=6)
+    ),
     max_leaves=30,
 )
 
@@ -68,7 +70,11 @@ def test_bins_are_views_of_the_input() -> None:
 
 def test_dumps_round_trips_and_copies_each_buffer_once() -> None:
     arr = np.arange(1000, dtype=np.int32)
-    obj = {"v": 1, "t": {"dtype": "<i4", "shape": [1000], "data": memoryview(arr).cast("B")}, "m": {"a": [1, None]}}
+    obj = {
+        "v": 1,
+        "t": {"dtype": "<i4", "shape": [1000], "data": memoryview(arr).cast("B")},
+        "m": {"a": [1, None]},
+    }
     buf = mpack.dumps(obj)
     back = msgpack.unpackb(buf, raw=False)
     assert back["t"]["data"] == arr.tobytes() and back["m"] == {"a": [1, None]} and back["v"] == 1

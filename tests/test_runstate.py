@@ -23,7 +23,9 @@ from pipeline.runstate import (
 from pipeline.streams import StreamConsumer, add_rollouts, ensure_groups
 
 
-async def test_backpressure_blocks_above_high_and_releases_below_low(r: aioredis.Redis, keys: RunKeys) -> None:
+async def test_backpressure_blocks_above_high_and_releases_below_low(
+    r: aioredis.Redis, keys: RunKeys
+) -> None:
     await ensure_groups(r, keys)
     marks = WaterMarks(high_entries=10, low_entries=4, high_bytes=10**9, low_bytes=10**9)
     bp = Backpressure(r, keys, "rollouts", marks, poll_s=0.01, max_poll_s=0.02)
@@ -88,7 +90,9 @@ async def test_heartbeats_are_listed_then_expire(r: aioredis.Redis, keys: RunKey
     await heartbeat(r, keys, "t0", role="trainer", in_flight=0, ttl_ms=5000)
     live = await live_workers(r, keys)
     assert set(live) == {"w1", "t0"}
-    assert live["w1"]["role"] == "worker" and live["w1"]["in_flight"] == "3" and live["w1"]["positions"] == "10"
+    assert (
+        live["w1"]["role"] == "worker" and live["w1"]["in_flight"] == "3" and live["w1"]["positions"] == "10"
+    )
     assert int(live["w1"]["pid"]) > 0
     await asyncio.sleep(0.3)
     assert set(await live_workers(r, keys)) == {"t0"}

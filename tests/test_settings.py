@@ -35,7 +35,9 @@ def test_defaults() -> None:
 
 def test_precedence_flag_env_toml(tmp_path: Path) -> None:
     cfg = tmp_path / "gkd.toml"
-    cfg.write_text('k = 5\nbeta = 0.1\nrun = "top"\n[demo]\nmode = "renorm"\nteacher = ["http://a", "http://b"]\n')
+    cfg.write_text(
+        'k = 5\nbeta = 0.1\nrun = "top"\n[demo]\nmode = "renorm"\nteacher = ["http://a", "http://b"]\n'
+    )
     env = {"GKD_CONFIG": str(cfg), "GKD_K": "7"}
     s = parse(["--beta", "0.9"], env)
     assert s.beta == 0.9  # flag

@@ -9,7 +9,10 @@ from collections.abc import Sequence
 #: subcommand -> (module with `main(argv) -> int`, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("workers.demo", "Run the whole system on one machine on embedded defaults."),
-    "teacher": ("workers.teacher_server", "Serve a Hugging Face causal LM with the vLLM prompt_logprobs API."),
+    "teacher": (
+        "workers.teacher_server",
+        "Serve a Hugging Face causal LM with the vLLM prompt_logprobs API.",
+    ),
     "workers": ("workers.pool", "Run the teacher worker pool: rollouts -> teacher top-k -> ready."),
     "train": ("workers.trainer", "Train the student on ready samples with the top-k GKD loss."),
     "rollouts": ("workers.rollouts", "Produce rollouts from JSONL prompts (dataset or on-policy student)."),

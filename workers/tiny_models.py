@@ -17,13 +17,46 @@ from pathlib import Path
 VERSION = "v1"
 DEFAULT_CACHE = Path(os.environ.get("GKD_CACHE_DIR", ".gkd")) / "models"
 
-_SUBJECTS = ["the cat", "a dog", "the teacher", "my student", "the model", "a small bird", "the robot",
-             "our team", "the old man", "a young girl", "the server", "the queue"]
+_SUBJECTS = [
+    "the cat",
+    "a dog",
+    "the teacher",
+    "my student",
+    "the model",
+    "a small bird",
+    "the robot",
+    "our team",
+    "the old man",
+    "a young girl",
+    "the server",
+    "the queue",
+]
 _VERBS = ["sees", "likes", "builds", "reads", "follows", "answers", "trains", "finds", "helps", "moves"]
-_OBJECTS = ["the ball", "a red box", "the long road", "a quiet river", "the blue sky", "a warm meal",
-            "the last token", "a fast worker", "the big garden", "a new book", "the open door"]
-_TAILS = ["today.", "every morning.", "with great care.", "in the rain.", "before dinner.", "again.",
-          "near the house.", "without a word.", "at night.", "for a while."]
+_OBJECTS = [
+    "the ball",
+    "a red box",
+    "the long road",
+    "a quiet river",
+    "the blue sky",
+    "a warm meal",
+    "the last token",
+    "a fast worker",
+    "the big garden",
+    "a new book",
+    "the open door",
+]
+_TAILS = [
+    "today.",
+    "every morning.",
+    "with great care.",
+    "in the rain.",
+    "before dinner.",
+    "again.",
+    "near the house.",
+    "without a word.",
+    "at night.",
+    "for a while.",
+]
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
@@ -76,9 +109,16 @@ def _llama(vocab: int, hidden: int, layers: int, heads: int, tok, seed: int):  #
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
     )
     return LlamaForCausalLM(cfg)

@@ -26,12 +26,22 @@ FIELDS = ("bench", "metric", "value", "unit", "baseline", "ratio")
 
 
 def result(
-    bench: str, metric: str, value: float, unit: str, baseline: float | None = None,
+    bench: str,
+    metric: str,
+    value: float,
+    unit: str,
+    baseline: float | None = None,
     ratio: float | None = None,
 ) -> dict[str, Any]:
     """One measurement in the output format of DESIGN.md."""
-    return {"bench": bench, "metric": metric, "value": value, "unit": unit, "baseline": baseline,
-            "ratio": ratio}
+    return {
+        "bench": bench,
+        "metric": metric,
+        "value": value,
+        "unit": unit,
+        "baseline": baseline,
+        "ratio": ratio,
+    }
 
 
 def _fmt(v: Any) -> str:
@@ -53,8 +63,10 @@ def main(argv: Sequence[str]) -> int:
     names = list(SUITES) if suite == "all" else [suite]
     unknown = [n for n in names if n not in SUITES]
     if unknown:
-        print(f"gkd bench: unknown suite {unknown[0]!r}; expected one of {', '.join(SUITES)} or all",
-              file=sys.stderr)
+        print(
+            f"gkd bench: unknown suite {unknown[0]!r}; expected one of {', '.join(SUITES)} or all",
+            file=sys.stderr,
+        )
         return 2
     for name in names:
         module = importlib.import_module(f"workers.bench.{name}")

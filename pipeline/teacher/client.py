@@ -1,0 +1,329 @@
+"""TeacherClient: top-k teacher scores for token sequences from one or more vLLM/SGLang/reference servers.
+
+    async with TeacherClient(TeacherConfig(endpoints=["http://127.0.0.1:8000"], k=20)) as client:
+        scores = await client.score(input_ids_T, prompt_len)   # ids_RK, logprobs_RK, R = T - prompt_len
+
+`start()` checks each endpoint (`/health`), detects the backend, finds the model id, probes that k is
+allowed (a 400 names --max-logprobs), validates one real answer (catches raw-logits servers), and, with
+`student_tokenizer`, that the teacher tokenizes probe texts exactly like the student.
+
+`score()` sends one request to the endpoint with the fewest outstanding requests. A RetryableError
+(connection, timeout, 429, 5xx, all breakers open) is retried up to `max_retries` times with capped
+exponential backoff and jitter, preferring an endpoint that has not failed this request (failover).
+A PermanentError (4xx, malformed or invalid response) is raised at once: the caller dead-letters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import orjson
+
+from pipeline.errors import (
+    GKDError,
+    PermanentError,
+    RetryableError,
+    TeacherBadRequest,
+    TeacherConnectionError,
+    WireFormatError,
+)
+from pipeline.teacher import sglang, vllm
+from pipeline.teacher.endpoints import Endpoint, EndpointSet
+from pipeline.teacher.http import HttpLimits, make_session, request
+from pipeline.teacher.startup import check_tokenizer, detect_backend, discover_model, probe_health
+
+log = logging.getLogger("gkd.teacher")
+
+BACKENDS = ("vllm", "sglang", "auto")
+EventHook = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class TeacherConfig:
+    """How to reach the teacher servers and what to ask them."""
+
+    endpoints: list[str]
+    """Base URLs, e.g. "http://127.0.0.1:8000" (no /v1)."""
+    backend: str = "auto"
+    """"vllm" | "sglang" | "auto" (detected at start: /get_model_info answers -> sglang, else vllm)."""
+    k: int = 20
+    """Top-k logprobs per position."""
+    model: str | None = None
+    """Model id to send; None: discovered from /v1/models at start (per client instance)."""
+    api_key: str | None = None
+    """Sent as Authorization: Bearer; never logged."""
+    request_timeout_s: float = 60.0
+    """Whole request, connect to last body byte."""
+    connect_timeout_s: float = 5.0
+    """TCP connect."""
+    max_retries: int = 4
+    """Retries per request across endpoints (so at most max_retries + 1 attempts)."""
+    backoff_base_s: float = 0.1
+    """First retry delay; doubles per retry, with jitter."""
+    backoff_max_s: float = 5.0
+    """Cap of the retry delay."""
+    per_endpoint_concurrency: int = 64
+    """Requests on the wire per endpoint."""
+    breaker_failures: int = 5
+    """Consecutive retryable failures that open an endpoint's circuit breaker."""
+    breaker_reset_s: float = 2.0
+    """Seconds an open breaker waits before letting one probe request through (half-open)."""
+    student_tokenizer: str | None = None
+    """Path or id of the student's tokenizer: at start the teacher's /tokenize must give the same ids."""
+    max_body_bytes: int = 256 * 1024 * 1024
+    """Largest response body accepted."""
+    sglang_flat: bool = True
+    """SGLang: ask for the flat base64 top-logprobs (no nested JSON); servers without it answer nested."""
+
+
+@dataclass
+class TeacherScores:
+    """The teacher's top-k for the rows the loss uses. Row r is the distribution over token prompt_len + r."""
+
+    ids_RK: np.ndarray
+    """int32 [R, k], each row sorted by logprob descending."""
+    logprobs_RK: np.ndarray
+    """float32 [R, k], natural-log probabilities over the full vocabulary; -inf allowed."""
+    endpoint: str
+    latency_s: float
+    """Seconds of the successful attempt (HTTP + parse)."""
+    attempts: int
+    """Attempts made, 1 when the first succeeded."""
+
+
+@dataclass
+class _Request:
+    num_tokens: int
+    prompt_len: int
+    payload: bytes
+    tried: set[str] = field(default_factory=set)
+
+
+class TeacherClient:
+    """Scores token sequences with the teacher. One instance per event loop; `start()` before `score()`."""
+
+    def __init__(self, config: TeacherConfig, *, on_event: EventHook | None = None) -> None:
+        if config.backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {config.backend!r}")
+        if config.k < 1:
+            raise ValueError(f"k: expected >= 1, got {config.k}")
+        self.config = config
+        self.backend = config.backend
+        self._model_id = config.model
+        self._on_event = on_event
+        self._limits = HttpLimits(config.request_timeout_s, config.connect_timeout_s, config.max_body_bytes)
+        self.endpoints = EndpointSet(
+            config.endpoints,
+            concurrency=config.per_endpoint_concurrency,
+            breaker_failures=config.breaker_failures,
+            breaker_reset_s=config.breaker_reset_s,
+        )
+        self._session: Any = None
+        self._started = False
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> TeacherClient:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def _ensure_session(self) -> Any:
+        if self._session is None or self._session.closed:
+            self._session = make_session(self._limits, self.config.api_key)
+        return self._session
+
+    async def start(self) -> None:
+        """Run the start-up checks; raise a clear PermanentError or RetryableError subclass when one fails.
+
+        Endpoints that fail /health while another passes start with an open breaker (re-probed later).
+        """
+        session = self._ensure_session()
+        healthy = await probe_health(session, self.endpoints.endpoints, self._limits)
+        for ep in self.endpoints.endpoints:
+            if ep.url not in healthy:
+                self.endpoints.force_open(ep)
+                self._emit("breaker_open", {"endpoint": ep.url})
+        first = healthy[0]
+        if self.backend == "auto":
+            self.backend = await detect_backend(session, first, self._limits)
+        if self._model_id is None or self.backend == "vllm":
+            self._model_id = await discover_model(session, first, self.backend, self._model_id, self._limits)
+        for url in healthy:
+            await self._probe_k(url)
+        if self.config.student_tokenizer:
+            await check_tokenizer(session, first, self._model_id, self.config.student_tokenizer, self._limits)
+        self._started = True
+        log.info(
+            "teacher client ready: backend=%s model=%s k=%d endpoints=%s (healthy %d)",
+            self.backend,
+            self._model_id,
+            self.config.k,
+            [e.url for e in self.endpoints.endpoints],
+            len(healthy),
+        )
+
+    async def _probe_k(self, url: str) -> None:
+        """One real request with k on `url`: a 400 means k is above the server's limit; the answer is
+        parsed and validated like any other (so a raw-logits server is refused at start)."""
+        ids = [0, 1, 2]
+        try:
+            raw = await self._post(url, self._payload(ids, 1))
+        except TeacherBadRequest as exc:
+            hint = (
+                "restart vLLM with --max-logprobs >= {k} (gkd teacher: --max-logprobs {k})"
+                if self.backend == "vllm"
+                else "check the server's top_logprobs_num limit"
+            )
+            raise TeacherBadRequest(
+                f"teacher {url} refused top-k={self.config.k}: {exc}. Fix: {hint.format(k=self.config.k)}, "
+                f"or lower --k"
+            ) from None
+        self._parse(raw, len(ids), 1)
+
+    async def close(self) -> None:
+        """Close the HTTP session (idempotent)."""
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+        self._session = None
+
+    @property
+    def model_id(self) -> str:
+        """The teacher model id (from the config or discovered by `start()`)."""
+        if self._model_id is None:
+            raise RuntimeError("model_id: expected start() to have discovered it, got no model yet")
+        return self._model_id
+
+    def in_flight(self) -> int:
+        """Requests outstanding (on the wire or waiting for an endpoint slot)."""
+        return self.endpoints.in_flight()
+
+    # -------------------------------------------------------------------------------------- scoring
+
+    def _payload(self, ids: list[int], prompt_len: int) -> bytes:
+        if self.backend == "sglang":
+            return orjson.dumps(
+                sglang.build_request(ids, prompt_len, self.config.k, flat=self.config.sglang_flat)
+            )
+        return orjson.dumps(vllm.build_request(ids, self.config.k, self.model_id))
+
+    def _parse(self, raw: bytes, num_tokens: int, prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.backend == "sglang":
+            return sglang.parse_response(raw, num_tokens, prompt_len, self.config.k)
+        return vllm.parse_response(raw, num_tokens, prompt_len, self.config.k)
+
+    async def _post(self, url: str, payload: bytes) -> bytes:
+        path = sglang.GENERATE_PATH if self.backend == "sglang" else vllm.COMPLETIONS_PATH
+        raw, _ = await request(self._ensure_session(), "POST", url + path, data=payload, limits=self._limits)
+        return raw
+
+    async def score(self, input_ids: np.ndarray, prompt_len: int) -> TeacherScores:
+        """Teacher top-k for tokens prompt_len..T-1 of `input_ids` (int [T]).
+
+        Raises WireFormatError (bad prompt_len), PermanentError subclasses at once (4xx, malformed or
+        invalid answer), or the last RetryableError once max_retries retries and failover are exhausted.
+        """
+        if not self._started:
+            raise RuntimeError("score: expected start() first (it runs the start-up checks)")
+        ids = np.asarray(input_ids).reshape(-1)
+        T = int(ids.shape[0])
+        if not 1 <= prompt_len < T:
+            raise WireFormatError("prompt_len", f"expected 1 <= prompt_len < T={T}, got {prompt_len}")
+        req = _Request(T, prompt_len, self._payload(ids.tolist(), prompt_len))
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                return await self._attempt(req, attempts)
+            except RetryableError as exc:
+                info = {"endpoint": _url_of(exc), "error": type(exc).__name__}
+                if attempts > self.config.max_retries:
+                    self._emit("error", info)
+                    raise
+                self._emit("retry", info)
+                await asyncio.sleep(self._backoff_s(attempts))
+
+    def _backoff_s(self, attempt: int) -> float:
+        """Capped exponential backoff with equal jitter: in [d/2, d], d = min(max, base * 2^(attempt-1))."""
+        d = min(self.config.backoff_max_s, self.config.backoff_base_s * (2 ** (attempt - 1)))
+        return d / 2 + random.uniform(0, d / 2)
+
+    async def _attempt(self, req: _Request, attempt: int) -> TeacherScores:
+        ep = self.endpoints.pick(req.tried)
+        if ep is None:
+            wait = min(self.endpoints.next_ready_in(), self.config.backoff_max_s)
+            await asyncio.sleep(wait)
+            raise _tag(
+                TeacherConnectionError(
+                    f"no teacher endpoint available: every circuit breaker is open "
+                    f"({[e.url for e in self.endpoints.endpoints]})"
+                ),
+                "",
+            )
+        t0 = time.perf_counter()
+        verdict = False
+        try:
+            async with self.endpoints.slot(ep):
+                raw = await self._post(ep.url, req.payload)
+            ids_RK, lp_RK = self._parse(raw, req.num_tokens, req.prompt_len)
+            verdict = True
+        except RetryableError as exc:
+            verdict = True
+            self._failed(ep, exc, req, time.perf_counter() - t0)
+            raise
+        except PermanentError as exc:
+            verdict = True
+            self.endpoints.success(ep)  # it answered: the endpoint is up, the request is wrong
+            self._emit("request", {"endpoint": ep.url, "latency_s": time.perf_counter() - t0, "ok": False})
+            self._emit("error", {"endpoint": ep.url, "error": type(exc).__name__})
+            raise
+        finally:
+            if not verdict:  # cancelled or an unexpected exception: free a half-open probe slot
+                self.endpoints.release_probe(ep)
+        latency = time.perf_counter() - t0
+        self.endpoints.success(ep)
+        self._emit("request", {"endpoint": ep.url, "latency_s": latency, "ok": True})
+        return TeacherScores(ids_RK, lp_RK, ep.url, latency, attempt)
+
+    def _failed(self, ep: Endpoint, exc: RetryableError, req: _Request, latency: float) -> None:
+        _tag(exc, ep.url)
+        req.tried.add(ep.url)
+        opened = self.endpoints.failure(ep)
+        self._emit("request", {"endpoint": ep.url, "latency_s": latency, "ok": False})
+        if opened:
+            log.warning(
+                "teacher %s: circuit breaker open after %d consecutive failures (last: %s)",
+                ep.url,
+                ep.consecutive_failures,
+                exc,
+            )
+            self._emit("breaker_open", {"endpoint": ep.url})
+
+    def _emit(self, name: str, data: dict[str, Any]) -> None:
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(name, data)
+        except Exception:  # a metrics hook must never break scoring
+            log.exception("teacher client on_event hook raised for %s", name)
+
+
+def _tag(exc: GKDError, url: str) -> GKDError:
+    exc.endpoint = url  # type: ignore[attr-defined]
+    return exc
+
+
+def _url_of(exc: BaseException) -> str:
+    return str(getattr(exc, "endpoint", ""))

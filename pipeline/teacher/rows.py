@@ -1,0 +1,164 @@
+"""Shared last step of every teacher protocol parser: flat numbers -> validated, sorted [R, K] arrays.
+
+A protocol module (vllm.py, sglang.py) decodes its JSON, collects the numbers of the rows the loss uses
+into flat lists (one list comprehension per field, no per-element Python work beyond that), and hands
+them here. This module owns the checks that make a teacher answer trustworthy:
+
+- every row has at least K entries (vLLM may add one more: the actual token when outside the top-k);
+- no NaN; no logprob above 0 beyond float slack (`LOGPROB_SLACK`, then clamped to 0);
+- no row whose logsumexp exceeds 0 (`LSE_SLACK`): a server in `--logprobs-mode raw_logits` sends logits;
+- ids are non-negative.
+
+Shape legend: R = rows the loss uses (T - prompt_len), K = requested top-k, E = entries in a row (K or K+1).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.errors import MalformedResponse
+
+#: vLLM renders -inf as -9999.0; anything at or below this is -inf.
+NEG_INF_SENTINEL = -9999.0
+#: logprobs up to this much above 0 are float noise (clamped to 0); beyond it the row is wrong.
+LOGPROB_SLACK = 1e-4
+#: a row's top-k probabilities can sum to at most 1; allow this much (log space) for rounding.
+LSE_SLACK = 1e-3
+
+
+def to_float_array(values: list[float | None], what: str) -> np.ndarray:
+    """float64 array of `values`; JSON null (orjson renders -inf as null) becomes -inf."""
+    try:
+        return np.array(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        pass
+    try:
+        return np.array([-np.inf if v is None else v for v in values], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise MalformedResponse(f"{what}: expected numbers, got a non-numeric logprob ({exc})") from None
+
+
+def to_id_array(values: list[int], what: str) -> np.ndarray:
+    """int64 array of integer token ids (JSON ints)."""
+    try:
+        return np.array(values, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise MalformedResponse(f"{what}: expected integer token ids, got {exc}") from None
+
+
+def keys_to_ids(keys: list[str], what: str) -> np.ndarray:
+    """int64 array of token ids given as decimal strings (vLLM's dict keys), parsed in one numpy call."""
+    if not keys:
+        return np.zeros(0, dtype=np.int64)
+    text = ",".join(keys)
+    try:
+        ids = np.fromstring(text, dtype=np.int64, sep=",")  # one C-level parse of all keys
+    except (TypeError, ValueError) as exc:
+        raise MalformedResponse(f"{what}: expected decimal token-id keys, got {exc}") from None
+    if ids.shape[0] != len(keys):
+        bad = next((s for s in keys if not s.strip().lstrip("-").isdigit()), keys[0])
+        raise MalformedResponse(f"{what}: expected decimal token-id keys, got {bad!r}")
+    return ids
+
+
+def finalize(
+    ids_N: np.ndarray,
+    logprobs_N: np.ndarray,
+    lens_R: list[int] | None,
+    k: int,
+    what: str,
+    *,
+    row_offset: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate and sort flat entries into (ids int32 [R, K], logprobs float32 [R, K]).
+
+    `ids_N`/`logprobs_N` hold all entries of all rows in row order; `lens_R` gives each row's entry
+    count (None: every row has exactly K). Keeps each row's K best entries by logprob (dropping vLLM's
+    extra actual-token entry when it is outside the top-k), sorted descending; -9999.0 becomes -inf.
+    `row_offset` only labels rows in messages (e.g. the prompt position of row 0).
+    Raises MalformedResponse on short rows, NaN, logprob > 0, raw logits, negative ids.
+    """
+    R = len(lens_R) if lens_R is not None else (logprobs_N.shape[0] // k if k else 0)
+    if ids_N.shape[0] != logprobs_N.shape[0]:
+        raise MalformedResponse(f"{what}: {ids_N.shape[0]} token ids but {logprobs_N.shape[0]} logprobs")
+    if R == 0:
+        return np.zeros((0, k), np.int32), np.zeros((0, k), np.float32)
+    ids_RE, lp_RE = _pad_rows(ids_N, logprobs_N, lens_R, k, what, row_offset)
+    _check_values(lp_RE, what, row_offset)
+    E = lp_RE.shape[1]
+    if k == E and bool(np.all(lp_RE[:, :-1] >= lp_RE[:, 1:])):
+        top_ids, top_lp = ids_RE, lp_RE  # already sorted (SGLang, our reference server): skip the sort
+    else:
+        order_RE = np.argsort(-lp_RE, axis=1, kind="stable")[:, :k]
+        top_ids = np.take_along_axis(ids_RE, order_RE, axis=1)
+        top_lp = np.take_along_axis(lp_RE, order_RE, axis=1)
+    if top_ids.size and int(top_ids.min()) < 0:
+        r = int(np.argwhere(top_ids < 0)[0, 0])
+        raise MalformedResponse(
+            f"{what}: expected token ids >= 0, got {int(top_ids[r].min())} in row {r + row_offset}"
+        )
+    _check_lse(top_lp, what, row_offset)
+    return top_ids.astype(np.int32), top_lp.astype(np.float32)
+
+
+def _pad_rows(
+    ids_N: np.ndarray, lp_N: np.ndarray, lens_R: list[int] | None, k: int, what: str, row_offset: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """[R, E] matrices (E = longest row, K or K+1); short rows are an error, padding is -inf."""
+    if lens_R is None:
+        return ids_N.reshape(-1, k), lp_N.reshape(-1, k)
+    lens = np.asarray(lens_R, dtype=np.int64)
+    lo, hi = int(lens.min()), int(lens.max())
+    if lo < k:
+        r = int(np.argmax(lens < k))
+        raise MalformedResponse(
+            f"{what}: expected at least k={k} entries per row, got {int(lens[r])} in row {r + row_offset}"
+        )
+    if hi > k + 1:
+        r = int(np.argmax(lens > k + 1))
+        raise MalformedResponse(
+            f"{what}: expected k={k} or k+1 entries per row, got {int(lens[r])} in row {r + row_offset} "
+            f"(was prompt_logprobs sent with a larger k?)"
+        )
+    if lo == hi:
+        return ids_N.reshape(-1, hi), lp_N.reshape(-1, hi)
+    R = lens.shape[0]
+    starts = np.zeros(R, dtype=np.int64)
+    np.cumsum(lens[:-1], out=starts[1:])
+    col_N = np.arange(ids_N.shape[0], dtype=np.int64) - np.repeat(starts, lens)
+    row_N = np.repeat(np.arange(R, dtype=np.int64), lens)
+    ids_RE = np.full((R, hi), -1, dtype=np.int64)
+    lp_RE = np.full((R, hi), -np.inf, dtype=np.float64)
+    ids_RE[row_N, col_N] = ids_N
+    lp_RE[row_N, col_N] = lp_N
+    return ids_RE, lp_RE
+
+
+def _check_values(lp_RE: np.ndarray, what: str, row_offset: int) -> None:
+    """NaN and logprob > 0 are errors; -9999.0 -> -inf and tiny positive noise -> 0 (in place)."""
+    if np.isnan(lp_RE).any():
+        r = int(np.argwhere(np.isnan(lp_RE))[0, 0])
+        raise MalformedResponse(f"{what}: expected finite logprobs, got NaN in row {r + row_offset}")
+    top = float(lp_RE.max())
+    if top > LOGPROB_SLACK:
+        r = int(np.argwhere(lp_RE > LOGPROB_SLACK)[0, 0])
+        raise MalformedResponse(
+            f"{what}: expected logprobs <= 0, got {float(lp_RE[r].max()):.6g} in row {r + row_offset} "
+            f"(is the server returning raw logits, e.g. vLLM --logprobs-mode raw_logits?)"
+        )
+    if top > 0:
+        np.minimum(lp_RE, 0.0, out=lp_RE)
+    lp_RE[lp_RE <= NEG_INF_SENTINEL] = -np.inf
+
+
+def _check_lse(lp_RK: np.ndarray, what: str, row_offset: int) -> None:
+    """A row's top-k probabilities must sum to <= 1: logsumexp <= 0 (else the numbers are not logprobs)."""
+    with np.errstate(divide="ignore"):
+        lse_R = np.log(np.exp(lp_RK).sum(axis=1))
+    if float(lse_R.max()) > LSE_SLACK:
+        r = int(np.argmax(lse_R))
+        raise MalformedResponse(
+            f"{what}: expected each row's top-k probabilities to sum to <= 1, got logsumexp "
+            f"{float(lse_R[r]):.4g} > 0 in row {r + row_offset}: these are not normalized logprobs "
+            f"(a vLLM server started with --logprobs-mode raw_logits or processed_logits?)"
+        )

@@ -1,0 +1,153 @@
+"""Start-up checks of a teacher client: health, backend detection, model id, tokenizer agreement.
+
+Each check fails with a message that says what was expected, what came, and how to fix it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+import orjson
+
+from pipeline.errors import (
+    GKDError,
+    MalformedResponse,
+    PermanentError,
+    TeacherBadRequest,
+    TeacherConnectionError,
+)
+from pipeline.teacher import sglang, vllm
+from pipeline.teacher.endpoints import Endpoint
+from pipeline.teacher.http import HttpLimits, request, status_of
+
+HEALTH_PATH = "/health"
+TOKENIZE_PATH = "/tokenize"
+#: Texts whose tokenization must agree between student and teacher (spaces, digits, punctuation,
+#: non-ASCII, newlines: where tokenizers commonly differ).
+PROBE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "  Two leading spaces, 12345 digits, and a tab\there.",
+    "Unicode: naïve café, 東京, emoji 🙂, math ∑x².",
+    "line one\nline two\n\nend",
+)
+
+
+class TeacherIncompatible(PermanentError):
+    """The teacher cannot serve this run: another tokenizer/vocabulary, or not the model asked for."""
+
+
+async def probe_health(
+    session: aiohttp.ClientSession, endpoints: Sequence[Endpoint], limits: HttpLimits
+) -> list[str]:
+    """URLs whose GET /health answers 2xx (in the given order); raises when none does, naming each failure."""
+
+    async def one(ep: Endpoint) -> GKDError | None:
+        try:
+            await request(session, "GET", ep.url + HEALTH_PATH, limits=limits)
+        except GKDError as exc:
+            return exc
+        return None
+
+    results = await asyncio.gather(*(one(ep) for ep in endpoints))
+    healthy = [ep.url for ep, err in zip(endpoints, results, strict=False) if err is None]
+    if not healthy:
+        detail = "; ".join(f"{ep.url}: {err}" for ep, err in zip(endpoints, results, strict=False))
+        first = next(err for err in results if err is not None)
+        cls = TeacherBadRequest if isinstance(first, TeacherBadRequest) else TeacherConnectionError
+        raise cls(f"expected at least one teacher endpoint to answer GET {HEALTH_PATH}, got none: {detail}")
+    return healthy
+
+
+async def _get_json(session: aiohttp.ClientSession, url: str, limits: HttpLimits) -> Any:
+    raw, _ = await request(session, "GET", url, limits=limits)
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise MalformedResponse(f"GET {url}: expected JSON, got {raw[:80]!r}") from None
+
+
+async def detect_backend(session: aiohttp.ClientSession, url: str, limits: HttpLimits) -> str:
+    """ "sglang" when GET /get_model_info answers a model_path (SGLang also serves /v1/models, so that
+    alone proves nothing), else "vllm" when /v1/models answers; raises when neither does."""
+    try:
+        info = await _get_json(session, url + sglang.MODEL_INFO_PATH, limits)
+        if isinstance(info, dict) and "model_path" in info:
+            return "sglang"
+    except TeacherBadRequest as exc:
+        if status_of(exc) in (401, 403):
+            raise TeacherBadRequest(f"{exc} (is --api-key / GKD_API_KEY set to the server's key?)") from None
+    except MalformedResponse:
+        pass
+    await _get_json(session, url + vllm.MODELS_PATH, limits)
+    return "vllm"
+
+
+async def discover_model(
+    session: aiohttp.ClientSession, url: str, backend: str, wanted: str | None, limits: HttpLimits
+) -> str:
+    """The model id to send: `wanted` if the server serves it, else the server's first model.
+
+    vLLM: from GET /v1/models (a wanted id it does not list is an error naming the ids it serves).
+    SGLang: `model_path` of GET /get_model_info.
+    """
+    if backend == "sglang":
+        info = await _get_json(session, url + sglang.MODEL_INFO_PATH, limits)
+        path = info.get("model_path") if isinstance(info, dict) else None
+        if not isinstance(path, str):
+            raise MalformedResponse(
+                f"GET {url}{sglang.MODEL_INFO_PATH}: expected model_path, got {str(info)[:120]}"
+            )
+        return wanted or path
+    body = await _get_json(session, url + vllm.MODELS_PATH, limits)
+    data = body.get("data") if isinstance(body, dict) else None
+    ids = [m.get("id") for m in data if isinstance(m, dict)] if isinstance(data, list) else []
+    if not ids:
+        raise MalformedResponse(
+            f"GET {url}{vllm.MODELS_PATH}: expected a list of models in data, got {str(body)[:120]}"
+        )
+    if wanted is None:
+        return str(ids[0])
+    if wanted not in ids:
+        raise TeacherIncompatible(f"teacher {url}: expected it to serve model {wanted!r}, got models {ids}")
+    return wanted
+
+
+async def check_tokenizer(
+    session: aiohttp.ClientSession,
+    url: str,
+    model: str | None,
+    student_tokenizer: str,
+    limits: HttpLimits,
+    texts: Sequence[str] = PROBE_TEXTS,
+) -> None:
+    """Raise TeacherIncompatible unless the teacher's POST /tokenize of each probe text gives exactly the
+    student tokenizer's ids (token-level distillation needs one vocabulary)."""
+    tok = await asyncio.to_thread(_load_tokenizer, student_tokenizer)
+    for text in texts:
+        body: dict[str, Any] = {"prompt": text, "add_special_tokens": False}
+        if model:
+            body["model"] = model
+        try:
+            raw, _ = await request(session, "POST", url + TOKENIZE_PATH, body=body, limits=limits)
+        except TeacherBadRequest as exc:
+            raise TeacherIncompatible(
+                f"teacher {url}: cannot check the tokenizer, POST {TOKENIZE_PATH} failed ({exc}); "
+                f"drop --student-tokenizer only if you are sure both use one vocabulary"
+            ) from None
+        teacher_ids = orjson.loads(raw).get("tokens")
+        student_ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        if teacher_ids != student_ids:
+            raise TeacherIncompatible(
+                f"teacher {url} tokenizes {text!r} as {teacher_ids}, the student tokenizer "
+                f"{student_tokenizer!r} as {student_ids}: expected identical ids (token-level distillation "
+                f"needs the same vocabulary)"
+            )
+
+
+def _load_tokenizer(name: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)

@@ -1,0 +1,294 @@
+"""`gkd status`: queue depths, lag, pending work, dead letters, live workers and throughput of a run.
+
+    gkd status [--run NAME] [--redis URL] [--watch] [--interval-s 2] [--json]
+
+Two samples of the run's Redis state `--interval-s` apart give the rates (counter deltas); the report
+is printed as aligned plain-text tables, or as one JSON object with `--json` (one per refresh with
+`--watch`, which runs until Ctrl-C and then exits 0). A run without keys prints that it has no data
+yet. Redis unreachable at start: one error line on stderr and exit code 2.
+
+Sampling and the numbers are in `workers.status_report`, which also documents the optional heartbeat
+fields a process may publish for `gkd status` (``latency_p50_ms``, ``latency_p95_ms``, ``paused``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from pipeline import keys as K
+from pipeline.errors import SettingsError
+from pipeline.keys import RunKeys
+from pipeline.redis_conn import connect_sync
+from pipeline.settings import CommonSettings, mask_url, parse, setting
+from workers.status_report import (
+    HB_LATENCY_P50_MS,
+    HB_LATENCY_P95_MS,
+    HB_PAUSED,
+    Sample,
+    build_report,
+    other_runs,
+    take_sample,
+)
+
+_NUMERIC = re.compile(r"^-?[0-9.]+~?$")
+
+
+@dataclass
+class StatusSettings(CommonSettings):
+    """Settings of `gkd status`."""
+
+    watch: bool = setting(False, "Refresh every --interval-s until Ctrl-C.")
+    interval_s: float = setting(2.0, "Seconds between the two counter samples (rates) and between refreshes.")
+    json_output: bool = setting(
+        False, "Print one JSON object (one per line per refresh with --watch).", flags=("--json",)
+    )
+    dead_reasons: int = setting(5, "How many of the latest dead letters to show.")
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
+
+
+def _bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024 or unit == "GiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # unreachable
+
+
+def _numeric(v: Any) -> bool:
+    return v is None or isinstance(v, int | float) or bool(_NUMERIC.match(str(v)))
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "  ") -> list[str]:
+    """Aligned plain-text table: numbers right-aligned, text left-aligned, None shown as '-'."""
+    cells = [[_fmt(c) for c in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    right = [all(_numeric(row[i]) for row in rows) for i in range(len(headers))]
+
+    def line(parts: Sequence[str]) -> str:
+        out = [p.rjust(w) if r else p.ljust(w) for p, w, r in zip(parts, widths, right, strict=True)]
+        return (indent + "  ".join(out)).rstrip()
+
+    return [line(headers), *(line(r) for r in cells)]
+
+
+def _oldest(o: dict[str, Any] | None) -> str:
+    if not o:
+        return "-"
+    return f"{o['age_s']:.1f} s old, idle {o['idle_s']:.1f} s, {o['deliveries']}x, {o['consumer']}"
+
+
+def render_text(rep: dict[str, Any]) -> str:
+    """The report as the compact human-readable tables `gkd status` prints."""
+    if not rep["has_data"]:
+        return no_data_message(rep)
+    iv = rep["interval_s"]
+    lines = [f"run {rep['run']!r}  redis {rep['redis']}  " + (f"rates over {iv:.2f} s" if iv else "no rates")]
+    pol = rep["policy"]
+    age = f", published {pol['updated_age_s']:.1f} s ago" if pol["updated_age_s"] is not None else ""
+    lines.append(f"policy version {pol['version']} (checkpoint {pol['checkpoint'] or '-'}{age})")
+    cfg = " ".join(f"{k}={v}" for k, v in rep["config"].items())
+    lines.append(f"config {cfg or '- (no process has joined yet)'}")
+    rows = []
+    for kind, s in rep["streams"].items():
+        bytes_ = _bytes(s["waiting_bytes"]) if "waiting_bytes" in s else "-"
+        lag = None if kind == "dead" else f"{s['lag']}{'~' if s['lag_estimated'] else ''}"
+        rows.append(
+            [
+                kind,
+                s["length"],
+                bytes_,
+                s.get("group"),
+                s.get("consumers"),
+                s.get("pending"),
+                lag,
+                _oldest(s.get("oldest_pending")),
+            ]
+        )
+    lines += [
+        "",
+        *table(["stream", "length", "bytes", "group", "consumers", "pending", "lag", "oldest pending"], rows),
+    ]
+    tp = rep["throughput"]
+    lines += [
+        "",
+        *table(
+            ["per second", "produced", "scored", "positions", "trained", "tokens", "steps", "dead", "errors"],
+            [
+                [
+                    "last interval",
+                    tp["rollouts_produced_per_s"],
+                    tp["scored_per_s"],
+                    tp["scored_positions_per_s"],
+                    tp["trained_samples_per_s"],
+                    tp["trained_tokens_per_s"],
+                    tp["trainer_steps_per_s"],
+                    tp["dead_per_s"],
+                    tp["teacher_errors_per_s"],
+                ]
+            ],
+        ),
+    ]
+    t, tr = rep["teacher"], rep["trainer"]
+    pct = f"p50 {_ms(t['latency_p50_ms'])}, p95 {_ms(t['latency_p95_ms'])} (max over workers)"
+    lines += [
+        "",
+        f"teacher  latency mean {_ms(t['latency_mean_ms'])} (interval), "
+        f"{_ms(t['latency_mean_ms_total'])} (run); "
+        f"{pct if t['latency_source'] == 'heartbeats' else 'p50/p95 not published by workers'}",
+        f"         requests {t['requests']}, errors {t['errors']}, retries {t['retries']}, "
+        f"reclaimed {t['reclaimed']}",
+        f"trainer  steps {tr['steps']}, {_fmt(tr['steps_per_s'])} steps/s, data-wait "
+        f"{_pct(tr['data_wait_fraction'])} (interval), {_pct(tr['data_wait_fraction_total'])} (run), "
+        f"stale skipped {tr['stale_skipped']}",
+    ]
+    ws = rep["workers"]
+    lines += ["", f"workers: {len(ws)} live"]
+    if ws:
+        lines += table(
+            ["name", "role", "host", "pid", "in_flight", "seen_s_ago", "p50_ms", "p95_ms", "paused"],
+            [
+                [
+                    w["name"],
+                    w["role"],
+                    w["host"],
+                    w["pid"],
+                    w["in_flight"],
+                    w["last_seen_age_s"],
+                    w.get(HB_LATENCY_P50_MS),
+                    w.get(HB_LATENCY_P95_MS),
+                    w.get(HB_PAUSED),
+                ]
+                for w in ws
+            ],
+        )
+    d = rep["dead"]
+    lines += ["", f"dead letters: {d['count']} in stream ({d['total']} dead-lettered in total)"]
+    if d["latest"]:
+        lines += table(
+            ["sid", "id", "stage", "deliveries", "reason"],
+            [
+                [
+                    x["sid"],
+                    x.get(K.FIELD_ID),
+                    x.get(K.FIELD_STAGE),
+                    x.get(K.FIELD_DELIVERIES),
+                    _clip(x.get(K.FIELD_REASON, ""), 100),
+                ]
+                for x in d["latest"]
+            ],
+        )
+    return "\n".join(lines)
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f} ms"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _clip(text: str, n: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def no_data_message(rep: dict[str, Any]) -> str:
+    others = [x for x in rep.get("other_runs", []) if x != rep["run"]]
+    hint = f"; runs with data there: {', '.join(others)}" if others else "; no run has data there yet"
+    return (
+        f"run {rep['run']!r} has no data yet in Redis at {rep['redis']} (no streams, counters, config, "
+        f"policy or heartbeats under {K.PREFIX}:{{{rep['run']}}}:*){hint}"
+    )
+
+
+def _emit(rep: dict[str, Any], as_json: bool, clear: bool) -> None:
+    if as_json:
+        print(json.dumps(rep, sort_keys=False), flush=True)
+        return
+    if clear:
+        sys.stdout.write("\033[H\033[2J")
+    print(render_text(rep), flush=True)
+
+
+def _report(r: Any, keys: RunKeys, s: StatusSettings, prev: Sample | None) -> tuple[Sample, dict[str, Any]]:
+    cur = take_sample(r, keys, s.dead_reasons)
+    rep = build_report(prev, cur, run=keys.run, redis_url=s.redis_url)
+    if not rep["has_data"]:
+        rep["other_runs"] = other_runs(r)
+    return cur, rep
+
+
+def run(r: Any, keys: RunKeys, s: StatusSettings) -> int:
+    """Print one report (two samples `interval_s` apart), or refresh until Ctrl-C with `watch`."""
+    prev: Sample | None
+    prev, rep = _report(r, keys, s, None)
+    if not s.watch:
+        if rep["has_data"] and s.interval_s > 0:
+            time.sleep(s.interval_s)
+            prev, rep = _report(r, keys, s, prev)
+        _emit(rep, s.json_output, clear=False)
+        return 0
+    clear = sys.stdout.isatty() and not s.json_output
+    while True:
+        time.sleep(max(s.interval_s, 0.1))
+        try:
+            prev, rep = _report(r, keys, s, prev)
+        except RedisError as exc:
+            # A monitor outlives a Redis restart: say so, drop the old sample (its rates would mix).
+            print(f"gkd status: Redis at {mask_url(s.redis_url)} failed ({exc}); retrying", file=sys.stderr)
+            prev = None
+            continue
+        _emit(rep, s.json_output, clear)
+        if not s.json_output and not clear:
+            print(flush=True)
+
+
+def main(argv: Sequence[str]) -> int:
+    s = parse(StatusSettings, argv, prog="gkd status", description=__doc__.split("\n")[0])
+    try:
+        keys = RunKeys.for_run(s.run)
+        if s.interval_s < 0 or s.dead_reasons < 0:
+            raise SettingsError(
+                f"expected --interval-s >= 0 and --dead-reasons >= 0, got {s.interval_s} and {s.dead_reasons}"
+            )
+    except SettingsError as exc:
+        print(f"gkd status: {exc}", file=sys.stderr)
+        return 2
+    r = connect_sync(s.redis_url)
+    try:
+        try:
+            r.ping()
+        except (RedisError, OSError) as exc:
+            print(
+                f"gkd status: cannot reach Redis at {mask_url(s.redis_url)} ({exc}); expected a Redis server "
+                "there: start one, or pass --redis URL (or set GKD_REDIS_URL)",
+                file=sys.stderr,
+            )
+            return 2
+        return run(r, keys, s)
+    except KeyboardInterrupt:
+        return 0
+    except RedisError as exc:
+        print(f"gkd status: Redis at {mask_url(s.redis_url)} failed: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        r.close()

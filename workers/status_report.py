@@ -1,0 +1,307 @@
+"""What `gkd status` reads from Redis and the numbers it derives (one JSON-ready dict per report).
+
+It only reads Redis: one pipelined round trip per sample plus one for the heartbeats. Throughput is
+the difference of the `stats` counters between two samples `--interval-s` apart, so `gkd status`
+takes that long to answer (``--interval-s 0`` answers at once, without rates).
+
+Heartbeat contract. Any process may add these optional fields to its heartbeat
+(`pipeline.runstate.heartbeat(..., extra={...})`); `gkd status` shows them when present:
+
+- ``latency_p50_ms``, ``latency_p95_ms`` (float, milliseconds): percentiles of this process's teacher
+  request latency over its recent requests (for example the last 60 s). The run-wide value shown is the
+  largest over processes: an upper bound of the pooled percentile, since a quantile of a mixture never
+  exceeds the largest quantile of its parts. Without them only the mean latency is shown, from the
+  ``teacher_latency_ms_sum / teacher_requests`` counters.
+- ``paused`` ("1" or "0"): the process is waiting for room in the stream it feeds (backpressure).
+
+Every other heartbeat field is passed through under the worker in ``--json``.
+Ages use the Redis server's clock (stream ids are its milliseconds); heartbeat ages compare the
+worker's clock with it, so they are as good as the hosts' clock sync.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+from pipeline import keys as K
+from pipeline.keys import RunKeys, Stat
+from pipeline.settings import mask_url
+
+#: The two work streams with their consumer groups; the dead stream has none.
+GROUPS = {"rollouts": K.TEACHERS_GROUP, "ready": K.TRAINERS_GROUP}
+STREAMS = ("rollouts", "ready", "dead")
+
+#: Optional heartbeat fields (see the module docstring).
+HB_LATENCY_P50_MS = "latency_p50_ms"
+HB_LATENCY_P95_MS = "latency_p95_ms"
+HB_PAUSED = "paused"
+
+#: JSON name of a rate -> the counter it differentiates.
+RATES = {
+    "rollouts_produced_per_s": Stat.ROLLOUTS_PRODUCED,
+    "scored_per_s": Stat.SCORED,
+    "scored_positions_per_s": Stat.SCORED_POSITIONS,
+    "trained_samples_per_s": Stat.TRAINED_SAMPLES,
+    "trained_tokens_per_s": Stat.TRAINED_TOKENS,
+    "trainer_steps_per_s": Stat.TRAINER_STEPS,
+    "dead_per_s": Stat.DEAD,
+    "teacher_requests_per_s": Stat.TEACHER_REQUESTS,
+    "teacher_errors_per_s": Stat.TEACHER_ERRORS,
+    "teacher_retries_per_s": Stat.TEACHER_RETRIES,
+}
+
+
+@dataclass
+class Sample:
+    """Everything `gkd status` reads from Redis at one moment."""
+
+    t_s: float
+    """Local monotonic seconds (rates divide counter deltas by differences of this)."""
+    server_ms: int
+    """Redis server time in ms (ages of stream entries and heartbeats are measured against it)."""
+    lengths: dict[str, int]
+    groups: dict[str, dict[str, Any] | None]
+    """Per work stream: its group's XINFO GROUPS entry, or None when the stream or group is missing."""
+    oldest: dict[str, dict[str, Any] | None]
+    """Per work stream: XPENDING's first (oldest) pending entry, or None when nothing is pending."""
+    dead_latest: list[dict[str, Any]]
+    stats: dict[str, int]
+    config: dict[str, str]
+    policy: dict[str, str]
+    workers: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    @property
+    def has_data(self) -> bool:
+        return bool(
+            any(self.lengths.values())
+            or any(self.groups.values())
+            or self.stats
+            or self.config
+            or self.policy
+            or self.workers
+        )
+
+
+def _s(v: Any) -> str:
+    return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+
+
+def _strs(raw: dict[Any, Any] | None) -> dict[str, str]:
+    return {_s(k): _s(v) for k, v in (raw or {}).items()}
+
+
+def _sid_ms(sid: Any) -> int:
+    return int(_s(sid).split("-", 1)[0])
+
+
+def _dead_entry(sid: Any, fields: dict[Any, Any]) -> dict[str, Any]:
+    """A dead-stream entry without its payload: sid, id, stage, reason, deliveries (int)."""
+    d: dict[str, Any] = _strs({k: v for k, v in fields.items() if _s(k) != K.FIELD_DATA})
+    d["sid"] = _s(sid)
+    n = num(d.get(K.FIELD_DELIVERIES))
+    d[K.FIELD_DELIVERIES] = int(n) if n is not None else None
+    return d
+
+
+def take_sample(r: Any, keys: RunKeys, dead_n: int = 5) -> Sample:
+    """Read one consistent-enough picture of the run (one pipelined round trip + heartbeats).
+
+    Raises redis.exceptions.RedisError when Redis cannot be reached.
+    """
+    pipe = r.pipeline(transaction=False)
+    pipe.time()
+    for kind in STREAMS:
+        pipe.xlen(getattr(keys, kind))
+    for kind, group in GROUPS.items():
+        pipe.xinfo_groups(getattr(keys, kind))
+        pipe.xpending_range(getattr(keys, kind), group, min="-", max="+", count=1)
+    pipe.xrevrange(keys.dead, count=max(dead_n, 1))
+    pipe.hgetall(keys.stats)
+    pipe.hgetall(keys.config)
+    pipe.hgetall(keys.policy)
+    res = list(pipe.execute(raise_on_error=False))
+    t_s = time.monotonic()
+    # XINFO/XPENDING fail with ResponseError only for a missing stream or group: that is "absent".
+    for i, v in enumerate(res):
+        if isinstance(v, ResponseError) and 4 <= i < 8:
+            res[i] = None
+        elif isinstance(v, Exception):
+            raise v
+    secs, micros = res[0]
+    lengths = {kind: int(n) for kind, n in zip(STREAMS, res[1:4], strict=True)}
+    groups: dict[str, dict[str, Any] | None] = {}
+    oldest: dict[str, dict[str, Any] | None] = {}
+    for j, (kind, group) in enumerate(GROUPS.items()):
+        infos, pend = res[4 + 2 * j], res[5 + 2 * j]
+        groups[kind] = next((g for g in infos or [] if _s(g["name"]) == group), None)
+        oldest[kind] = pend[0] if pend else None
+    dead = [_dead_entry(sid, f) for sid, f in res[8]]
+    sample = Sample(
+        t_s=t_s,
+        server_ms=int(secs) * 1000 + int(micros) // 1000,
+        lengths=lengths,
+        groups=groups,
+        oldest=oldest,
+        dead_latest=dead[:dead_n],
+        stats={k: int(v) for k, v in _strs(res[9]).items()},
+        config=_strs(res[10]),
+        policy=_strs(res[11]),
+    )
+    names = [_s(k) for k in r.scan_iter(match=keys.worker_pattern, count=500)]
+    if names:
+        hpipe = r.pipeline(transaction=False)
+        for key in names:
+            hpipe.hgetall(key)
+        for key, raw in zip(names, hpipe.execute(), strict=True):
+            if raw:  # expired between SCAN and HGETALL
+                sample.workers[keys.worker_name(key)] = _strs(raw)
+    return sample
+
+
+def other_runs(r: Any, limit_keys: int = 20_000) -> list[str]:
+    """Names of runs that have keys in this Redis (scans at most `limit_keys` keys)."""
+    runs: set[str] = set()
+    for n, key in enumerate(r.scan_iter(match=f"{K.PREFIX}:\\{{*", count=1000)):
+        if n >= limit_keys:
+            break
+        name = _s(key)[len(K.PREFIX) + 2 :].split("}", 1)[0]
+        runs.add(name)
+    return sorted(runs)
+
+
+def num(v: str | None) -> float | None:
+    """The number in a heartbeat/hash field, or None when it is missing or not a number."""
+    if v is None or v == "":
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        return None
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den > 0 else None
+
+
+def _stream_report(kind: str, cur: Sample) -> dict[str, Any]:
+    length = cur.lengths[kind]
+    out: dict[str, Any] = {"length": length}
+    if kind != "dead":
+        out["waiting_bytes"] = cur.stats.get(Stat.bytes_in(kind), 0) - cur.stats.get(Stat.bytes_out(kind), 0)
+    if kind not in GROUPS:
+        return out
+    g = cur.groups[kind]
+    pending = int(g["pending"]) if g else 0
+    lag = g.get("lag") if g else None
+    # Acked entries are deleted, so the stream holds only waiting + pending work: XLEN - pending is
+    # the lag whenever Redis cannot compute it (before 7.0, or after deletions past the group cursor).
+    out.update(
+        group=GROUPS[kind],
+        group_exists=g is not None,
+        consumers=int(g["consumers"]) if g else 0,
+        pending=pending,
+        lag=int(lag) if lag is not None else max(length - pending, 0),
+        lag_estimated=lag is None,
+    )
+    o = cur.oldest[kind]
+    out["oldest_pending"] = (
+        {
+            "sid": _s(o["message_id"]),
+            "age_s": max(cur.server_ms - _sid_ms(o["message_id"]), 0) / 1000,
+            "idle_s": int(o["time_since_delivered"]) / 1000,
+            "deliveries": int(o["times_delivered"]),
+            "consumer": _s(o["consumer"]),
+        }
+        if o
+        else None
+    )
+    return out
+
+
+def _workers_report(cur: Sample) -> list[dict[str, Any]]:
+    rows = []
+    for name, hb in sorted(cur.workers.items(), key=lambda kv: (kv[1].get(K.HB_ROLE, ""), kv[0])):
+        seen = num(hb.get(K.HB_LAST_SEEN_MS))
+        row: dict[str, Any] = {
+            "name": name,
+            "role": hb.get(K.HB_ROLE, ""),
+            "host": hb.get(K.HB_HOST, ""),
+            "pid": int(num(hb.get(K.HB_PID)) or 0),
+            "in_flight": int(num(hb.get(K.HB_IN_FLIGHT)) or 0),
+            "last_seen_age_s": max(cur.server_ms - seen, 0) / 1000 if seen is not None else None,
+        }
+        for k, v in hb.items():
+            if k not in (K.HB_ROLE, K.HB_HOST, K.HB_PID, K.HB_IN_FLIGHT, K.HB_LAST_SEEN_MS):
+                value = num(v)
+                row[k] = value if value is not None and k != HB_PAUSED else v
+        rows.append(row)
+    return rows
+
+
+def build_report(prev: Sample | None, cur: Sample, *, run: str, redis_url: str) -> dict[str, Any]:
+    """All numbers of the status as one JSON-ready dict. Rates are None without `prev` (one sample)."""
+    st = cur.stats
+    dt = cur.t_s - prev.t_s if prev is not None else 0.0
+
+    def delta(name: str) -> int | None:
+        if prev is None or dt <= 0:
+            return None
+        d = st.get(name, 0) - prev.stats.get(name, 0)
+        return d if d >= 0 else None  # a counter went backwards: the stats hash was reset
+
+    rates = {k: (d / dt if (d := delta(c)) is not None else None) for k, c in RATES.items()}
+    workers = _workers_report(cur)
+    p50s = [w[HB_LATENCY_P50_MS] for w in workers if isinstance(w.get(HB_LATENCY_P50_MS), float)]
+    p95s = [w[HB_LATENCY_P95_MS] for w in workers if isinstance(w.get(HB_LATENCY_P95_MS), float)]
+    d_req, d_lat = delta(Stat.TEACHER_REQUESTS), delta(Stat.TEACHER_LATENCY_MS_SUM)
+    d_step, d_wait = delta(Stat.STEP_MS), delta(Stat.DATA_WAIT_MS)
+    updated = num(cur.policy.get(K.POLICY_UPDATED_MS))
+    return {
+        "run": run,
+        "redis": mask_url(redis_url),
+        "has_data": cur.has_data,
+        "server_time_ms": cur.server_ms,
+        "interval_s": dt if prev is not None else None,
+        "streams": {kind: _stream_report(kind, cur) for kind in STREAMS},
+        "dead": {"count": cur.lengths["dead"], "total": st.get(Stat.DEAD, 0), "latest": cur.dead_latest},
+        "workers": workers,
+        "throughput": rates,
+        "teacher": {
+            "latency_mean_ms": _ratio(d_lat, d_req) if d_lat is not None and d_req else None,
+            "latency_mean_ms_total": _ratio(
+                st.get(Stat.TEACHER_LATENCY_MS_SUM, 0), st.get(Stat.TEACHER_REQUESTS, 0)
+            ),
+            "latency_p50_ms": max(p50s) if p50s else None,
+            "latency_p95_ms": max(p95s) if p95s else None,
+            "latency_source": "heartbeats" if p95s or p50s else "counters (mean only)",
+            "requests": st.get(Stat.TEACHER_REQUESTS, 0),
+            "errors": st.get(Stat.TEACHER_ERRORS, 0),
+            "retries": st.get(Stat.TEACHER_RETRIES, 0),
+            "reclaimed": st.get(Stat.RECLAIMED, 0),
+        },
+        "trainer": {
+            "steps": st.get(Stat.TRAINER_STEPS, 0),
+            "steps_per_s": rates["trainer_steps_per_s"],
+            "data_wait_fraction": _ratio(d_wait, d_step) if d_wait is not None and d_step else None,
+            "data_wait_fraction_total": _ratio(st.get(Stat.DATA_WAIT_MS, 0), st.get(Stat.STEP_MS, 0)),
+            "stale_skipped": st.get(Stat.STALE_SKIPPED, 0),
+        },
+        "backpressure": {
+            kind: {
+                "entries": cur.lengths[kind],
+                "bytes": st.get(Stat.bytes_in(kind), 0) - st.get(Stat.bytes_out(kind), 0),
+            }
+            for kind in GROUPS
+        },
+        "stats": dict(sorted(st.items())),
+        "config": dict(sorted(cur.config.items())),
+        "policy": {
+            "version": int(num(cur.policy.get(K.POLICY_VERSION)) or 0),
+            "checkpoint": cur.policy.get(K.POLICY_CHECKPOINT) or None,
+            "updated_age_s": max(cur.server_ms - updated, 0) / 1000 if updated is not None else None,
+        },
+    }

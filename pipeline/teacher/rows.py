@@ -46,18 +46,18 @@ def to_id_array(values: list[int], what: str) -> np.ndarray:
         raise MalformedResponse(f"{what}: expected integer token ids, got {exc}") from None
 
 
-def keys_to_ids(keys: list[str], what: str) -> np.ndarray:
-    """int64 array of token ids given as decimal strings (vLLM's dict keys), parsed in one numpy call."""
-    if not keys:
+def keys_to_ids(joined: str, count: int, what: str) -> np.ndarray:
+    """int64 array of `count` token ids given as comma-joined decimal strings (vLLM's dict keys, joined
+    in C by `",".join(...)`), parsed in one numpy call."""
+    if count == 0:
         return np.zeros(0, dtype=np.int64)
-    text = ",".join(keys)
     try:
-        ids = np.fromstring(text, dtype=np.int64, sep=",")  # one C-level parse of all keys
+        ids = np.fromstring(joined, dtype=np.int64, sep=",")  # one C-level parse of all keys
     except (TypeError, ValueError) as exc:
         raise MalformedResponse(f"{what}: expected decimal token-id keys, got {exc}") from None
-    if ids.shape[0] != len(keys):
-        bad = next((s for s in keys if not s.strip().lstrip("-").isdigit()), keys[0])
-        raise MalformedResponse(f"{what}: expected decimal token-id keys, got {bad!r}")
+    if ids.shape[0] != count:
+        bad = next((p for p in joined.split(",") if not p.strip().lstrip("-").isdigit()), joined[:20])
+        raise MalformedResponse(f"{what}: expected {count} decimal token-id keys, got {bad!r} among them")
     return ids
 
 
@@ -78,20 +78,20 @@ def finalize(
     `row_offset` only labels rows in messages (e.g. the prompt position of row 0).
     Raises MalformedResponse on short rows, NaN, logprob > 0, raw logits, negative ids.
     """
-    R = len(lens_R) if lens_R is not None else (logprobs_N.shape[0] // k if k else 0)
     if ids_N.shape[0] != logprobs_N.shape[0]:
         raise MalformedResponse(f"{what}: {ids_N.shape[0]} token ids but {logprobs_N.shape[0]} logprobs")
-    if R == 0:
+    lp_N = np.array(logprobs_N, dtype=np.float64)  # a private, writable copy
+    _check_values(lp_N, lens_R, k, what, row_offset)
+    if lp_N.shape[0] == 0:
         return np.zeros((0, k), np.int32), np.zeros((0, k), np.float32)
-    ids_RE, lp_RE = _pad_rows(ids_N, logprobs_N, lens_R, k, what, row_offset)
-    _check_values(lp_RE, what, row_offset)
-    E = lp_RE.shape[1]
-    if k == E and bool(np.all(lp_RE[:, :-1] >= lp_RE[:, 1:])):
-        top_ids, top_lp = ids_RE, lp_RE  # already sorted (SGLang, our reference server): skip the sort
+    ids_RE, lp_RE = _pad_rows(ids_N, lp_N, lens_R, k, what, row_offset)
+    if lp_RE.shape[1] == k and bool(np.all(lp_RE[:, :-1] >= lp_RE[:, 1:])):
+        top_ids, top_lp = ids_RE, lp_RE  # already sorted (SGLang, the reference server): no sort
     else:
-        order_RE = np.argsort(-lp_RE, axis=1, kind="stable")[:, :k]
-        top_ids = np.take_along_axis(ids_RE, order_RE, axis=1)
-        top_lp = np.take_along_axis(lp_RE, order_RE, axis=1)
+        # NaN padding sorts last (after real -inf entries), so it is never kept.
+        order_RK = np.argsort(-lp_RE, axis=1)[:, :k]
+        top_ids = np.take_along_axis(ids_RE, order_RK, axis=1)
+        top_lp = np.take_along_axis(lp_RE, order_RK, axis=1)
     if top_ids.size and int(top_ids.min()) < 0:
         r = int(np.argwhere(top_ids < 0)[0, 0])
         raise MalformedResponse(
@@ -101,11 +101,20 @@ def finalize(
     return top_ids.astype(np.int32), top_lp.astype(np.float32)
 
 
+def _row_of(index_N: int, lens_R: list[int] | None, k: int) -> int:
+    """The row of flat entry `index_N` (for error messages only)."""
+    if lens_R is None:
+        return index_N // k
+    return int(np.searchsorted(np.cumsum(lens_R), index_N, side="right"))
+
+
 def _pad_rows(
     ids_N: np.ndarray, lp_N: np.ndarray, lens_R: list[int] | None, k: int, what: str, row_offset: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """[R, E] matrices (E = longest row, K or K+1); short rows are an error, padding is -inf."""
+    """[R, E] matrices (E = longest row, K or K+1); short rows are an error, padding is NaN / id -1."""
     if lens_R is None:
+        if lp_N.shape[0] % k:
+            raise MalformedResponse(f"{what}: expected a multiple of k={k} entries, got {lp_N.shape[0]}")
         return ids_N.reshape(-1, k), lp_N.reshape(-1, k)
     lens = np.asarray(lens_R, dtype=np.int64)
     lo, hi = int(lens.min()), int(lens.max())
@@ -123,32 +132,34 @@ def _pad_rows(
     if lo == hi:
         return ids_N.reshape(-1, hi), lp_N.reshape(-1, hi)
     R = lens.shape[0]
-    starts = np.zeros(R, dtype=np.int64)
-    np.cumsum(lens[:-1], out=starts[1:])
-    col_N = np.arange(ids_N.shape[0], dtype=np.int64) - np.repeat(starts, lens)
-    row_N = np.repeat(np.arange(R, dtype=np.int64), lens)
-    ids_RE = np.full((R, hi), -1, dtype=np.int64)
-    lp_RE = np.full((R, hi), -np.inf, dtype=np.float64)
-    ids_RE[row_N, col_N] = ids_N
-    lp_RE[row_N, col_N] = lp_N
-    return ids_RE, lp_RE
+    starts_R = np.cumsum(lens) - lens
+    # flat destination of entry n of row r in the [R, hi] matrix: n + r * hi - starts[r]
+    dest_N = np.arange(ids_N.shape[0], dtype=np.int64) + np.repeat(np.arange(R) * hi - starts_R, lens)
+    ids_RE = np.full(R * hi, -1, dtype=np.int64)
+    lp_RE = np.full(R * hi, np.nan, dtype=np.float64)
+    ids_RE[dest_N] = ids_N
+    lp_RE[dest_N] = lp_N
+    return ids_RE.reshape(R, hi), lp_RE.reshape(R, hi)
 
 
-def _check_values(lp_RE: np.ndarray, what: str, row_offset: int) -> None:
+def _check_values(lp_N: np.ndarray, lens_R: list[int] | None, k: int, what: str, row_offset: int) -> None:
     """NaN and logprob > 0 are errors; -9999.0 -> -inf and tiny positive noise -> 0 (in place)."""
-    if np.isnan(lp_RE).any():
-        r = int(np.argwhere(np.isnan(lp_RE))[0, 0])
+    if lp_N.shape[0] == 0:
+        return
+    top = float(lp_N.max())  # NaN propagates through max
+    if top != top:
+        r = _row_of(int(np.argmax(np.isnan(lp_N))), lens_R, k)
         raise MalformedResponse(f"{what}: expected finite logprobs, got NaN in row {r + row_offset}")
-    top = float(lp_RE.max())
     if top > LOGPROB_SLACK:
-        r = int(np.argwhere(lp_RE > LOGPROB_SLACK)[0, 0])
+        n = int(np.argmax(lp_N > LOGPROB_SLACK))
         raise MalformedResponse(
-            f"{what}: expected logprobs <= 0, got {float(lp_RE[r].max()):.6g} in row {r + row_offset} "
-            f"(is the server returning raw logits, e.g. vLLM --logprobs-mode raw_logits?)"
+            f"{what}: expected logprobs <= 0, got {float(lp_N[n]):.6g} in row "
+            f"{_row_of(n, lens_R, k) + row_offset} (is the server returning raw logits, e.g. vLLM "
+            f"--logprobs-mode raw_logits?)"
         )
     if top > 0:
-        np.minimum(lp_RE, 0.0, out=lp_RE)
-    lp_RE[lp_RE <= NEG_INF_SENTINEL] = -np.inf
+        np.minimum(lp_N, 0.0, out=lp_N)
+    lp_N[lp_N <= NEG_INF_SENTINEL] = -np.inf
 
 
 def _check_lse(lp_RK: np.ndarray, what: str, row_offset: int) -> None:

@@ -18,6 +18,7 @@ Shape legend: T = tokens, R = T - prompt_len, K = top-k.
 from __future__ import annotations
 
 import json
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -89,20 +90,19 @@ def parse_response(raw: bytes, num_tokens: int, prompt_len: int, k: int) -> tupl
 def parse_rows(rows_R: list[Any], k: int, what: str, *, row_offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Vectorized core: the numbers of all rows go into flat lists in a few comprehensions, then numpy."""
     try:
-        keys = [key for row in rows_R for key in row]
+        lens = list(map(len, rows_R))
+        joined = ",".join(chain.from_iterable(rows_R))  # every row's keys, joined in C
         lps = [entry["logprob"] for row in rows_R for entry in row.values()]
-        lens = [len(row) for row in rows_R]
     except (TypeError, AttributeError, KeyError):
         for i, row in enumerate(rows_R):
-            if not isinstance(row, dict) or not all(
-                isinstance(e, dict) and "logprob" in e for e in row.values()
-            ):
+            ok = isinstance(row, dict) and all(isinstance(e, dict) and "logprob" in e for e in row.values())
+            if not ok:
                 raise MalformedResponse(
                     f"{what}: expected row {i + row_offset} to be a dict of {{token id: {{logprob, rank}}}}, "
                     f"got {str(row)[:80]}"
                 ) from None
         raise
-    ids_N = rows.keys_to_ids(keys, what)
+    ids_N = rows.keys_to_ids(joined, len(lps), what)
     lp_N = rows.to_float_array(lps, what)
     return rows.finalize(ids_N, lp_N, lens, k, what, row_offset=row_offset)
 

@@ -1,0 +1,184 @@
+"""Request validation and response rendering of the reference teacher's `/v1/completions` (vLLM shapes).
+
+vLLM's wording is kept where clients may show it to users: "Requested prompt logprobs of K, which is
+greater than max allowed: M", "max_tokens must be at least 1, got 0.", "Token id N is out of vocabulary",
+"This model's maximum context length is ...". Prompt logprobs rows follow vLLM: entry 0 null, entry i a
+dict keyed by the token id (decimal string) of {"logprob", "rank", "decoded_token"}, the actual token
+first, then the top-k by rank (k+1 entries when the actual token is outside the top-k), -inf as -9999.0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from workers.teacher_batcher import ScoreResult
+    from workers.teacher_server import TeacherServer
+
+NEG_INF_SENTINEL = -9999.0
+
+
+class ApiError(Exception):
+    """An HTTP error answer in vLLM's format."""
+
+    def __init__(
+        self, status: int, message: str, type: str = "BadRequestError", param: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type, param
+
+
+@dataclass
+class CompletionRequest:
+    """A validated completions request: token-id prompts and what to return."""
+
+    prompts: list[list[int]]
+    prompt_k: int | None
+    """Top-k prompt logprobs per position (None: not asked)."""
+    sample_k: int | None
+    """Top-n logprobs of the generated token (None: not asked, `logprobs` is null)."""
+
+    @property
+    def job_k(self) -> int:
+        return max(self.prompt_k or 0, self.sample_k or 0, 1)
+
+
+def _k(body: dict[str, Any], name: str, kind: str, server: TeacherServer) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(400, f"{name} must be an integer, got {value!r}", param=name)
+    if value == -1:
+        value = server.vocab_size  # vLLM: -1 means the whole vocabulary
+    if value < 0:
+        raise ApiError(400, f"{name} must be non-negative or -1, got {value}", param=name)
+    if value > server.settings.max_logprobs:
+        raise ApiError(
+            400,
+            f"Requested {kind} logprobs of {value}, which is greater than max allowed: "
+            f"{server.settings.max_logprobs}",
+            param=name,
+        )
+    return value
+
+
+def _prompts(body: dict[str, Any], server: TeacherServer) -> list[list[int]]:
+    prompt = body.get("prompt")
+    add_special = bool(body.get("add_special_tokens", True))
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in prompt)
+    ):
+        items = [prompt]
+    elif isinstance(prompt, list) and prompt:
+        items = prompt
+    else:
+        raise ApiError(
+            400,
+            f"prompt must be a string, a list of strings, a list of token ids or a list of "
+            f"such lists, got {str(prompt)[:60]}",
+            param="prompt",
+        )
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            ids = server.tokenize_prompt(item, add_special)
+        elif isinstance(item, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in item):
+            ids = item
+        else:
+            raise ApiError(
+                400,
+                f"each prompt must be a string or a list of token ids, got {str(item)[:60]}",
+                param="prompt",
+            )
+        if not ids:
+            raise ApiError(400, "The prompt cannot be empty", param="prompt")
+        bad = max(ids)
+        if bad >= server.vocab_size or min(ids) < 0:
+            bad = bad if bad >= server.vocab_size else min(ids)
+            raise ApiError(400, f"Token id {bad} is out of vocabulary", param="prompt")
+        if len(ids) + 1 > server.max_model_len:
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {server.max_model_len} tokens. "
+                f"However, you requested {len(ids) + 1} tokens ({len(ids)} in the messages, "
+                f"1 in the completion). Please reduce the length of the messages or completion.",
+                param="prompt",
+            )
+        out.append(ids)
+    return out
+
+
+def validate_completion(body: dict[str, Any], server: TeacherServer) -> CompletionRequest:
+    """A CompletionRequest, or ApiError with vLLM's status and wording."""
+    model = body.get("model")
+    if model is not None and model != server.model_name:
+        raise ApiError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+    if body.get("stream"):
+        raise ApiError(400, "stream=true is not supported by the gkd reference teacher", param="stream")
+    if body.get("n", 1) != 1:
+        raise ApiError(400, f"n must be 1 on the gkd reference teacher, got {body.get('n')}", param="n")
+    max_tokens = body.get("max_tokens", 16)
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}.", param="max_tokens")
+    prompt_k = _k(body, "prompt_logprobs", "prompt", server)
+    sample_k = _k(body, "logprobs", "sample", server)
+    return CompletionRequest(_prompts(body, server), prompt_k, sample_k)
+
+
+def prompt_logprobs_rows(ids: list[int], res: ScoreResult, k: int, decoded: list[str]) -> list[Any]:
+    """vLLM's `prompt_logprobs` list for one prompt (T entries, the first null)."""
+    T = len(ids)
+    top_ids = res.topk_ids_TK[: T - 1, :k].tolist()
+    top_lp = np.maximum(res.topk_logprobs_TK[: T - 1, :k].astype(np.float64), NEG_INF_SENTINEL).tolist()
+    act_lp = np.maximum(res.actual_logprobs_T[: T - 1].astype(np.float64), NEG_INF_SENTINEL).tolist()
+    act_rank = res.actual_ranks_T[: T - 1].tolist()
+    rows: list[Any] = [None]
+    for p in range(T - 1):  # row p (distribution at position p) is prompt_logprobs[p + 1]
+        actual = ids[p + 1]
+        row = {str(actual): {"logprob": act_lp[p], "rank": act_rank[p], "decoded_token": decoded[actual]}}
+        for r, (tid, lp) in enumerate(zip(top_ids[p], top_lp[p], strict=True)):
+            row[str(tid)] = {"logprob": lp, "rank": r + 1, "decoded_token": decoded[tid]}
+        rows.append(row)
+    return rows
+
+
+def render_choice(
+    index: int, ids: list[int], res: ScoreResult, req: CompletionRequest, server: TeacherServer
+) -> dict[str, Any]:
+    """One `choices[i]`: the greedy next token as text, its logprobs and the prompt logprobs if asked."""
+    decoded = server.decoded()
+    T = len(ids)
+    next_id = int(res.topk_ids_TK[T - 1, 0])
+    text = server.tokenizer.decode([next_id])
+    logprobs = None
+    if req.sample_k is not None:
+        n = req.sample_k
+        top = {
+            decoded[int(t)]: max(float(lp), NEG_INF_SENTINEL)
+            for t, lp in zip(res.topk_ids_TK[T - 1, :n], res.topk_logprobs_TK[T - 1, :n], strict=True)
+        }
+        logprobs = {
+            "text_offset": [0],
+            "token_logprobs": [max(float(res.topk_logprobs_TK[T - 1, 0]), -9999.0)],
+            "tokens": [decoded[next_id]],
+            "top_logprobs": [top] if n > 0 else None,
+        }
+    prompt_logprobs = None
+    if req.prompt_k is not None:
+        prompt_logprobs = prompt_logprobs_rows(ids, res, req.prompt_k, decoded)
+    return {
+        "index": index,
+        "text": text,
+        "logprobs": logprobs,
+        "finish_reason": "length",
+        "stop_reason": None,
+        "prompt_logprobs": prompt_logprobs,
+    }

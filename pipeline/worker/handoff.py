@@ -1,0 +1,80 @@
+"""Batched handoff of finished ScoredSamples: one atomic Lua call publishes a whole batch.
+
+Each result is (source entry, ScoredSample bytes, positions). `StreamConsumer.handoff` publishes it to
+`ready`, acknowledges and deletes the rollout in one script, and refuses an entry this consumer no longer
+owns. Batching cuts the round trips from one per rollout to one per batch; a batch closes after
+`max_items`, `max_bytes`, or `linger_s` after its first result, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pipeline.streams import Entry, StreamConsumer
+from pipeline.worker.telemetry import Telemetry
+
+#: Called once per result after its batch was published: (entry, positions, published?).
+OnPublished = Callable[[Entry, int, bool], None]
+
+
+@dataclass
+class _Result:
+    entry: Entry
+    payload: bytes
+    positions: int
+    done: asyncio.Future[bool]
+
+
+class HandoffBatcher:
+    """Collects results from many tasks and publishes them in batches; run `run()` as a task."""
+
+    def __init__(
+        self,
+        consumer: StreamConsumer,
+        dest: str,
+        telemetry: Telemetry,
+        on_published: OnPublished,
+        *,
+        max_items: int = 32,
+        max_bytes: int = 16 * 1024 * 1024,
+        linger_s: float = 0.002,
+    ) -> None:
+        self.consumer = consumer
+        self.dest = dest
+        self.telemetry = telemetry
+        self.on_published = on_published
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.linger_s = linger_s
+        self._queue: asyncio.Queue[_Result] = asyncio.Queue()
+
+    async def submit(self, entry: Entry, payload: bytes, positions: int) -> bool:
+        """Queue one result and wait for its batch: True if published, False if the lease was lost."""
+        res = _Result(entry, payload, positions, asyncio.get_running_loop().create_future())
+        self._queue.put_nowait(res)
+        return await res.done
+
+    async def run(self) -> None:
+        """Publish batches until cancelled."""
+        while True:
+            batch = [await self._queue.get()]
+            if self.linger_s > 0 and self._queue.qsize() < self.max_items:
+                await asyncio.sleep(self.linger_s)
+            size = len(batch[0].payload)
+            while not self._queue.empty() and len(batch) < self.max_items and size < self.max_bytes:
+                res = self._queue.get_nowait()
+                batch.append(res)
+                size += len(res.payload)
+            await self._publish(batch)
+
+    async def _publish(self, batch: list[_Result]) -> None:
+        items = [(res.entry, res.payload, res.positions) for res in batch]
+        # Cancelled mid-call at shutdown, the entries stay owned and get released; a release of an
+        # entry the call did publish is refused by the ownership check, so nothing is duplicated.
+        flags = await self.telemetry.redis_retry("handoff", lambda: self.consumer.handoff(self.dest, items))
+        for res, ok in zip(batch, flags, strict=True):
+            self.on_published(res.entry, res.positions, ok)
+            if not res.done.done():
+                res.done.set_result(ok)

@@ -1,0 +1,352 @@
+"""`TeacherWorker`: the event loop that turns rollouts into ScoredSamples (see the package docstring).
+
+Shape legend: T = tokens of a rollout, R = T - prompt_len scored rows, K = teacher top-k.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+
+from pipeline.backpressure import Backpressure
+from pipeline.codec import Rollout, ScoredSample, decode_rollout, encode_scored
+from pipeline.errors import PermanentError, RetryableError, WireFormatError
+from pipeline.keys import RunKeys, Stat
+from pipeline.metrics import WorkerMetrics
+from pipeline.redis_conn import connect
+from pipeline.runstate import check_run_config, now_ms
+from pipeline.streams import Entry, StreamConsumer, ensure_groups
+from pipeline.teacher.client import TeacherClient, TeacherConfig, TeacherScores
+from pipeline.worker.handoff import HandoffBatcher
+from pipeline.worker.options import LOGPROB_DTYPES, WorkerOptions, WorkerReport
+from pipeline.worker.telemetry import REDIS_ERRORS, Telemetry, wait_event
+
+log = logging.getLogger("gkd.worker")
+
+
+class TeacherWorker:
+    """One consumer of the rollouts stream: `await run(stop)` works until `stop` is set."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        keys: RunKeys,
+        teacher: TeacherConfig,
+        name: str,
+        options: WorkerOptions | None = None,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self.redis_url = redis_url
+        self.keys = keys
+        self.teacher = teacher
+        self.name = name
+        self.opts = options or WorkerOptions()
+        self.metrics = metrics or WorkerMetrics()
+        self.report = WorkerReport()
+        self.tel = Telemetry(name, self.metrics, self.report, self.opts.redis_backoff_max_s)
+        self.client = TeacherClient(teacher, on_event=self.tel.on_event)
+        self.started = asyncio.Event()
+        """Set once the start-up checks passed and reading begins."""
+        self._dtype = LOGPROB_DTYPES[self.opts.logprob_dtype]
+        self._owned: dict[bytes, Entry] = {}  # owned entries, until published, dead-lettered or released
+        self._lost: set[bytes] = set()  # owned entries whose lease renewal was refused
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slot_freed = asyncio.Event()
+        self._stop = asyncio.Event()
+
+    # ---------------------------------------------------------------------------------- lifecycle
+
+    async def run(self, stop: asyncio.Event) -> WorkerReport:
+        """Start, work until `stop` is set, give in-flight work `grace_s`, release the rest, close.
+
+        Raises ConfigMismatch (the run has another k, model or dtype) or the teacher client's
+        PermanentError from its start-up checks, before any rollout is read.
+        """
+        self._stop = stop
+        self.r = connect(self.redis_url)
+        self.consumer = StreamConsumer(
+            self.r, self.keys, "rollouts", self.name,
+            lease_ms=self.opts.lease_ms, max_deliveries=self.opts.max_deliveries,
+        )  # fmt: skip
+        self._bp = Backpressure(self.r, self.keys, "ready", self.opts.marks)
+        self._handoff = HandoffBatcher(
+            self.consumer, self.keys.ready, self.tel, self._published,
+            max_items=self.opts.handoff_max_items, max_bytes=self.opts.handoff_max_bytes,
+            linger_s=self.opts.handoff_linger_s,
+        )  # fmt: skip
+        aux: list[asyncio.Task[None]] = []
+        try:
+            await self._start()
+            aux = [
+                asyncio.create_task(self._beat_loop(), name="heartbeat"),
+                asyncio.create_task(self._renew_loop(), name="renew"),
+                asyncio.create_task(self._handoff.run(), name="handoff"),
+            ]
+            self.started.set()
+            await self._read_loop()
+            await self._drain()
+        finally:
+            for group in (self._tasks, aux):
+                for t in group:
+                    t.cancel()
+                await asyncio.gather(*group, return_exceptions=True)
+            await self._shutdown()
+        return self.report
+
+    async def _start(self) -> None:
+        await ensure_groups(self.r, self.keys)
+        await self._start_client()
+        fixed = {"k": self.teacher.k, "teacher_model": self.client.model_id,
+                 "logprob_dtype": self.opts.logprob_dtype}  # fmt: skip
+        await check_run_config(self.r, self.keys, fixed)
+        self.metrics.serve(self.opts.metrics_port, self.opts.metrics_addr)
+        # Entries an earlier process with this consumer name left pending: make them reclaimable now.
+        mine = await self.consumer.read_own_pending(count=100_000)
+        if mine:
+            await self.consumer.release(mine)
+            log.info("worker %s: released %d rollouts left pending by an earlier run", self.name, len(mine))
+        await self._beat()
+        log.info(
+            "worker %s: run %r, teacher %s, k=%d, %s, concurrency %d",
+            self.name, self.keys.run, self.client.model_id, self.teacher.k, self.opts.logprob_dtype,
+            self.opts.concurrency,
+        )  # fmt: skip
+
+    async def _start_client(self) -> None:
+        """The client's start-up checks, waiting out a teacher that is not up yet (still loading).
+
+        Permanent failures (k above the server's limit, another tokenizer) raise at once.
+        """
+        delay = self.opts.outage_backoff_s
+        while True:
+            try:
+                await self.client.start()
+                return
+            except RetryableError as exc:
+                self.tel.teacher_down(exc)
+                if await wait_event(self._stop, delay):
+                    raise
+                delay = min(delay * 2, self.opts.outage_backoff_max_s)
+
+    async def _drain(self) -> None:
+        """Give in-flight rollouts `grace_s` to finish; the caller cancels the rest (then released)."""
+        if self._tasks:
+            log.info("worker %s: stopping; %d rollouts in flight, grace %.1fs",
+                     self.name, len(self._tasks), self.opts.grace_s)  # fmt: skip
+            # A task ends once its result is published (or dead-lettered): this covers the handoffs.
+            await asyncio.wait(set(self._tasks), timeout=self.opts.grace_s)
+
+    async def _shutdown(self) -> None:
+        left = list(self._owned.values())
+        with contextlib.suppress(*REDIS_ERRORS):
+            if left:
+                flags = await self.consumer.release(left)
+                self.report.released += sum(flags)
+                log.info("worker %s: released %d unfinished rollouts", self.name, sum(flags))
+            await self.tel.flush(self.r, self.keys)
+            await self.r.delete(self.keys.worker(self.name))
+        with contextlib.suppress(Exception):
+            await self.client.close()
+        with contextlib.suppress(Exception):
+            await self.r.aclose()
+        self.metrics.close()
+
+    # ---------------------------------------------------------------------------------- reading
+
+    async def _read_loop(self) -> None:
+        delay = 0.0
+        next_reclaim = 0.0
+        while not self._stop.is_set():
+            try:
+                # Slots first, then room: the level is read after the results it waited for have
+                # landed, so ready overshoots its high-water mark by at most one read batch.
+                if not await self._wait_for_slot():
+                    break
+                await self._bp.wait_for_room(self._stop)
+                free = self.opts.concurrency - len(self._tasks)
+                if self._stop.is_set() or free <= 0:
+                    continue
+                if time.monotonic() >= next_reclaim:
+                    taken = await self._reclaim(free)
+                    free -= taken
+                    # A full reclaim batch means more may be stale: look again at once.
+                    next_reclaim = 0.0 if free == 0 else time.monotonic() + self._reclaim_every_s()
+                if free > 0:
+                    for entry in await self.consumer.read(free, block_ms=self.opts.read_block_ms):
+                        self._spawn(entry)
+                self.tel.redis_ok()
+                delay = 0.0
+            except REDIS_ERRORS as exc:
+                delay = await self.tel.redis_backoff("read", exc, delay, self._stop)
+
+    def _reclaim_every_s(self) -> float:
+        return min(max(self.opts.lease_ms / 2000, 0.05), 10.0)
+
+    async def _wait_for_slot(self) -> bool:
+        """Wait until fewer than `concurrency` rollouts are in flight; False when stopping."""
+        while len(self._tasks) >= self.opts.concurrency and not self._stop.is_set():
+            self._slot_freed.clear()
+            await wait_event(self._slot_freed, 0.1)
+        return not self._stop.is_set()
+
+    async def _reclaim(self, count: int) -> int:
+        """Take over stale entries of dead workers; dead-letter those delivered too often. Returns taken."""
+        ok, over = await self.consumer.reclaim(count)
+        for entry in over:
+            if entry.sid not in self._owned:
+                self._owned[entry.sid] = entry
+                reason = (
+                    f"delivered {entry.deliveries} times (max_deliveries={self.opts.max_deliveries}); "
+                    f"workers kept dying or stalling on it"
+                )
+                await self._dead_letter(entry, "teacher", reason)
+        fresh = [e for e in ok if e.sid not in self._owned]  # owned ones: our renewal lagged, still ours
+        for entry in fresh:
+            self._spawn(entry)
+        if fresh:
+            self.report.reclaimed += len(fresh)
+            self.tel.stats[Stat.RECLAIMED] += len(fresh)
+            self.metrics.reclaimed.inc(len(fresh))
+            log.info("worker %s: reclaimed %d stale rollouts", self.name, len(fresh))
+        return len(fresh)
+
+    def _spawn(self, entry: Entry) -> None:
+        self._owned[entry.sid] = entry
+        task = asyncio.create_task(self._process(entry))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        self.metrics.in_flight.set(len(self._owned))
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slot_freed.set()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("worker %s: unexpected %s while scoring: %s", self.name, type(exc).__name__, exc)
+
+    # ---------------------------------------------------------------------------------- one rollout
+
+    async def _process(self, entry: Entry) -> None:
+        try:
+            rollout = decode_rollout(entry.data)
+        except WireFormatError as exc:
+            await self._dead_letter(entry, "decode", str(exc))
+            return
+        try:
+            scores = await self._score(entry, rollout)
+        except PermanentError as exc:
+            await self._dead_letter(entry, "teacher", f"{type(exc).__name__}: {exc}")
+            return
+        except Exception:
+            # A bug, not a verdict on the data: let go of the entry without releasing it, so it is
+            # reclaimed after the lease with its delivery count raised, and reaches `dead` eventually.
+            self._forget(entry)
+            raise
+        if scores is None:
+            return  # stopping during an outage (released at shutdown), or the lease was lost
+        try:
+            payload, positions = self._pack(rollout, scores)
+        except WireFormatError as exc:
+            await self._dead_letter(entry, "encode", f"teacher answer does not fit the rollout: {exc}")
+            return
+        await self._handoff.submit(entry, payload, positions)
+
+    async def _score(self, entry: Entry, rollout: Rollout) -> TeacherScores | None:
+        """The teacher's scores. A RetryableError (the client's own retries and failover exhausted) is
+        an outage: keep the entry (the renew loop holds its lease) and retry with capped backoff until
+        the teacher answers; None if the worker stops meanwhile or the lease was lost."""
+        attempt = 0
+        while True:
+            try:
+                scores = await self.client.score(rollout.input_ids, rollout.prompt_len)
+            except RetryableError as exc:
+                attempt += 1
+                self.tel.teacher_down(exc)
+                delay = min(self.opts.outage_backoff_s * 2 ** (attempt - 1), self.opts.outage_backoff_max_s)
+                if await wait_event(self._stop, delay * random.uniform(0.5, 1.0)):
+                    return None
+                if entry.sid in self._lost:
+                    self._forget(entry)
+                    self._count_lease_lost(1)
+                    return None
+                continue
+            self.tel.teacher_up()
+            return scores
+
+    def _pack(self, rollout: Rollout, scores: TeacherScores) -> tuple[bytes, int]:
+        """The encoded ScoredSample (logprobs cast to the wire dtype; -inf stays -inf) and its R."""
+        logprobs_RK = scores.logprobs_RK
+        if logprobs_RK.dtype != self._dtype:
+            logprobs_RK = logprobs_RK.astype(self._dtype)
+        sample = ScoredSample(
+            rollout=rollout, topk_ids=scores.ids_RK, topk_logprobs=logprobs_RK,
+            teacher=self.client.model_id, k=self.teacher.k, scored_ms=now_ms(),
+        )  # fmt: skip
+        return encode_scored(sample), int(scores.ids_RK.shape[0])
+
+    async def _dead_letter(self, entry: Entry, stage: str, reason: str) -> None:
+        consumer = self.consumer
+        ok = await self.tel.redis_retry("dead-letter", lambda: consumer.dead_letter(entry, stage, reason))
+        self._forget(entry)
+        if not ok:
+            self._count_lease_lost(1)
+            return
+        self.report.dead += 1
+        self.metrics.dead.labels(stage=stage).inc()
+        self.metrics.errors.labels(error=stage).inc()
+        log.warning("worker %s: rollout %s -> dead (%s): %.300s", self.name, entry.id, stage, reason)
+
+    def _published(self, entry: Entry, positions: int, ok: bool) -> None:
+        """HandoffBatcher callback: the entry is no longer ours either way."""
+        self._forget(entry)
+        if ok:
+            self.report.scored += 1
+            self.report.positions += positions
+            self.metrics.positions.inc(positions)
+            self.metrics.rollouts.inc()
+        else:
+            self._count_lease_lost(1)
+            log.info("worker %s: result of %s dropped; another worker owns it now", self.name, entry.id)
+
+    def _forget(self, entry: Entry) -> None:
+        self._owned.pop(entry.sid, None)
+        self._lost.discard(entry.sid)
+        self.metrics.in_flight.set(len(self._owned))
+
+    def _count_lease_lost(self, n: int) -> None:
+        self.report.lease_lost += n
+        self.metrics.lease_lost.inc(n)
+        self.metrics.errors.labels(error="LeaseLost").inc(n)
+
+    # ---------------------------------------------------------------------------------- periodic
+
+    async def _renew_loop(self) -> None:
+        """Reset the idle time of every owned entry each third of the lease, so none is reclaimed."""
+        while True:
+            await asyncio.sleep(self.opts.lease_ms / 3000)
+            entries = list(self._owned.values())
+            try:
+                for i in range(0, len(entries), 1000):
+                    chunk = entries[i : i + 1000]
+                    flags = await self.consumer.renew(chunk)
+                    self._lost.update(
+                        e.sid for e, ok in zip(chunk, flags, strict=True) if not ok and e.sid in self._owned
+                    )
+            except REDIS_ERRORS as exc:
+                log.debug("worker %s: lease renewal failed (%s); next period", self.name, exc)
+
+    async def _beat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.opts.heartbeat_ttl_ms / 3000)
+            try:
+                await self._beat()
+            except REDIS_ERRORS as exc:
+                log.debug("worker %s: heartbeat failed (%s)", self.name, exc)
+
+    async def _beat(self) -> None:
+        await self.tel.beat(
+            self.r, self.keys, in_flight=len(self._owned), ttl_ms=self.opts.heartbeat_ttl_ms,
+            teacher=self.client.model_id,
+        )  # fmt: skip

@@ -1,0 +1,228 @@
+"""`gkd workers`: the teacher worker pool (rollouts -> teacher top-k -> ready).
+
+One process runs one `pipeline.worker.TeacherWorker` event loop with `--concurrency` rollouts in flight.
+With `--procs N` (N > 1) this process becomes a supervisor: it starts N children running the same loop
+under distinct consumer names (``<name>-0`` ... ``<name>-N-1``; metrics on port + i), forwards SIGTERM
+and SIGINT to them, restarts a child that crashes after a healthy start, and exits with the first
+fatal status of a child that fails at start (a config mismatch, an unreachable teacher).
+
+Exit status: 0 after a clean stop (signal), 2 for bad settings or a refused start (run config mismatch,
+teacher checks), 1 for anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pipeline.backpressure import WaterMarks
+from pipeline.errors import ConfigMismatch, GKDError
+from pipeline.keys import RunKeys
+from pipeline.settings import CommonSettings, parse, redacted, setting
+from pipeline.teacher.client import TeacherConfig
+from pipeline.worker import TeacherWorker, WorkerOptions
+
+log = logging.getLogger("gkd.workers")
+
+#: A child that fails within this many seconds of its start failed to start: the pool gives up.
+START_FAILURE_WINDOW_S = 15.0
+
+
+@dataclass
+class WorkerSettings(CommonSettings):
+    """Settings of `gkd workers` (flags, GKD_* environment variables, TOML table [workers])."""
+
+    teacher: list[str] = setting([], "Teacher endpoint URL (repeat or comma-separate for several).")
+    backend: str = setting("auto", "Teacher protocol.", choices=("auto", "vllm", "sglang"))
+    model: str | None = setting(None, "Teacher model name to request (default: the server's only model).")
+    k: int = setting(20, "Teacher top-k logprobs per position (fixed for the run).")
+    concurrency: int = setting(64, "Rollouts in flight per process.")
+    procs: int = setting(1, "Worker processes (each runs its own event loop).")
+    logprob_dtype: str = setting("float16", "dtype of stored top-k logprobs.", choices=("float16", "float32"))
+    lease_ms: int = setting(60_000, "Lease on a rollout: idle longer and another worker may reclaim it.")
+    max_deliveries: int = setting(5, "A rollout delivered more often than this goes to the dead stream.")
+    high_water: int = setting(4096, "Pause reading when the ready stream holds this many samples.")
+    low_water: int = setting(2048, "Resume once the ready stream holds no more than this many samples.")
+    high_water_bytes: int = setting(512 * 1024 * 1024, "Pause when the ready stream holds this many bytes.")
+    low_water_bytes: int = setting(256 * 1024 * 1024, "Resume once the ready stream holds no more bytes.")
+    metrics_port: int = setting(0, "Prometheus metrics port (0: off; child i of --procs uses port + i).")
+    metrics_host: str = setting("127.0.0.1", "Address the metrics server binds.")
+    api_key: str | None = setting(None, "Bearer token for the teacher.", secret=True)
+    student_tokenizer: str | None = setting(
+        None, "Student tokenizer path or id: refuse to start unless the teacher tokenizes the same."
+    )
+    grace_s: float = setting(30.0, "On SIGTERM/SIGINT, time for in-flight rollouts before release.")
+    name: str | None = setting(None, "Consumer name prefix (default: <host>-<pid>).")
+    request_timeout_s: float = setting(60.0, "Timeout of one teacher request.")
+    max_retries: int = setting(4, "Teacher client retries (with failover) before a rollout backs off.")
+    per_endpoint_concurrency: int = setting(64, "Requests in flight per teacher endpoint (per process).")
+    heartbeat_ttl_ms: int = setting(5000, "Heartbeat key TTL (beats every third of it).")
+
+
+def teacher_config(s: WorkerSettings) -> TeacherConfig:
+    """The teacher client configuration of these settings."""
+    return TeacherConfig(
+        endpoints=list(s.teacher),
+        backend=s.backend,
+        k=s.k,
+        model=s.model,
+        api_key=s.api_key,
+        request_timeout_s=s.request_timeout_s,
+        max_retries=s.max_retries,
+        per_endpoint_concurrency=s.per_endpoint_concurrency,
+        student_tokenizer=s.student_tokenizer,
+    )
+
+
+def worker_options(s: WorkerSettings) -> WorkerOptions:
+    """The worker loop options of these settings (raises ValueError on inconsistent values)."""
+    return WorkerOptions(
+        concurrency=s.concurrency,
+        lease_ms=s.lease_ms,
+        max_deliveries=s.max_deliveries,
+        logprob_dtype=s.logprob_dtype,
+        marks=WaterMarks(s.high_water, s.low_water, s.high_water_bytes, s.low_water_bytes),
+        grace_s=s.grace_s,
+        heartbeat_ttl_ms=s.heartbeat_ttl_ms,
+        metrics_port=s.metrics_port,
+        metrics_addr=s.metrics_host,
+    )
+
+
+def default_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def main(argv: Sequence[str]) -> int:
+    s = parse(WorkerSettings, argv, prog="gkd workers", description=__doc__.split("\n")[0])
+    logging.basicConfig(
+        level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        if not s.teacher:
+            raise ValueError("--teacher: expected at least one teacher URL, got none")
+        if s.procs < 1:
+            raise ValueError(f"--procs: expected >= 1, got {s.procs}")
+        keys = RunKeys.for_run(s.run)
+        options = worker_options(s)
+        config = teacher_config(s)
+    except (ValueError, GKDError) as exc:
+        print(f"gkd workers: {exc}", file=sys.stderr)
+        return 2
+    log.debug("settings: %s", redacted(s))
+    if s.procs > 1:
+        return supervise(s, list(argv))
+    return asyncio.run(run_one(s.redis_url, keys, config, s.name or default_name(), options))
+
+
+async def run_one(
+    redis_url: str, keys: RunKeys, config: TeacherConfig, name: str, options: WorkerOptions
+) -> int:
+    """Run one worker until SIGTERM/SIGINT; returns the process exit status."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    worker = TeacherWorker(redis_url, keys, config, name, options)
+    try:
+        report = await worker.run(stop)
+    except ConfigMismatch as exc:
+        log.error("refusing to start: %s", exc)
+        return 2
+    except GKDError as exc:
+        log.error("refusing to start: %s: %s", type(exc).__name__, exc)
+        return 2
+    log.info(
+        "worker %s stopped: %d scored (%d positions), %d dead, %d released, %d lost to other workers",
+        name,
+        report.scored,
+        report.positions,
+        report.dead,
+        report.released,
+        report.lease_lost,
+    )
+    return 0
+
+
+def _child_cmd(argv: list[str], s: WorkerSettings, base: str, i: int) -> list[str]:
+    # Later flags win in argparse, so the child's own values override whatever argv said.
+    port = s.metrics_port + i if s.metrics_port > 0 else 0
+    return [
+        sys.executable,
+        "-m",
+        "workers.cli",
+        "workers",
+        *argv,
+        "--procs",
+        "1",
+        "--name",
+        f"{base}-{i}",
+        "--metrics-port",
+        str(port),
+    ]
+
+
+def supervise(s: WorkerSettings, argv: list[str]) -> int:
+    """Start `s.procs` children, forward SIGTERM/SIGINT, restart crashed ones; see the module doc."""
+    base = s.name or default_name()
+    stopping = False
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    procs: list[subprocess.Popen[bytes]] = []
+    started: list[float] = []
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    status = 0
+    try:
+        for i in range(s.procs):
+            procs.append(subprocess.Popen(_child_cmd(argv, s, base, i)))
+            started.append(time.monotonic())
+        log.info("pool %s: %d worker processes started", base, s.procs)
+        while any(p.poll() is None for p in procs):
+            time.sleep(0.2)
+            for i, proc in enumerate(procs):
+                rc = proc.poll()
+                if rc is None or rc == 0 or stopping:
+                    continue
+                if time.monotonic() - started[i] < START_FAILURE_WINDOW_S:
+                    log.error("pool %s: worker %d failed at start (exit %d); stopping the pool", base, i, rc)
+                    status = rc
+                    forward(signal.SIGTERM, None)
+                    break
+                log.warning("pool %s: worker %d exited with %d; restarting it", base, i, rc)
+                procs[i] = subprocess.Popen(_child_cmd(argv, s, base, i))
+                started[i] = time.monotonic()
+        _reap(procs, s.grace_s + 10)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        _reap(procs, 0)
+    if status == 0:
+        failed = [p.returncode for p in procs if p.returncode]
+        status = failed[0] if failed else 0
+    return status if status >= 0 else 1  # killed by a signal
+
+
+def _reap(procs: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
+    """Wait for children up to `timeout_s`; kill those still running (their entries get reclaimed)."""
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -297,6 +297,17 @@ def test_systemd_units() -> None:
         )
 
 
+def test_systemd_analyze_verify_accepts_the_units() -> None:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed here (the configparser checks still run)")
+    units = [str(p) for p in sorted((DEPLOY / "systemd").glob("*.service"))]
+    proc = subprocess.run([tool, "verify", "--man=no", *units], capture_output=True, text=True, timeout=120)
+    # The install paths (/opt/gkd/.venv/bin/...) do not exist on a test machine; anything else is an error.
+    problems = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln and "is not executable" not in ln]
+    assert not problems, problems
+
+
 def systemd_launches() -> list[Launch]:
     out = []
     for path in sorted((DEPLOY / "systemd").glob("*.service")):

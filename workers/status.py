@@ -99,103 +99,76 @@ def render_text(rep: dict[str, Any]) -> str:
     """The report as the compact human-readable tables `gkd status` prints."""
     if not rep["has_data"]:
         return no_data_message(rep)
-    iv = rep["interval_s"]
-    lines = [f"run {rep['run']!r}  redis {rep['redis']}  " + (f"rates over {iv:.2f} s" if iv else "no rates")]
-    pol = rep["policy"]
+    sections = [_header(rep), _streams(rep), _rates(rep), _teacher_trainer(rep), _workers(rep), _dead(rep)]
+    return "\n\n".join("\n".join(lines) for lines in sections)
+
+
+def _header(rep: dict[str, Any]) -> list[str]:
+    iv, pol = rep["interval_s"], rep["policy"]
     age = f", published {pol['updated_age_s']:.1f} s ago" if pol["updated_age_s"] is not None else ""
-    lines.append(f"policy version {pol['version']} (checkpoint {pol['checkpoint'] or '-'}{age})")
     cfg = " ".join(f"{k}={v}" for k, v in rep["config"].items())
-    lines.append(f"config {cfg or '- (no process has joined yet)'}")
+    return [
+        f"run {rep['run']!r}  redis {rep['redis']}  " + (f"rates over {iv:.2f} s" if iv else "no rates"),
+        f"policy version {pol['version']} (checkpoint {pol['checkpoint'] or '-'}{age})",
+        f"config {cfg or '- (no process has joined yet)'}",
+    ]
+
+
+def _streams(rep: dict[str, Any]) -> list[str]:
     rows = []
     for kind, s in rep["streams"].items():
-        bytes_ = _bytes(s["waiting_bytes"]) if "waiting_bytes" in s else "-"
+        size = _bytes(s["waiting_bytes"]) if "waiting_bytes" in s else "-"
         lag = None if kind == "dead" else f"{s['lag']}{'~' if s['lag_estimated'] else ''}"
-        rows.append(
-            [
-                kind,
-                s["length"],
-                bytes_,
-                s.get("group"),
-                s.get("consumers"),
-                s.get("pending"),
-                lag,
-                _oldest(s.get("oldest_pending")),
-            ]
-        )
-    lines += [
-        "",
-        *table(["stream", "length", "bytes", "group", "consumers", "pending", "lag", "oldest pending"], rows),
-    ]
+        rows.append([kind, s["length"], size, s.get("group"), s.get("consumers"), s.get("pending"), lag,
+                     _oldest(s.get("oldest_pending"))])  # fmt: skip
+    headers = ["stream", "length", "bytes", "group", "consumers", "pending", "lag", "oldest pending"]
+    return table(headers, rows)
+
+
+def _rates(rep: dict[str, Any]) -> list[str]:
     tp = rep["throughput"]
-    lines += [
-        "",
-        *table(
-            ["per second", "produced", "scored", "positions", "trained", "tokens", "steps", "dead", "errors"],
-            [
-                [
-                    "last interval",
-                    tp["rollouts_produced_per_s"],
-                    tp["scored_per_s"],
-                    tp["scored_positions_per_s"],
-                    tp["trained_samples_per_s"],
-                    tp["trained_tokens_per_s"],
-                    tp["trainer_steps_per_s"],
-                    tp["dead_per_s"],
-                    tp["teacher_errors_per_s"],
-                ]
-            ],
-        ),
-    ]
+    names = ["rollouts_produced_per_s", "scored_per_s", "scored_positions_per_s", "trained_samples_per_s",
+             "trained_tokens_per_s", "trainer_steps_per_s", "dead_per_s", "teacher_errors_per_s"]  # fmt: skip
+    headers = ["per second", "produced", "scored", "positions", "trained", "tokens", "steps", "dead"]
+    return table([*headers, "errors"], [["last interval", *(tp[n] for n in names)]])
+
+
+def _teacher_trainer(rep: dict[str, Any]) -> list[str]:
     t, tr = rep["teacher"], rep["trainer"]
     pct = f"p50 {_ms(t['latency_p50_ms'])}, p95 {_ms(t['latency_p95_ms'])} (max over workers)"
-    lines += [
-        "",
+    if t["latency_source"] != "heartbeats":
+        pct = "p50/p95 not published by workers"
+    return [
         f"teacher  latency mean {_ms(t['latency_mean_ms'])} (interval), "
-        f"{_ms(t['latency_mean_ms_total'])} (run); "
-        f"{pct if t['latency_source'] == 'heartbeats' else 'p50/p95 not published by workers'}",
+        f"{_ms(t['latency_mean_ms_total'])} (run); {pct}",
         f"         requests {t['requests']}, errors {t['errors']}, retries {t['retries']}, "
         f"reclaimed {t['reclaimed']}",
         f"trainer  steps {tr['steps']}, {_fmt(tr['steps_per_s'])} steps/s, data-wait "
         f"{_pct(tr['data_wait_fraction'])} (interval), {_pct(tr['data_wait_fraction_total'])} (run), "
         f"stale skipped {tr['stale_skipped']}",
     ]
+
+
+def _workers(rep: dict[str, Any]) -> list[str]:
     ws = rep["workers"]
-    lines += ["", f"workers: {len(ws)} live"]
+    lines = [f"workers: {len(ws)} live"]
     if ws:
-        lines += table(
-            ["name", "role", "host", "pid", "in_flight", "seen_s_ago", "p50_ms", "p95_ms", "paused"],
-            [
-                [
-                    w["name"],
-                    w["role"],
-                    w["host"],
-                    w["pid"],
-                    w["in_flight"],
-                    w["last_seen_age_s"],
-                    w.get(HB_LATENCY_P50_MS),
-                    w.get(HB_LATENCY_P95_MS),
-                    w.get(HB_PAUSED),
-                ]
-                for w in ws
-            ],
-        )
+        headers = ["name", "role", "host", "pid", "in_flight", "seen_s_ago", "p50_ms", "p95_ms", "paused"]
+        fixed = ("name", "role", "host", "pid", "in_flight", "last_seen_age_s")
+        extra = (HB_LATENCY_P50_MS, HB_LATENCY_P95_MS, HB_PAUSED)
+        rows = [[w[k] for k in fixed] + [w.get(k) for k in extra] for w in ws]
+        lines += table(headers, rows)
+    return lines
+
+
+def _dead(rep: dict[str, Any]) -> list[str]:
     d = rep["dead"]
-    lines += ["", f"dead letters: {d['count']} in stream ({d['total']} dead-lettered in total)"]
+    lines = [f"dead letters: {d['count']} in stream ({d['total']} dead-lettered in total)"]
     if d["latest"]:
-        lines += table(
-            ["sid", "id", "stage", "deliveries", "reason"],
-            [
-                [
-                    x["sid"],
-                    x.get(K.FIELD_ID),
-                    x.get(K.FIELD_STAGE),
-                    x.get(K.FIELD_DELIVERIES),
-                    _clip(x.get(K.FIELD_REASON, ""), 100),
-                ]
-                for x in d["latest"]
-            ],
-        )
-    return "\n".join(lines)
+        rows = [[x["sid"], x.get(K.FIELD_ID), x.get(K.FIELD_STAGE), x.get(K.FIELD_DELIVERIES),
+                 _clip(x.get(K.FIELD_REASON, ""), 100)] for x in d["latest"]]  # fmt: skip
+        lines += table(["sid", "id", "stage", "deliveries", "reason"], rows)
+    return lines
 
 
 def _ms(v: float | None) -> str:

@@ -37,7 +37,7 @@ from pipeline.errors import (
 )
 from pipeline.teacher import sglang, vllm
 from pipeline.teacher.endpoints import Endpoint, EndpointSet
-from pipeline.teacher.http import HttpLimits, make_session, request
+from pipeline.teacher.http import HttpLimits, make_session, request, status_of
 from pipeline.teacher.startup import check_tokenizer, detect_backend, discover_model, probe_health
 
 log = logging.getLogger("gkd.teacher")
@@ -105,6 +105,7 @@ class _Request:
     prompt_len: int
     payload: bytes
     tried: set[str] = field(default_factory=set)
+    last_error: RetryableError | None = None
 
 
 class TeacherClient:
@@ -132,7 +133,11 @@ class TeacherClient:
     # ------------------------------------------------------------------------------------ lifecycle
 
     async def __aenter__(self) -> TeacherClient:
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self.close()
+            raise
         return self
 
     async def __aexit__(
@@ -150,6 +155,14 @@ class TeacherClient:
 
         Endpoints that fail /health while another passes start with an open breaker (re-probed later).
         """
+        try:
+            await self._start()
+        except TeacherBadRequest as exc:
+            if status_of(exc) in (401, 403):
+                raise TeacherBadRequest(f"{exc} (is --api-key / GKD_API_KEY the server's key?)") from None
+            raise
+
+    async def _start(self) -> None:
         session = self._ensure_session()
         healthy = await probe_health(session, self.endpoints.endpoints, self._limits)
         for ep in self.endpoints.endpoints:
@@ -265,10 +278,11 @@ class TeacherClient:
         if ep is None:
             wait = min(self.endpoints.next_ready_in(), self.config.backoff_max_s)
             await asyncio.sleep(wait)
+            last = f"; this request's last error: {req.last_error}" if req.last_error else ""
             raise _tag(
                 TeacherConnectionError(
                     f"no teacher endpoint available: every circuit breaker is open "
-                    f"({[e.url for e in self.endpoints.endpoints]})"
+                    f"({[e.url for e in self.endpoints.endpoints]}){last}"
                 ),
                 "",
             )
@@ -299,6 +313,7 @@ class TeacherClient:
 
     def _failed(self, ep: Endpoint, exc: RetryableError, req: _Request, latency: float) -> None:
         _tag(exc, ep.url)
+        req.last_error = exc
         req.tried.add(ep.url)
         opened = self.endpoints.failure(ep)
         self._emit("request", {"endpoint": ep.url, "latency_s": latency, "ok": False})

@@ -29,9 +29,11 @@ LSE_SLACK = 1e-3
 def to_float_array(values: list[float | None], what: str) -> np.ndarray:
     """float64 array of `values`; JSON null (orjson renders -inf as null) becomes -inf."""
     try:
-        return np.array(values, dtype=np.float64)
+        arr = np.array(values, dtype=np.float64)  # numpy turns None into NaN here
     except (TypeError, ValueError):
-        pass
+        arr = None
+    if arr is not None and (arr.size == 0 or not np.isnan(arr.max()) or None not in values):
+        return arr
     try:
         return np.array([-np.inf if v is None else v for v in values], dtype=np.float64)
     except (TypeError, ValueError) as exc:

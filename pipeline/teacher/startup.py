@@ -78,7 +78,7 @@ async def detect_backend(session: aiohttp.ClientSession, url: str, limits: HttpL
             return "sglang"
     except TeacherBadRequest as exc:
         if status_of(exc) in (401, 403):
-            raise TeacherBadRequest(f"{exc} (is --api-key / GKD_API_KEY set to the server's key?)") from None
+            raise
     except MalformedResponse:
         pass
     await _get_json(session, url + vllm.MODELS_PATH, limits)

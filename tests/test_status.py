@@ -48,7 +48,7 @@ async def populate(r: aioredis.Redis, keys: RunKeys) -> None:
     await incr_stats(r, keys, COUNTERS)
     lat1 = {"latency_p50_ms": 40.0, "latency_p95_ms": 90.0, "paused": 0}
     await heartbeat(r, keys, "w1", role="worker", in_flight=3, ttl_ms=60_000, extra=lat1)
-    lat2 = {"latency_p50_ms": 60.0, "latency_p95_ms": 80.0, "paused": 1}
+    lat2 = {"latency_p50_ms": 60.0, "latency_p95_ms": 80, "paused": 1}  # an int parses too
     await heartbeat(r, keys, "w2", role="worker", in_flight=0, ttl_ms=60_000, extra=lat2)
     await heartbeat(r, keys, "t0", role="trainer", in_flight=1, ttl_ms=60_000, extra={"step": 4})
     await publish_policy(r, keys, 3, "/ckpt/step-3")

@@ -222,6 +222,15 @@ def _stream_report(kind: str, cur: Sample) -> dict[str, Any]:
     return out
 
 
+def _scalar(v: str) -> int | float | str:
+    """A heartbeat extra as the JSON scalar it spells: int, float, else the string itself."""
+    try:
+        return int(v)
+    except ValueError:
+        value = num(v)
+        return v if value is None else value
+
+
 def _workers_report(cur: Sample) -> list[dict[str, Any]]:
     rows = []
     for name, hb in sorted(cur.workers.items(), key=lambda kv: (kv[1].get(K.HB_ROLE, ""), kv[0])):
@@ -236,8 +245,7 @@ def _workers_report(cur: Sample) -> list[dict[str, Any]]:
         }
         for k, v in hb.items():
             if k not in (K.HB_ROLE, K.HB_HOST, K.HB_PID, K.HB_IN_FLIGHT, K.HB_LAST_SEEN_MS):
-                value = num(v)
-                row[k] = value if value is not None and k != HB_PAUSED else v
+                row[k] = v if k == HB_PAUSED else _scalar(v)
         rows.append(row)
     return rows
 
@@ -255,8 +263,8 @@ def build_report(prev: Sample | None, cur: Sample, *, run: str, redis_url: str) 
 
     rates = {k: (d / dt if (d := delta(c)) is not None else None) for k, c in RATES.items()}
     workers = _workers_report(cur)
-    p50s = [w[HB_LATENCY_P50_MS] for w in workers if isinstance(w.get(HB_LATENCY_P50_MS), float)]
-    p95s = [w[HB_LATENCY_P95_MS] for w in workers if isinstance(w.get(HB_LATENCY_P95_MS), float)]
+    p50s = [w[HB_LATENCY_P50_MS] for w in workers if isinstance(w.get(HB_LATENCY_P50_MS), int | float)]
+    p95s = [w[HB_LATENCY_P95_MS] for w in workers if isinstance(w.get(HB_LATENCY_P95_MS), int | float)]
     d_req, d_lat = delta(Stat.TEACHER_REQUESTS), delta(Stat.TEACHER_LATENCY_MS_SUM)
     d_step, d_wait = delta(Stat.STEP_MS), delta(Stat.DATA_WAIT_MS)
     updated = num(cur.policy.get(K.POLICY_UPDATED_MS))

@@ -164,7 +164,7 @@ class Batcher:
             del logits_BLV
             top_lp_BLK, top_ids_BLK = logprobs_BLV.topk(min(K, logprobs_BLV.shape[-1]), dim=-1)
             # the token each position predicts: the next input id, or the greedy choice at the end
-            next_BL = torch.empty_like(ids_BL)
+            next_BL = torch.zeros_like(ids_BL)  # padding positions gather id 0 (ignored)
             next_BL[:, :-1] = ids_BL[:, 1:]
             rows_B = torch.arange(B, device=ids_BL.device)
             last_B = mask_BL.sum(dim=1) - 1

@@ -405,3 +405,77 @@ async def test_sigterm_mid_run_loses_and_duplicates_nothing(
         assert await r.xlen(keys.rollouts) == 0
     finally:
         await slow.stop()
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+async def wait_http(url: str, proc: asyncio.subprocess.Process, timeout_s: float = 120) -> None:
+    async def up() -> bool:
+        if proc.returncode is not None:
+            raise AssertionError(f"teacher server exited with {proc.returncode} before answering")
+        try:
+            async with aiohttp.ClientSession() as http, http.get(url) as resp:
+                return resp.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    await wait_until(up, timeout_s, what=f"{url} to answer")
+
+
+def tiny_rollouts(tokenizer: Any, n: int) -> list[Rollout]:
+    """Sentences of the tiny teacher's corpus: prompt = the first words, completion = the rest."""
+    from workers.tiny_models import corpus
+
+    out = []
+    for i, line in enumerate(corpus(n, seed=7)):
+        ids = tokenizer(line, add_special_tokens=False)["input_ids"]
+        prompt_len = len(tokenizer(" ".join(line.split()[:2]), add_special_tokens=False)["input_ids"])
+        ids_T = np.asarray(ids, dtype=np.int32)
+        out.append(Rollout(id=f"e{i}", input_ids=ids_T, prompt_len=min(prompt_len, len(ids) - 1)))
+    return out
+
+
+async def test_end_to_end_gkd_workers_against_reference_teacher(
+    r: aioredis.Redis, keys: RunKeys, redis_url: str
+) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workers.tiny_models import tiny_models
+
+    path = str(tiny_models().teacher)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    rollouts = tiny_rollouts(tokenizer, 12)
+    await produce(r, keys, rollouts)
+    k, port = 8, free_port()
+    url = f"http://127.0.0.1:{port}"
+    server_cmd = [sys.executable, "-m", "workers.cli", "teacher", "--model", path, "--port", str(port)]
+    async with process(server_cmd) as server:
+        await wait_http(url + "/health", server)
+        cmd = worker_cmd(redis_url, url, "--k", str(k), "--logprob-dtype", "float32", "--concurrency", "4")
+        async with process(cmd) as pool:
+            await wait_until(lambda: _count(r.xlen(keys.ready), len(rollouts)), 120, what="all samples")
+            pool.send_signal(signal.SIGTERM)
+            out, _ = await asyncio.wait_for(pool.communicate(), 60)
+            assert pool.returncode == 0, out.decode()[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    by_id = {ro.id: ro for ro in rollouts}
+    for f in await fields(r, keys.ready):
+        s = decode_scored(f[b"data"])
+        ro = by_id[s.rollout.id]
+        P, T = ro.prompt_len, ro.num_tokens
+        with torch.no_grad():
+            logits_TV = model(torch.as_tensor(ro.input_ids, dtype=torch.long)[None]).logits[0].float()
+        # Row r is the distribution over token P + r, predicted from the logits at position P - 1 + r.
+        logprobs_RV = torch.log_softmax(logits_TV[P - 1 : T - 1], dim=-1)
+        top_RK = torch.topk(logprobs_RV, k, dim=-1)
+        assert s.k == k and s.topk_ids.shape == (T - P, k) and s.topk_logprobs.dtype == np.float32
+        got_ids = torch.from_numpy(s.topk_ids.astype(np.int64))  # a copy: decoded arrays are read-only
+        # Values at the returned ids are the teacher's (alignment), and they are its top-k (ranking);
+        # compared this way, near-ties that swap two ids cannot make the test flaky.
+        at_ids_RK = torch.gather(logprobs_RV, 1, got_ids).numpy()
+        np.testing.assert_allclose(s.topk_logprobs, at_ids_RK, atol=1e-4)
+        np.testing.assert_allclose(s.topk_logprobs, top_RK.values.numpy(), atol=1e-4)
+        assert (got_ids == top_RK.indices).float().mean() > 0.95
+    assert await r.xlen(keys.dead) == 0 and await r.xlen(keys.rollouts) == 0

@@ -1,0 +1,388 @@
+"""`gkd train` on the tiny student with ready samples scored by the tiny teacher (top-k computed in torch).
+
+Covers: the KL to the teacher falls; kill -9 then --resume gives the weights of an uninterrupted run and
+every sample counts in exactly one step; a checkpoint written but not acknowledged before a crash is
+settled on resume; SIGTERM checkpoints and exits 0; two torchrun ranks train on disjoint samples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+import torch
+from safetensors.torch import load_file
+
+from pipeline import checkpoint as ckpt
+from pipeline.batching import pack
+from pipeline.codec import Rollout, ScoredSample, encode_rollout, encode_scored
+from pipeline.keys import TRAINERS_GROUP, RunKeys, Stat
+from pipeline.optim import build_optimizer, build_scheduler
+from pipeline.redis_conn import connect
+from pipeline.streams import StreamConsumer, add_rollouts, ensure_groups
+from workers.redis_server import env_without_proxy, free_port
+from workers.tiny_models import corpus, tiny_models
+from workers.trainer import TrainSettings, train
+
+ROOT = Path(__file__).resolve().parents[1]
+K = 16
+PROMPT_LEN = 3
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[str, str]:
+    tm = tiny_models()
+    return str(tm.teacher.resolve()), str(tm.student.resolve())
+
+
+@pytest.fixture(scope="module")
+def scored(models: tuple[str, str]) -> list[ScoredSample]:
+    """600 corpus sentences (BOS + text + EOS) with the tiny teacher's top-k of every completion token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(models[0])
+    teacher = AutoModelForCausalLM.from_pretrained(models[0]).eval()
+    seqs = [[tok.bos_token_id, *tok(s)["input_ids"], tok.eos_token_id] for s in corpus(600, seed=7)]
+    t_max = max(map(len, seqs))
+    ids_BT = torch.tensor([s + [tok.pad_token_id] * (t_max - len(s)) for s in seqs])
+    attn_BT = torch.tensor([[1] * len(s) + [0] * (t_max - len(s)) for s in seqs])
+    with torch.no_grad():
+        logp_BTV = torch.log_softmax(teacher(input_ids=ids_BT, attention_mask=attn_BT).logits.float(), -1)
+    out = []
+    for i, s in enumerate(seqs):
+        lp_RK, ids_RK = logp_BTV[i, PROMPT_LEN - 1 : len(s) - 1].topk(K, -1)  # row r: token PROMPT_LEN + r
+        ro = Rollout(id=f"s{i:03d}", input_ids=np.array(s, dtype=np.int32), prompt_len=PROMPT_LEN)
+        out.append(ScoredSample(ro, ids_RK.int().numpy(), lp_RK.numpy().astype(np.float16), "tiny", K))
+    return out
+
+
+async def _fill(url: str, keys: RunKeys, samples: Sequence[ScoredSample]) -> None:
+    """Put samples into `ready` the way the worker pool does: add rollouts, then hand them off scored."""
+    r = connect(url)
+    try:
+        await ensure_groups(r, keys)
+        await add_rollouts(r, keys, [(s.rollout.id, encode_rollout(s.rollout)) for s in samples])
+        c = StreamConsumer(r, keys, "rollouts", "filler")
+        by_id = {s.rollout.id: s for s in samples}
+        left = len(samples)
+        while left:
+            got = await c.read(left, block_ms=100)
+            await c.handoff(keys.ready, [(e, encode_scored(by_id[e.id]), 1) for e in got])
+            left -= len(got)
+    finally:
+        await r.aclose()
+
+
+def fill(url: str, keys: RunKeys, samples: Sequence[ScoredSample]) -> None:
+    asyncio.run(_fill(url, keys, samples))
+
+
+def settings(url: str, run: str, student: str, out: Path, **kw: Any) -> TrainSettings:
+    base: dict[str, Any] = {
+        "run": run,
+        "redis_url": url,
+        "student": student,
+        "output_dir": str(out),
+        "lr": 1e-2,
+        "warmup_steps": 3,
+        "batch_tokens": 160,
+        "grad_accum": 1,
+        "k": K,
+        "beta": 0.5,
+        "device": "cpu",
+        "log_every": 1,
+        "checkpoint_every": 1000,
+        "idle_exit_s": 1.0,
+    }
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+def changed(s: TrainSettings) -> dict[str, object]:
+    return {k: v for k, v in vars(s).items() if v != TrainSettings.__dataclass_fields__[k].default}
+
+
+def flags(s: TrainSettings) -> list[str]:
+    """`s` as command-line flags (only the fields that differ from the defaults)."""
+    out: list[str] = []
+    for name, value in changed(s).items():
+        flag = "--" + name.replace("_", "-")
+        out += ([flag] if value else [f"--no-{flag[2:]}"]) if isinstance(value, bool) else [flag, str(value)]
+    return out
+
+
+def env_settings(s: TrainSettings) -> dict[str, str]:
+    """`s` as GKD_* variables: under torchrun, whose argparse takes `--run` for its own `--run-path`."""
+    return {f"GKD_{k.upper()}": str(v) for k, v in changed(s).items()}
+
+
+def read_stats(r: redis.Redis, keys: RunKeys) -> dict[str, int]:
+    raw: dict[Any, Any] = r.hgetall(keys.stats)  # type: ignore[assignment]
+    return {k.decode(): int(v) for k, v in raw.items()}
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def steps_of(samples: Sequence[ScoredSample], batch_tokens: int, grad_accum: int) -> list[list[str]]:
+    """The sample ids of each optimizer step when `samples` arrive in this order (greedy packing)."""
+    micro = pack(samples, batch_tokens)
+    return [
+        [i for b in micro[j : j + grad_accum] for i in b.sample_ids] for j in range(0, len(micro), grad_accum)
+    ]
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        p.wait(timeout=30)
+
+
+def spawn(
+    procs: list[subprocess.Popen[bytes]], args: list[str], log: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    env = env_without_proxy()
+    env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(extra_env or {})})
+    with open(log, "ab") as fh:
+        p = subprocess.Popen(args, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    procs.append(p)
+    return p
+
+
+def gkd_train(s: TrainSettings) -> list[str]:
+    return [sys.executable, "-m", "workers.cli", "train", *flags(s)]
+
+
+def wait_for(pred, timeout_s: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited with {proc.returncode} while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def weights(path: str | Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+# ----------------------------------------------------------------------------------------------- tests
+
+
+def test_training_lowers_kl_to_the_teacher(
+    redis_url: str, models: tuple[str, str], scored: list[ScoredSample], tmp_path: Path
+) -> None:
+    keys = RunKeys.for_run("kl")
+    fill(redis_url, keys, scored[:480])
+    summary = train(settings(redis_url, "kl", models[1], tmp_path, max_steps=80, checkpoint_every=40))
+    kl = [h["kl"] for h in summary.history]
+    assert summary.steps == 80 and len(kl) == 80
+    first, last = float(np.mean(kl[:10])), float(np.mean(kl[-10:]))
+    assert last < 0.5 * first, (first, last)
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == list(
+        range(1, 81)
+    )
+    r = redis.Redis.from_url(redis_url)
+    stats = read_stats(r, keys)
+    assert stats[Stat.TRAINER_STEPS] == 80 and stats[Stat.TRAINED_SAMPLES] == summary.samples
+    # Trained samples were acknowledged (deleted) at the final checkpoint; the rest still wait.
+    assert r.xlen(keys.ready) == 480 - summary.samples
+    assert r.xpending(keys.ready, TRAINERS_GROUP)["pending"] <= r.xlen(keys.ready)  # read ahead, held
+    version, path = r.hget(keys.policy, "version"), r.hget(keys.policy, "checkpoint")
+    assert version == b"80" and isinstance(path, bytes) and Path(path.decode()).name == "step-00000080"
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(
+    redis_url: str,
+    models: tuple[str, str],
+    scored: list[ScoredSample],
+    tmp_path: Path,
+    procs: list[subprocess.Popen[bytes]],
+) -> None:
+    common = {
+        "batch_tokens": 120,
+        "grad_accum": 2,
+        "checkpoint_every": 3,
+        "deterministic": True,
+        "num_threads": 1,
+        "seed": 3,
+        "max_steps": 12,
+        "idle_exit_s": 0.0,
+    }
+    steps = steps_of(scored, 120, 2)[:12]
+    samples = scored[: sum(map(len, steps))]
+    prefix = sum(map(len, steps[:8]))  # the killed run first sees 8 steps' worth, so it cannot finish
+
+    # Uninterrupted, in process.
+    fill(redis_url, RunKeys.for_run("a"), samples)
+    try:
+        full = train(settings(redis_url, "a", models[1], tmp_path / "a", **common))
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(os.cpu_count() or 1)
+    assert full.steps == 12 and full.checkpoint is not None
+
+    # Interrupted by kill -9 somewhere after step 4, then resumed with the rest of the data.
+    keys = RunKeys.for_run("b")
+    fill(redis_url, keys, samples[:prefix])
+    ledger = tmp_path / "b-samples.jsonl"
+    s = settings(redis_url, "b", models[1], tmp_path / "b", sample_log=str(ledger), **common)
+    first = spawn(procs, gkd_train(s), tmp_path / "b1.log")
+    wait_for(lambda: any(x["step"] >= 4 for x in read_log(ledger)), 120, "step 4 of the first run", first)
+    first.send_signal(signal.SIGKILL)
+    assert first.wait(30) == -signal.SIGKILL
+    latest = ckpt.latest_checkpoint(tmp_path / "b")
+    assert latest is not None
+    resumed_from = ckpt.read_state(latest).step
+    before = read_log(ledger)
+    fill(redis_url, keys, samples[prefix:])
+    s.resume = True
+    second = spawn(procs, gkd_train(s), tmp_path / "b2.log")
+    assert second.wait(180) == 0, (tmp_path / "b2.log").read_text()[-3000:]
+
+    final = ckpt.latest_checkpoint(tmp_path / "b")
+    assert final is not None and ckpt.read_state(final).step == 12
+    a, b = weights(full.checkpoint), weights(final)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-6), name
+
+    # Exactly once: the steps the continuing run kept (<= the checkpoint) plus the resumed steps.
+    after = read_log(ledger)[len(before) :]
+    kept = [x for x in before if int(x["step"]) <= resumed_from] + after
+    ids = [i for x in kept for i in x["ids"]]
+    assert sorted(ids) == sorted(s.rollout.id for s in samples)
+    assert [x["step"] for x in kept] == list(range(1, 13))
+    assert [x["ids"] for x in kept] == steps
+    r = redis.Redis.from_url(redis_url)
+    assert r.xlen(keys.ready) == 0 and r.xpending(keys.ready, TRAINERS_GROUP)["pending"] == 0
+
+
+def test_resume_acknowledges_what_the_checkpoint_includes(
+    redis_url: str, models: tuple[str, str], scored: list[ScoredSample], tmp_path: Path
+) -> None:
+    """A crash after the checkpoint was written but before its samples were acknowledged."""
+    from transformers import AutoModelForCausalLM
+
+    keys = RunKeys.for_run("ack")
+    samples = scored[:40]
+    fill(redis_url, keys, samples)
+
+    async def read_as_trainer(n: int) -> list[tuple[str, int, str]]:
+        r = connect(redis_url)
+        got = await StreamConsumer(r, keys, "ready", "trainer-0").read(n, block_ms=100)
+        await r.aclose()
+        return [(e.sid.decode(), len(e.data), e.id) for e in got]
+
+    included = asyncio.run(read_as_trainer(15))  # trained into step 5 by the process that crashed
+    student = AutoModelForCausalLM.from_pretrained(models[1])
+    opt = build_optimizer(student, 1e-2)
+    sched = build_scheduler(opt, 3, 0)
+    state = ckpt.TrainState(step=5, policy_version=5, entries={"trainer-0": [(s, n) for s, n, _ in included]})
+    ckpt.save_checkpoint(
+        tmp_path, model=student, optimizer=opt, scheduler=sched, state=state, rng_states=[ckpt.capture_rng()]
+    )
+    ledger = tmp_path / "samples.jsonl"
+    summary = train(settings(redis_url, "ack", models[1], tmp_path, resume=True, sample_log=str(ledger)))
+    trained = [i for x in read_log(ledger) for i in x["ids"]]
+    assert sorted(trained) == sorted(s.rollout.id for s in samples[15:])
+    assert summary.steps > 5 and min(int(x["step"]) for x in read_log(ledger)) == 6
+    r = redis.Redis.from_url(redis_url)
+    assert r.xlen(keys.ready) == 0
+    stats = read_stats(r, keys)
+    assert stats[Stat.bytes_out("ready")] == stats[Stat.bytes_in("ready")]
+
+
+def test_sigterm_checkpoints_acknowledges_and_exits_0(
+    redis_url: str,
+    models: tuple[str, str],
+    scored: list[ScoredSample],
+    tmp_path: Path,
+    procs: list[subprocess.Popen[bytes]],
+) -> None:
+    keys = RunKeys.for_run("term")
+    fill(redis_url, keys, scored[:60])
+    ledger = tmp_path / "samples.jsonl"
+    s = settings(redis_url, "term", models[1], tmp_path, idle_exit_s=0.0, sample_log=str(ledger))
+    p = spawn(procs, gkd_train(s), tmp_path / "train.log")
+    wait_for(lambda: bool(read_log(ledger)), 120, "a first step", p)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(60) == 0, (tmp_path / "train.log").read_text()[-3000:]
+    latest = ckpt.latest_checkpoint(tmp_path)
+    log = read_log(ledger)
+    assert latest is not None and ckpt.read_state(latest).step == log[-1]["step"]
+    trained = sum(len(x["ids"]) for x in log)
+    r = redis.Redis.from_url(redis_url)
+    assert r.xlen(keys.ready) == 60 - trained  # trained ones acknowledged (deleted), the rest wait
+    assert r.hget(keys.policy, "version") == str(log[-1]["step"]).encode()
+
+
+def test_two_torchrun_ranks_train_on_disjoint_samples(
+    redis_url: str,
+    models: tuple[str, str],
+    scored: list[ScoredSample],
+    tmp_path: Path,
+    procs: list[subprocess.Popen[bytes]],
+) -> None:
+    keys = RunKeys.for_run("ddp")
+    samples = scored[:200]
+    fill(redis_url, keys, samples)
+    ledger = tmp_path / "samples.jsonl"
+    s = settings(
+        redis_url,
+        "ddp",
+        models[1],
+        tmp_path,
+        sample_log=str(ledger),
+        num_threads=1,
+        idle_exit_s=1.5,
+        checkpoint_every=5,
+    )
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "workers.cli",
+        "train",
+    ]
+    p = spawn(procs, args, tmp_path / "torchrun.log", env_settings(s))
+    assert p.wait(240) == 0, (tmp_path / "torchrun.log").read_text()[-4000:]
+    log = read_log(ledger)
+    by_rank: dict[int, list[str]] = {0: [], 1: []}
+    for x in log:
+        by_rank[int(x["rank"])] += x["ids"]
+    assert by_rank[0] and by_rank[1]
+    assert not set(by_rank[0]) & set(by_rank[1])
+    assert sorted(by_rank[0] + by_rank[1]) == sorted(x.rollout.id for x in samples)
+    # Both ranks took every optimizer step together (DDP), and rank 0 wrote the final checkpoint.
+    steps = {rank: [x["step"] for x in log if x["rank"] == rank] for rank in (0, 1)}
+    last = max(max(v) for v in steps.values() if v)
+    latest = ckpt.latest_checkpoint(tmp_path)
+    assert latest is not None and ckpt.read_state(latest).step == last
+    assert set(ckpt.read_state(latest).entries) == {"trainer-0", "trainer-1"}
+    r = redis.Redis.from_url(redis_url)
+    assert r.xlen(keys.ready) == 0
+    assert int(r.hget(keys.stats, Stat.TRAINED_SAMPLES) or 0) == 200
+    assert int(r.hget(keys.stats, Stat.TRAINER_STEPS) or 0) == last

@@ -25,6 +25,7 @@ from pipeline.backpressure import WaterMarks
 from pipeline.codec import Rollout, decode_scored, encode_rollout
 from pipeline.errors import ConfigMismatch
 from pipeline.keys import RunKeys, Stat
+from pipeline.redis_conn import connect
 from pipeline.runstate import check_run_config, read_stats
 from pipeline.streams import StreamConsumer, add_rollouts, ensure_groups
 from pipeline.teacher.client import TeacherConfig
@@ -479,3 +480,41 @@ async def test_end_to_end_gkd_workers_against_reference_teacher(
         np.testing.assert_allclose(s.topk_logprobs, top_RK.values.numpy(), atol=1e-4)
         assert (got_ids == top_RK.indices).float().mean() > 0.95
     assert await r.xlen(keys.dead) == 0 and await r.xlen(keys.rollouts) == 0
+
+
+async def test_stale_rollouts_of_a_dead_worker_are_reclaimed_or_dead_lettered(
+    r: aioredis.Redis, keys: RunKeys, redis_url: str, teacher: FakeTeacher
+) -> None:
+    await produce(r, keys, [make_rollout(i) for i in range(4)])
+    ghost = StreamConsumer(r, keys, "rollouts", "ghost", lease_ms=100)
+    taken = await ghost.read(4, block_ms=100)  # a worker that reads, then dies
+    assert len(taken) == 4
+    await asyncio.sleep(0.15)
+    again, _ = await ghost.reclaim(2)  # ... and again for two of them: those are at 2 deliveries now
+    assert [e.deliveries for e in again] == [2, 2]
+    await asyncio.sleep(0.15)
+    async with running(redis_url, keys, teacher.url, lease_ms=100, max_deliveries=2):
+        await wait_until(lambda: _count(r.xlen(keys.ready), 2), what="2 reclaimed samples")
+        await wait_until(lambda: _count(r.xlen(keys.dead), 2), what="2 dead letters")
+    dead = await dead_entries(r, keys)
+    assert {d[b"stage"] for d in dead} == {b"teacher"}
+    assert all(b"delivered 3 times (max_deliveries=2)" in d[b"reason"] for d in dead)
+    assert sorted(await ready_ids(r, keys) + [d[b"id"].decode() for d in dead]) == [f"r{i}" for i in range(4)]
+    assert (await read_stats(r, keys))[Stat.RECLAIMED] == 2
+
+
+async def test_worker_survives_a_redis_restart(
+    keys: RunKeys, redis_url: str, redis_server: Any, teacher: FakeTeacher
+) -> None:
+    async with running(redis_url, keys, teacher.url, redis_backoff_max_s=0.2) as worker:
+        client = connect(redis_url)
+        await produce(client, keys, [make_rollout(i) for i in range(3)])
+        await wait_until(lambda: worker.report.scored == 3, what="3 scored before the restart")
+        await client.aclose()
+        redis_server.restart(kill=True)  # no persistence: streams and groups are gone
+        await asyncio.sleep(0.5)  # the worker meets the dead and then the empty server
+        client = connect(redis_url)
+        await produce(client, keys, [make_rollout(i) for i in range(3, 6)])
+        await wait_until(lambda: _count(client.xlen(keys.ready), 3), what="3 samples after the restart")
+        assert sorted(await ready_ids(client, keys)) == ["r3", "r4", "r5"]
+        await client.aclose()

@@ -73,7 +73,9 @@ class HandoffBatcher:
         items = [(res.entry, res.payload, res.positions) for res in batch]
         # Cancelled mid-call at shutdown, the entries stay owned and get released; a release of an
         # entry the call did publish is refused by the ownership check, so nothing is duplicated.
-        flags = await self.telemetry.redis_retry("handoff", lambda: self.consumer.handoff(self.dest, items))
+        flags = await self.telemetry.redis_retry(
+            "handoff", lambda: self.consumer.handoff(self.dest, items), lost=[False] * len(items)
+        )
         for res, ok in zip(batch, flags, strict=True):
             self.on_published(res.entry, res.positions, ok)
             if not res.done.done():

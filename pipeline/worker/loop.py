@@ -11,6 +11,8 @@ import logging
 import random
 import time
 
+from redis.exceptions import ResponseError
+
 from pipeline.backpressure import Backpressure
 from pipeline.codec import Rollout, ScoredSample, decode_rollout, encode_scored
 from pipeline.errors import PermanentError, RetryableError, WireFormatError
@@ -22,7 +24,13 @@ from pipeline.streams import Entry, StreamConsumer, ensure_groups
 from pipeline.teacher.client import TeacherClient, TeacherConfig, TeacherScores
 from pipeline.worker.handoff import HandoffBatcher
 from pipeline.worker.options import LOGPROB_DTYPES, WorkerOptions, WorkerReport
-from pipeline.worker.telemetry import REDIS_ERRORS, Telemetry, wait_event
+from pipeline.worker.telemetry import (
+    REDIS_ERRORS,
+    REDIS_OR_SERVER_ERRORS,
+    Telemetry,
+    is_nogroup,
+    wait_event,
+)
 
 log = logging.getLogger("gkd.worker")
 
@@ -141,7 +149,7 @@ class TeacherWorker:
 
     async def _shutdown(self) -> None:
         left = list(self._owned.values())
-        with contextlib.suppress(*REDIS_ERRORS):
+        with contextlib.suppress(*REDIS_OR_SERVER_ERRORS):
             if left:
                 flags = await self.consumer.release(left)
                 self.report.released += sum(flags)
@@ -159,8 +167,12 @@ class TeacherWorker:
     async def _read_loop(self) -> None:
         delay = 0.0
         next_reclaim = 0.0
+        regroup = False
         while not self._stop.is_set():
             try:
+                if regroup:
+                    await ensure_groups(self.r, self.keys)
+                    regroup = False
                 # Slots first, then room: the level is read after the results it waited for have
                 # landed, so ready overshoots its high-water mark by at most one read batch.
                 if not await self._wait_for_slot():
@@ -181,6 +193,14 @@ class TeacherWorker:
                 delay = 0.0
             except REDIS_ERRORS as exc:
                 delay = await self.tel.redis_backoff("read", exc, delay, self._stop)
+            except ResponseError as exc:
+                # A Redis restarted without persistence has lost the groups: recreate them.
+                if not is_nogroup(exc):
+                    raise
+                log.warning(
+                    "worker %s: consumer groups missing (Redis lost its data?); recreating", self.name
+                )
+                regroup = True
 
     def _reclaim_every_s(self) -> float:
         return min(max(self.opts.lease_ms / 2000, 0.05), 10.0)
@@ -288,7 +308,9 @@ class TeacherWorker:
 
     async def _dead_letter(self, entry: Entry, stage: str, reason: str) -> None:
         consumer = self.consumer
-        ok = await self.tel.redis_retry("dead-letter", lambda: consumer.dead_letter(entry, stage, reason))
+        ok = await self.tel.redis_retry(
+            "dead-letter", lambda: consumer.dead_letter(entry, stage, reason), lost=False
+        )
         self._forget(entry)
         if not ok:
             self._count_lease_lost(1)
@@ -334,7 +356,7 @@ class TeacherWorker:
                     self._lost.update(
                         e.sid for e, ok in zip(chunk, flags, strict=True) if not ok and e.sid in self._owned
                     )
-            except REDIS_ERRORS as exc:
+            except REDIS_OR_SERVER_ERRORS as exc:
                 log.debug("worker %s: lease renewal failed (%s); next period", self.name, exc)
 
     async def _beat_loop(self) -> None:
@@ -342,7 +364,7 @@ class TeacherWorker:
             await asyncio.sleep(self.opts.heartbeat_ttl_ms / 3000)
             try:
                 await self._beat()
-            except REDIS_ERRORS as exc:
+            except REDIS_OR_SERVER_ERRORS as exc:
                 log.debug("worker %s: heartbeat failed (%s)", self.name, exc)
 
     async def _beat(self) -> None:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pipeline.keys import RunKeys, Stat
@@ -30,6 +31,8 @@ T = TypeVar("T")
 
 #: What a Redis outage (restart, network cut) raises from redis-py.
 REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+#: The above, or any error the server answered (NOGROUP after a restart without data, OOM, ...).
+REDIS_OR_SERVER_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, ResponseError)
 
 
 async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
@@ -39,6 +42,11 @@ async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(event.wait(), timeout_s)
     return event.is_set()
+
+
+def is_nogroup(exc: ResponseError) -> bool:
+    """Redis's NOGROUP error (a missing stream or consumer group); Redis gives no finer class."""
+    return "NOGROUP" in str(exc)
 
 
 class Telemetry:
@@ -116,13 +124,24 @@ class Telemetry:
             await asyncio.sleep(wait_s)
         return delay
 
-    async def redis_retry(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
-        """`await fn()` until Redis answers (a stopping worker cancels this at the end of its grace)."""
+    async def redis_retry(self, what: str, fn: Callable[[], Awaitable[T]], lost: T) -> T:
+        """`await fn()` until Redis answers (a stopping worker cancels this at the end of its grace).
+
+        Returns `lost` when the consumer group no longer exists (Redis restarted without its data):
+        nobody owns the entries any more. Other server errors (e.g. OOM while Redis is full) are
+        waited out like outages.
+        """
         delay = 0.0
         while True:
             try:
                 out = await fn()
             except REDIS_ERRORS as exc:
+                delay = await self.redis_backoff(what, exc, delay)
+                continue
+            except ResponseError as exc:
+                if is_nogroup(exc):
+                    log.warning("worker %s: %s: consumer group gone (Redis lost its data?)", self.name, what)
+                    return lost
                 delay = await self.redis_backoff(what, exc, delay)
                 continue
             self.redis_ok()

@@ -55,7 +55,8 @@ def fake_topk(ids_T: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 class FakeTeacher:
     """A vLLM-speaking loopback server. `mode`: "ok" or "down" (HTTP 503); `latency_s` per request."""
 
-    def __init__(self, latency_s: float = 0.0) -> None:
+    def __init__(self, latency_s: float = 0.0, api_key: str | None = None) -> None:
+        self.api_key = api_key
         self.mode = "ok"
         self.latency_s = latency_s
         self.requests = 0
@@ -87,6 +88,8 @@ class FakeTeacher:
 
     async def completions(self, request: web.Request) -> web.Response:
         self.requests += 1
+        if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return web.json_response({"error": "Unauthorized"}, status=401)
         body = await request.json()
         if self.mode != "ok":
             self.failed += 1
@@ -382,16 +385,18 @@ async def test_cli_refuses_a_run_with_another_k(
 async def test_sigterm_mid_run_loses_and_duplicates_nothing(
     r: aioredis.Redis, keys: RunKeys, redis_url: str
 ) -> None:
-    slow = await FakeTeacher(latency_s=0.2).start()
+    secret = "sk-do-not-log-me"
+    slow = await FakeTeacher(latency_s=0.2, api_key=secret).start()
     try:
         rollouts = [make_rollout(i) for i in range(60)]
         await produce(r, keys, rollouts)
         cmd = worker_cmd(redis_url, slow.url, "--procs", "2", "--concurrency", "4", "--grace-s", "0.1")
-        async with process(cmd) as proc:
+        async with process([*cmd, "--api-key", secret, "--log-level", "debug"]) as proc:
             await wait_until(lambda: _count(r.xlen(keys.ready), 6), 60, what="6 ready samples")
             proc.send_signal(signal.SIGTERM)
             out, _ = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, out.decode()[-3000:]
+        assert secret.encode() not in out and b"released" in out
         done = await ready_ids(r, keys)
         left = [f[b"id"].decode() for f in await fields(r, keys.rollouts)]
         assert len(done) == len(set(done)) and not set(done) & set(left)
@@ -399,6 +404,7 @@ async def test_sigterm_mid_run_loses_and_duplicates_nothing(
         assert await r.xlen(keys.dead) == 0 and not await r.keys(keys.worker("*"))
         # What the stopped pool held was released: a new worker (same 60 s lease) takes it over at
         # once, not after the lease.
+        slow.api_key = None
         async with running(redis_url, keys, slow.url, "after", concurrency=16):
             await wait_until(lambda: _count(r.xlen(keys.ready), 60), 30, what="all 60 samples")
         done = await ready_ids(r, keys)

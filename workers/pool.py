@@ -138,6 +138,8 @@ async def run_one(
         log.error("refusing to start: %s", exc)
         return 2
     except GKDError as exc:
+        if stop.is_set():  # stopped while waiting for the teacher to come up
+            return 0
         log.error("refusing to start: %s: %s", type(exc).__name__, exc)
         return 2
     log.info(
@@ -152,22 +154,37 @@ async def run_one(
     return 0
 
 
+#: Flags of secret settings: children get these values through the environment, not argv (`ps`).
+_SECRET_FLAGS = {"--api-key": "GKD_API_KEY", "--redis": "GKD_REDIS_URL", "--redis-url": "GKD_REDIS_URL"}
+
+
 def _child_cmd(argv: list[str], s: WorkerSettings, base: str, i: int) -> list[str]:
-    # Later flags win in argparse, so the child's own values override whatever argv said.
+    """The command line of child `i`: the parent's flags minus secrets, then its own (later flags win)."""
     port = s.metrics_port + i if s.metrics_port > 0 else 0
-    return [
-        sys.executable,
-        "-m",
-        "workers.cli",
-        "workers",
-        *argv,
-        "--procs",
-        "1",
-        "--name",
-        f"{base}-{i}",
-        "--metrics-port",
-        str(port),
-    ]
+    own = ["--procs", "1", "--name", f"{base}-{i}", "--metrics-port", str(port)]
+    return [sys.executable, "-m", "workers.cli", "workers", *_without_secrets(argv), *own]
+
+
+def _without_secrets(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _SECRET_FLAGS:
+            skip = True  # "--flag VALUE"
+        elif arg.split("=", 1)[0] not in _SECRET_FLAGS:
+            out.append(arg)
+    return out
+
+
+def _child_env(s: WorkerSettings) -> dict[str, str]:
+    """The environment of the children: ours plus the resolved secrets (whatever their source)."""
+    env = dict(os.environ)
+    env["GKD_REDIS_URL"] = s.redis_url
+    if s.api_key:
+        env["GKD_API_KEY"] = s.api_key
+    return env
 
 
 def supervise(s: WorkerSettings, argv: list[str]) -> int:
@@ -184,11 +201,12 @@ def supervise(s: WorkerSettings, argv: list[str]) -> int:
 
     procs: list[subprocess.Popen[bytes]] = []
     started: list[float] = []
+    env = _child_env(s)
     old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     status = 0
     try:
         for i in range(s.procs):
-            procs.append(subprocess.Popen(_child_cmd(argv, s, base, i)))
+            procs.append(subprocess.Popen(_child_cmd(argv, s, base, i), env=env))
             started.append(time.monotonic())
         log.info("pool %s: %d worker processes started", base, s.procs)
         while any(p.poll() is None for p in procs):
@@ -203,7 +221,7 @@ def supervise(s: WorkerSettings, argv: list[str]) -> int:
                     forward(signal.SIGTERM, None)
                     break
                 log.warning("pool %s: worker %d exited with %d; restarting it", base, i, rc)
-                procs[i] = subprocess.Popen(_child_cmd(argv, s, base, i))
+                procs[i] = subprocess.Popen(_child_cmd(argv, s, base, i), env=env)
                 started[i] = time.monotonic()
         _reap(procs, s.grace_s + 10)
     finally:

@@ -524,3 +524,21 @@ async def test_worker_survives_a_redis_restart(
         await wait_until(lambda: _count(client.xlen(keys.ready), 3), what="3 samples after the restart")
         assert sorted(await ready_ids(client, keys)) == ["r3", "r4", "r5"]
         await client.aclose()
+
+
+def test_bench_worker_runs_and_reports_every_metric() -> None:
+    from workers.bench import worker as bench
+
+    args = ["--t", "64", "--k", "4", "--rollouts", "6", "--baseline-rollouts", "2", "--latency-ms", "1"]
+    rows = bench.run(args)
+    metrics = {row["metric"]: row for row in rows}
+    for name in (
+        "positions_per_s_k4",
+        "cpu_us_per_position_k4",
+        "decode_only_cpu_us_per_position_k4",
+        "client_parse_cpu_us_per_position_k4",
+        "cpu_over_decode_k4",
+        "loadavg_1m_max",
+    ):
+        assert name in metrics
+    assert metrics["positions_per_s_k4"]["baseline"] > 0 and metrics["cpu_over_decode_k4"]["value"] > 0

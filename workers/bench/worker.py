@@ -9,13 +9,15 @@ after a fixed latency. A private redis-server holds the run.
             in the ready stream, the whole pipeline including the atomic handoffs.
 - baseline: modeled on ms-swift's `fetch_teacher_logprobs` (PR #7918): blocking `requests` posts from a
             ThreadPoolExecutor of 8, `Response.json()`, a Python sort of each position's dict, and
-            per-element writes into a [B, T-1, k] torch tensor. It gets all rollouts in one call (its
-            most favourable case; ms-swift calls it per training batch) and no Redis work at all.
+            per-element writes into a [B, T-1, k] torch tensor. One call on `--baseline-rollouts` (8:
+            one batch that fills its 8 threads; it is CPU-bound, so more would not raise its rate),
+            with no Redis work at all.
 - decode:   `orjson.loads` of the same body alone: the floor for any client of this JSON format.
 
 Reported per k: positions/s (worker vs baseline), process CPU microseconds per position (both), CPU
-us/position of the decode alone and the worker's CPU over it. Targets: >= 10x the baseline's
-positions/s; worker CPU per position <= 1.25x the decode alone.
+us/position of the decode alone and the worker's CPU over it, and (to locate the cost) CPU us/position
+of the teacher client's parse alone (decode + validation + top-k arrays, no HTTP or Redis).
+Targets: >= 10x the baseline's positions/s; worker CPU per position <= 1.25x the decode alone.
 """
 
 from __future__ import annotations
@@ -229,6 +231,16 @@ def decode_cpu_s(body: bytes, reps: int) -> float:
     return (cpu_s() - c0) / reps
 
 
+def parse_cpu_s(body: bytes, t: int, k: int, reps: int) -> float:
+    """CPU seconds of the teacher client's whole parse of `body` (decode + validation + top-k arrays)."""
+    from pipeline.teacher.vllm import parse_response
+
+    c0 = cpu_s()
+    for _ in range(reps):
+        parse_response(body, t, 1, k)
+    return (cpu_s() - c0) / reps
+
+
 # ---------------------------------------------------------------------------------------------- run
 
 
@@ -259,14 +271,18 @@ def run(args: list[str]) -> list[dict[str, Any]]:
         teacher, url = start_teacher(Path(tmp), a.latency_ms, a.t)
         try:
             for k, body in bodies.items():
+                # The decode floor is measured around the worker run and its median taken: on a shared
+                # machine, one measurement alone drifts with whatever else runs.
+                d_cpu = [decode_cpu_s(body, 4)]
                 w_wall, w_cpu = asyncio.run(
                     run_worker(redis_server.url, url, ids_T, a.rollouts, k, a.concurrency)
                 )
+                d_cpu.append(decode_cpu_s(body, 4))
                 b_wall, b_cpu = run_baseline(url, ids_T, a.baseline_rollouts, k, a.baseline_threads)
-                d_cpu = decode_cpu_s(body, 8)
-                per_body = a.t - 1
-                rows += _rows(k, per_body, a.rollouts, a.baseline_rollouts, len(body),
-                              (w_wall, w_cpu), (b_wall, b_cpu), d_cpu)  # fmt: skip
+                d_cpu.append(decode_cpu_s(body, 4))
+                p_cpu = parse_cpu_s(body, a.t, k, 4)
+                rows += _rows(k, a.t - 1, a.rollouts, a.baseline_rollouts, len(body),
+                              (w_wall, w_cpu), (b_wall, b_cpu), sorted(d_cpu)[1], p_cpu)  # fmt: skip
         finally:
             teacher.terminate()
             teacher.wait(timeout=10)
@@ -278,17 +294,20 @@ def run(args: list[str]) -> list[dict[str, Any]]:
 
 def _rows(
     k: int, per_body: int, n_worker: int, n_baseline: int, body_bytes: int,
-    worker: tuple[float, float], baseline: tuple[float, float], d_cpu: float,
+    worker: tuple[float, float], baseline: tuple[float, float], d_cpu: float, p_cpu: float,
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Result rows of one k; `worker`/`baseline` are (wall s, CPU s), `d_cpu` CPU s of one decode."""
+    """Result rows of one k; `worker`/`baseline` are (wall s, CPU s); `d_cpu`/`p_cpu` CPU s of one
+    decode / one client parse of a body."""
     w_pos, b_pos = n_worker * per_body, n_baseline * per_body
     w_pps, b_pps = w_pos / worker[0], b_pos / baseline[0]
     w_us, b_us, d_us = worker[1] / w_pos * 1e6, baseline[1] / b_pos * 1e6, d_cpu / per_body * 1e6
+    p_us = p_cpu / per_body * 1e6
     over = w_us / d_us
     return [
         result("worker", f"positions_per_s_k{k}", w_pps, "pos/s", baseline=b_pps, ratio=w_pps / b_pps),
         result("worker", f"cpu_us_per_position_k{k}", w_us, "us", baseline=b_us, ratio=b_us / w_us),
         result("worker", f"decode_only_cpu_us_per_position_k{k}", d_us, "us"),
+        result("worker", f"client_parse_cpu_us_per_position_k{k}", p_us, "us", baseline=d_us),
         result("worker", f"cpu_over_decode_k{k}", over, "x", baseline=1.25, ratio=1.25 / over),
         result("worker", f"body_bytes_k{k}", float(body_bytes), "B"),
     ]

@@ -14,6 +14,8 @@ Shape legend: R = rows the loss uses (T - prompt_len), K = requested top-k, E = 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from pipeline.errors import MalformedResponse
@@ -24,28 +26,43 @@ NEG_INF_SENTINEL = -9999.0
 LOGPROB_SLACK = 1e-4
 #: a row's top-k probabilities can sum to at most 1; allow this much (log space) for rounding.
 LSE_SLACK = 1e-3
+#: largest token id that fits the int32 wire format.
+ID_MAX = 2**31 - 1
 
 
-def to_float_array(values: list[float | None], what: str) -> np.ndarray:
-    """float64 array of `values`; JSON null (orjson renders -inf as null) becomes -inf."""
+def to_float_array(values: list[Any], what: str) -> np.ndarray:
+    """float64 [N] array of `values`; JSON null (orjson renders -inf as null) becomes -inf.
+    Anything but plain numbers (strings, lists, ints beyond float range) is MalformedResponse."""
     try:
         arr = np.array(values, dtype=np.float64)  # numpy turns None into NaN here
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         arr = None
-    if arr is not None and (arr.size == 0 or not np.isnan(arr.max()) or None not in values):
+    if arr is not None and arr.ndim == 1 and (arr.size == 0 or not np.isnan(arr.max()) or None not in values):
         return arr
     try:
-        return np.array([-np.inf if v is None else v for v in values], dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise MalformedResponse(f"{what}: expected numbers, got a non-numeric logprob ({exc})") from None
+        arr = np.array([-np.inf if v is None else v for v in values], dtype=np.float64)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise MalformedResponse(
+            f"{what}: expected numbers as logprobs, got a non-numeric one ({exc})"
+        ) from None
+    if arr.ndim != 1:
+        raise MalformedResponse(f"{what}: expected one number per logprob, got nested lists")
+    return arr
 
 
-def to_id_array(values: list[int], what: str) -> np.ndarray:
-    """int64 array of integer token ids (JSON ints)."""
+def to_id_array(values: list[Any], what: str) -> np.ndarray:
+    """int64 [N] array of integer token ids in [0, 2**31) (JSON ints); anything else is MalformedResponse."""
     try:
-        return np.array(values, dtype=np.int64)
+        arr = np.array(values)
     except (TypeError, ValueError, OverflowError) as exc:
         raise MalformedResponse(f"{what}: expected integer token ids, got {exc}") from None
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if arr.ndim != 1 or arr.dtype.kind not in "iu" or arr.dtype == np.bool_:
+        raise MalformedResponse(
+            f"{what}: expected integer token ids, got {arr.dtype} values of shape {arr.shape}"
+        )
+    return arr.astype(np.int64)
 
 
 def keys_to_ids(joined: str, count: int, what: str) -> np.ndarray:
@@ -82,7 +99,8 @@ def finalize(
     """
     if ids_N.shape[0] != logprobs_N.shape[0]:
         raise MalformedResponse(f"{what}: {ids_N.shape[0]} token ids but {logprobs_N.shape[0]} logprobs")
-    lp_N = np.array(logprobs_N, dtype=np.float64)  # a private, writable copy
+    with np.errstate(invalid="ignore"):  # signalling NaNs are reported by _check_values
+        lp_N = np.array(logprobs_N, dtype=np.float64)  # a private, writable copy
     _check_values(lp_N, lens_R, k, what, row_offset)
     if lp_N.shape[0] == 0:
         return np.zeros((0, k), np.int32), np.zeros((0, k), np.float32)
@@ -94,10 +112,11 @@ def finalize(
         order_RK = np.argsort(-lp_RE, axis=1)[:, :k]
         top_ids = np.take_along_axis(ids_RE, order_RK, axis=1)
         top_lp = np.take_along_axis(lp_RE, order_RK, axis=1)
-    if top_ids.size and int(top_ids.min()) < 0:
-        r = int(np.argwhere(top_ids < 0)[0, 0])
+    bad_RK = (top_ids < 0) | (top_ids > ID_MAX)
+    if bad_RK.any():
+        r, c = (int(x) for x in np.argwhere(bad_RK)[0])
         raise MalformedResponse(
-            f"{what}: expected token ids >= 0, got {int(top_ids[r].min())} in row {r + row_offset}"
+            f"{what}: expected token ids in [0, {ID_MAX}], got {int(top_ids[r, c])} in row {r + row_offset}"
         )
     _check_lse(top_lp, what, row_offset)
     return top_ids.astype(np.int32), top_lp.astype(np.float32)

@@ -127,7 +127,7 @@ def _decode_flat(meta: dict[str, Any], name: str, n: int, what: str) -> np.ndarr
     if not isinstance(data, str):
         plain = meta.get(name)
         if isinstance(plain, list):  # flat lists without base64
-            arr = np.asarray(plain, dtype=np.float64 if "val" in name else np.int64)
+            arr = rows.to_float_array(plain, what) if "val" in name else rows.to_id_array(plain, what)
             if arr.shape != (n,):
                 raise MalformedResponse(f"{what}: expected {n} values in {name}, got {arr.shape}")
             return arr
@@ -159,8 +159,13 @@ def _parse_flat(
     if width < k:
         raise MalformedResponse(f"{what}: expected k={k} entries per row, got {width}")
     n = (n_rows - prefix) * width
-    val_N = _decode_flat(meta, "input_top_logprobs_val_flat", n, what).astype(np.float64)
-    idx_N = _decode_flat(meta, "input_top_logprobs_idx_flat", n, what).astype(np.int64)
+    val_raw = _decode_flat(meta, "input_top_logprobs_val_flat", n, what)
+    idx_raw = _decode_flat(meta, "input_top_logprobs_idx_flat", n, what)
+    if idx_raw.dtype.kind not in "iu":
+        raise MalformedResponse(f"{what}: expected integer token ids in the idx field, got {idx_raw.dtype}")
+    with np.errstate(invalid="ignore"):  # a signalling NaN from the wire is reported by the NaN check
+        val_N = val_raw.astype(np.float64)
+    idx_N = idx_raw.astype(np.int64)
     skip = (1 - prefix) * width  # drop token s's row when it was sent (it is before prompt_len)
     val_N, idx_N = val_N[skip:], idx_N[skip:]
     if width != k:

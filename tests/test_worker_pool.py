@@ -509,10 +509,19 @@ async def test_stale_rollouts_of_a_dead_worker_are_reclaimed_or_dead_lettered(
     assert (await read_stats(r, keys))[Stat.RECLAIMED] == 2
 
 
-async def test_worker_survives_a_redis_restart(
+async def test_worker_waits_for_redis_and_survives_its_restart(
     keys: RunKeys, redis_url: str, redis_server: Any, teacher: FakeTeacher
 ) -> None:
-    async with running(redis_url, keys, teacher.url, redis_backoff_max_s=0.2) as worker:
+    redis_server.stop()  # not up yet when the worker starts
+    options = WorkerOptions(redis_backoff_max_s=0.2)
+    worker = TeacherWorker(redis_url, keys, tconfig(teacher.url), "w0", options)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        await asyncio.sleep(0.5)
+        assert not worker.started.is_set() and not task.done()
+        redis_server.start()
+        await asyncio.wait_for(worker.started.wait(), 30)
         client = connect(redis_url)
         await produce(client, keys, [make_rollout(i) for i in range(3)])
         await wait_until(lambda: worker.report.scored == 3, what="3 scored before the restart")
@@ -524,6 +533,9 @@ async def test_worker_survives_a_redis_restart(
         await wait_until(lambda: _count(client.xlen(keys.ready), 3), what="3 samples after the restart")
         assert sorted(await ready_ids(client, keys)) == ["r3", "r4", "r5"]
         await client.aclose()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
 
 
 def test_bench_worker_runs_and_reports_every_metric() -> None:

@@ -142,6 +142,9 @@ async def run_one(
             return 0
         log.error("refusing to start: %s: %s", type(exc).__name__, exc)
         return 2
+    except OSError as exc:  # e.g. the metrics port is taken
+        log.error("refusing to start: %s", exc)
+        return 2
     log.info(
         "worker %s stopped: %d scored (%d positions), %d dead, %d released, %d lost to other workers",
         name,

@@ -87,15 +87,15 @@ class TeacherWorker:
         )  # fmt: skip
         aux: list[asyncio.Task[None]] = []
         try:
-            await self._start()
-            aux = [
-                asyncio.create_task(self._beat_loop(), name="heartbeat"),
-                asyncio.create_task(self._renew_loop(), name="renew"),
-                asyncio.create_task(self._handoff.run(), name="handoff"),
-            ]
-            self.started.set()
-            await self._read_loop()
-            await self._drain()
+            if await self._start():
+                aux = [
+                    asyncio.create_task(self._beat_loop(), name="heartbeat"),
+                    asyncio.create_task(self._renew_loop(), name="renew"),
+                    asyncio.create_task(self._handoff.run(), name="handoff"),
+                ]
+                self.started.set()
+                await self._read_loop()
+                await self._drain()
         finally:
             for group in (self._tasks, aux):
                 for t in group:
@@ -104,8 +104,10 @@ class TeacherWorker:
             await self._shutdown()
         return self.report
 
-    async def _start(self) -> None:
-        await ensure_groups(self.r, self.keys)
+    async def _start(self) -> bool:
+        """The start-up checks; False if the worker was stopped while waiting for Redis."""
+        if not await self._wait_for_redis():
+            return False
         await self._start_client()
         fixed = {"k": self.teacher.k, "teacher_model": self.client.model_id,
                  "logprob_dtype": self.opts.logprob_dtype}  # fmt: skip
@@ -122,6 +124,20 @@ class TeacherWorker:
             self.name, self.keys.run, self.client.model_id, self.teacher.k, self.opts.logprob_dtype,
             self.opts.concurrency,
         )  # fmt: skip
+        return True
+
+    async def _wait_for_redis(self) -> bool:
+        """Create the consumer groups, waiting for a Redis that is not up yet; False if stopped first."""
+        delay = 0.0
+        while not self._stop.is_set():
+            try:
+                await ensure_groups(self.r, self.keys)
+            except REDIS_ERRORS as exc:
+                delay = await self.tel.redis_backoff("start", exc, delay, self._stop)
+                continue
+            self.tel.redis_ok()
+            return True
+        return False
 
     async def _start_client(self) -> None:
         """The client's start-up checks, waiting out a teacher that is not up yet (still loading).

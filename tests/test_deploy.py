@@ -249,6 +249,16 @@ def test_k8s_grace_periods_cover_the_processes_own(manifests: list[dict[str, Any
     assert trainer["terminationGracePeriodSeconds"] > int(tenv["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"])
 
 
+def test_finite_processes_are_not_restarted_into_a_replay(
+    compose: dict[str, Any], manifests: list[dict[str, Any]]
+) -> None:
+    """A producer exits 0 after its passes over the prompts: a restart-always wrapper must loop it instead."""
+    deploy = by_kind(manifests, "Deployment")["rollouts"]["spec"]["template"]["spec"]["containers"][0]
+    assert {e["name"]: e.get("value") for e in deploy["env"]}["GKD_EPOCHS"] == "0"
+    services = compose["services"]
+    assert services["rollouts"]["restart"] == "on-failure" and services["trainer"]["restart"] == "on-failure"
+
+
 def k8s_launches(docs: list[dict[str, Any]]) -> list[Launch]:
     configs = {n: d["data"] for n, d in by_kind(docs, "ConfigMap").items()}
     out = []

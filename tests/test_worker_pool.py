@@ -458,14 +458,14 @@ async def test_end_to_end_gkd_workers_against_reference_teacher(
     k, port = 8, free_port()
     url = f"http://127.0.0.1:{port}"
     server_cmd = [sys.executable, "-m", "workers.cli", "teacher", "--model", path, "--port", str(port)]
-    async with process(server_cmd) as server:
+    cmd = worker_cmd(redis_url, url, "--k", str(k), "--logprob-dtype", "float32", "--concurrency", "4")
+    # Both start at once: the pool waits for a teacher that is still loading, as in a deployment.
+    async with process(server_cmd) as server, process(cmd) as pool:
         await wait_http(url + "/health", server)
-        cmd = worker_cmd(redis_url, url, "--k", str(k), "--logprob-dtype", "float32", "--concurrency", "4")
-        async with process(cmd) as pool:
-            await wait_until(lambda: _count(r.xlen(keys.ready), len(rollouts)), 120, what="all samples")
-            pool.send_signal(signal.SIGTERM)
-            out, _ = await asyncio.wait_for(pool.communicate(), 60)
-            assert pool.returncode == 0, out.decode()[-3000:]
+        await wait_until(lambda: _count(r.xlen(keys.ready), len(rollouts)), 120, what="all samples")
+        pool.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(pool.communicate(), 60)
+        assert pool.returncode == 0, out.decode()[-3000:]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     by_id = {ro.id: ro for ro in rollouts}
     for f in await fields(r, keys.ready):

@@ -153,7 +153,8 @@ class TeacherWorker:
                 self.tel.teacher_down(exc)
                 if await wait_event(self._stop, delay):
                     raise
-                delay = min(delay * 2, self.opts.outage_backoff_max_s)
+                # A loading teacher is polled at least every 2 s: starting late costs little.
+                delay = min(delay * 2, self.opts.outage_backoff_max_s, 2.0)
 
     async def _drain(self) -> None:
         """Give in-flight rollouts `grace_s` to finish; the caller cancels the rest (then released)."""

@@ -109,8 +109,8 @@ def main(argv: Sequence[str]) -> int:
     try:
         if not s.teacher:
             raise ValueError("--teacher: expected at least one teacher URL, got none")
-        if s.procs < 1:
-            raise ValueError(f"--procs: expected >= 1, got {s.procs}")
+        if s.procs < 1 or s.k < 1:
+            raise ValueError(f"--procs and --k: expected >= 1, got {s.procs} and {s.k}")
         keys = RunKeys.for_run(s.run)
         options = worker_options(s)
         config = teacher_config(s)

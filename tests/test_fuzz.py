@@ -17,7 +17,6 @@ import json
 import math
 import os
 import random
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -426,47 +425,7 @@ def _parser_property(raw: bytes, parse: Callable[..., Any], shape: tuple[int, in
         ids_RK, lp_RK = parse(raw, t, p, k)
     except PermanentError:
         return
-    except (OverflowError, ValueError) as exc:
-        if _known_parser_bug(raw, exc, None, shape):
-            return
-        raise
-    if _known_parser_bug(raw, None, (ids_RK, lp_RK), shape):
-        return
     _check_scores(ids_RK, lp_RK, t - p, k)
-
-
-def _innermost(exc: BaseException) -> str:
-    """The function the exception was raised in."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb.tb_frame.f_code.co_name if tb is not None else ""
-
-
-def _known_parser_bug(
-    raw: bytes,
-    exc: BaseException | None,
-    result: tuple[np.ndarray, np.ndarray] | None,
-    shape: tuple[int, ...],
-) -> bool:
-    """True for an outcome of one of the parser bugs reported to the teacher-client owner, each pinned by
-    its own strict-xfail test below (when one is fixed that test XPASSes and fails: delete it and its
-    clause here). Everything else the fuzzers find fails them."""
-    if exc is not None:
-        # P1: a JSON int beyond float range as a logprob (to_float_array), or in a flat list (_decode_flat).
-        # P3: nested lists where numbers belong give 2-D arrays (_pad_rows fails to scatter them).
-        # P4: non-numeric values in SGLang's plain flat lists (_decode_flat).
-        return _innermost(exc) in ("to_float_array", "_pad_rows", "_decode_flat") or (
-            isinstance(exc, OverflowError) and b"0" * 30 in raw
-        )
-    assert result is not None
-    ids_RK = result[0]
-    rows_, k = shape[0] - shape[1], shape[2]
-    # P2: token ids >= 2**31 wrap to negative int32 ids.
-    if ids_RK.size and int(ids_RK.min()) < 0 and re.search(rb"[0-9]{10}", raw):
-        return True
-    # P3: nested lists as SGLang token ids give extra rows.
-    return ids_RK.shape != (rows_, k) and ids_RK.ndim == 2 and ids_RK.shape[0] % rows_ == 0
 
 
 TEACHER_SHAPES = st.sampled_from(
@@ -543,10 +502,9 @@ def _sglang_edit(edit: Callable[[list[Any]], None], base: int = 0) -> bytes:
     return json.dumps(body).encode()
 
 
-P1 = "P1: rows.to_float_array lets OverflowError escape (JSON int beyond float range as a logprob)"
-P2 = "P2: rows.finalize casts int64 ids >= 2**31 to int32 unchecked: they wrap to negative ids"
-P3 = "P3: nested lists as ids/logprobs give 2-D arrays: wrong-shape result or ValueError in _pad_rows"
-P4 = "P4: sglang._decode_flat's plain-list path lets ValueError/OverflowError escape (np.asarray)"
+# Found by the fuzzers above and fixed in pipeline/teacher (843bcc4); kept as regression tests:
+# P1 OverflowError from a JSON int beyond float range as a logprob; P2 ids >= 2**31 wrapping to negative
+# int32; P3 nested lists where numbers belong (2-D arrays); P4 junk in SGLang's plain flat lists.
 C1 = "C1: mpack._map_header packs n >= 65536 with 'H': struct.error re-encoding a decoded rollout"
 
 
@@ -557,7 +515,6 @@ def _first_logprob(value: Any) -> Callable[[dict[str, Any]], None]:
     return edit
 
 
-@pytest.mark.xfail(strict=True, reason=P1)
 @pytest.mark.parametrize("which", ["vllm", "sglang"])
 def test_bug_p1_logprob_beyond_float_range_is_malformed(which: str) -> None:
     if which == "vllm":
@@ -570,7 +527,6 @@ def test_bug_p1_logprob_beyond_float_range_is_malformed(which: str) -> None:
             sglang.parse_response(raw, T, P, K)
 
 
-@pytest.mark.xfail(strict=True, reason=P2)
 @pytest.mark.parametrize("which", ["vllm", "sglang"])
 def test_bug_p2_token_id_beyond_int32_is_malformed(which: str) -> None:
     if which == "vllm":
@@ -589,7 +545,6 @@ def test_bug_p2_token_id_beyond_int32_is_malformed(which: str) -> None:
     assert int(ids_RK.min()) >= 0, f"accepted token ids {ids_RK.tolist()}"
 
 
-@pytest.mark.xfail(strict=True, reason=P3)
 @pytest.mark.parametrize("which", ["vllm-logprobs", "sglang-ids"])
 def test_bug_p3_nested_list_values_are_malformed(which: str) -> None:
     if which == "vllm-logprobs":
@@ -608,7 +563,6 @@ def test_bug_p3_nested_list_values_are_malformed(which: str) -> None:
     assert ids_RK.shape == (T - P, K), f"accepted ids of shape {ids_RK.shape}, expected {(T - P, K)}"
 
 
-@pytest.mark.xfail(strict=True, reason=P4)
 @pytest.mark.parametrize("values", [["a"] * 9, [10**30] * 9])
 def test_bug_p4_sglang_flat_plain_lists_of_junk_are_malformed(values: list[Any]) -> None:
     body = copy.deepcopy(SGLANG_BASES[2])

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgpack
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
@@ -232,6 +233,29 @@ async def test_scores_flow_and_malformed_rollout_goes_to_dead(
 
 async def _count(n: Any, want: int) -> bool:
     return int(await n) >= want
+
+
+async def test_rollout_that_cannot_be_re_encoded_is_never_held_forever(
+    r: aioredis.Redis, keys: RunKeys, redis_url: str, teacher: FakeTeacher
+) -> None:
+    good = make_rollout(0)
+    obj = msgpack.unpackb(encode_rollout(make_rollout(1)), raw=False)
+    obj["meta"] = {str(i): 0 for i in range(70_000)}  # decodes; a map this big may not re-encode
+    await produce(r, keys, [good])
+    await add_rollouts(r, keys, [("r1", msgpack.packb(obj, use_bin_type=True))])
+    async with running(redis_url, keys, teacher.url):
+        await wait_until(lambda: _count(r.xlen(keys.ready), 1), what="the good sample")
+        await wait_until(
+            lambda: _count(_sum(r.xlen(keys.ready), r.xlen(keys.dead)), 2), what="the big one settled"
+        )
+    dead = await dead_entries(r, keys)
+    assert sorted(await ready_ids(r, keys) + [d[b"id"].decode() for d in dead]) == ["r0", "r1"]
+    assert all(d[b"stage"] == b"encode" and b"cannot encode" in d[b"reason"] for d in dead)
+    assert await r.xlen(keys.rollouts) == 0
+
+
+async def _sum(*counts: Any) -> int:
+    return sum([int(await c) for c in counts])
 
 
 async def test_permanent_teacher_error_goes_to_dead_with_reason(

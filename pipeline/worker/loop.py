@@ -266,10 +266,13 @@ class TeacherWorker:
     # ---------------------------------------------------------------------------------- one rollout
 
     async def _process(self, entry: Entry) -> None:
+        """Decode, score, encode and hand off one entry; every way out leaves it published, dead,
+        released (stop), or let go (lost lease, or a bug in the teacher call: reclaimed after the lease
+        and dead after max_deliveries). It is never held forever."""
         try:
             rollout = decode_rollout(entry.data)
-        except WireFormatError as exc:
-            await self._dead_letter(entry, "decode", str(exc))
+        except Exception as exc:  # decoding is a function of the payload alone: retrying cannot help
+            await self._dead_letter(entry, "decode", _reason(exc))
             return
         try:
             scores = await self._score(entry, rollout)
@@ -285,8 +288,8 @@ class TeacherWorker:
             return  # stopping during an outage (released at shutdown), or the lease was lost
         try:
             payload, positions = self._pack(rollout, scores)
-        except WireFormatError as exc:
-            await self._dead_letter(entry, "encode", f"teacher answer does not fit the rollout: {exc}")
+        except Exception as exc:  # deterministic too (this rollout with this answer)
+            await self._dead_letter(entry, "encode", f"cannot encode the scored sample: {_reason(exc)}")
             return
         await self._handoff.submit(entry, payload, positions)
 
@@ -389,3 +392,8 @@ class TeacherWorker:
             self.r, self.keys, in_flight=len(self._owned), ttl_ms=self.opts.heartbeat_ttl_ms,
             teacher=self.client.model_id,
         )  # fmt: skip
+
+
+def _reason(exc: BaseException) -> str:
+    """A dead-letter reason: WireFormatError messages name their field already; others get the class."""
+    return str(exc) if isinstance(exc, WireFormatError) else f"{type(exc).__name__}: {exc}"

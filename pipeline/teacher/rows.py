@@ -34,11 +34,11 @@ def to_float_array(values: list[Any], what: str) -> np.ndarray:
     """float64 [N] array of `values`; JSON null (orjson renders -inf as null) becomes -inf.
     Anything but plain numbers (strings, lists, ints beyond float range) is MalformedResponse."""
     try:
-        arr = np.array(values, dtype=np.float64)  # numpy turns None into NaN here
+        arr = np.fromiter(values, dtype=np.float64, count=len(values))  # None becomes NaN here
+        if arr.size == 0 or not np.isnan(arr.max()) or None not in values:
+            return arr
     except (TypeError, ValueError, OverflowError):
-        arr = None
-    if arr is not None and arr.ndim == 1 and (arr.size == 0 or not np.isnan(arr.max()) or None not in values):
-        return arr
+        pass
     try:
         arr = np.array([-np.inf if v is None else v for v in values], dtype=np.float64)
     except (TypeError, ValueError, OverflowError) as exc:

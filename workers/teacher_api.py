@@ -133,19 +133,28 @@ def validate_completion(body: dict[str, Any], server: TeacherServer) -> Completi
     return CompletionRequest(_prompts(body, server), prompt_k, sample_k)
 
 
-def prompt_logprobs_rows(ids: list[int], res: ScoreResult, k: int, decoded: list[str]) -> list[Any]:
-    """vLLM's `prompt_logprobs` list for one prompt (T entries, the first null)."""
+def prompt_logprobs_rows(
+    ids: list[int], res: ScoreResult, k: int, decoded: list[str], id_strs: list[str]
+) -> list[Any]:
+    """vLLM's `prompt_logprobs` list for one prompt (T entries, the first null). `decoded`/`id_strs`: the
+    decoded text and the decimal string of every token id (precomputed: this loop is the server's
+    per-position Python cost)."""
     T = len(ids)
     top_ids = res.topk_ids_TK[: T - 1, :k].tolist()
     top_lp = np.maximum(res.topk_logprobs_TK[: T - 1, :k].astype(np.float64), NEG_INF_SENTINEL).tolist()
     act_lp = np.maximum(res.actual_logprobs_T[: T - 1].astype(np.float64), NEG_INF_SENTINEL).tolist()
     act_rank = res.actual_ranks_T[: T - 1].tolist()
+    ranks = range(1, k + 1)
     rows: list[Any] = [None]
     for p in range(T - 1):  # row p (distribution at position p) is prompt_logprobs[p + 1]
-        actual = ids[p + 1]
-        row = {str(actual): {"logprob": act_lp[p], "rank": act_rank[p], "decoded_token": decoded[actual]}}
-        for r, (tid, lp) in enumerate(zip(top_ids[p], top_lp[p], strict=True)):
-            row[str(tid)] = {"logprob": lp, "rank": r + 1, "decoded_token": decoded[tid]}
+        a = ids[p + 1]
+        row = {id_strs[a]: {"logprob": act_lp[p], "rank": act_rank[p], "decoded_token": decoded[a]}}
+        row.update(
+            {
+                id_strs[t]: {"logprob": lp, "rank": r, "decoded_token": decoded[t]}
+                for t, lp, r in zip(top_ids[p], top_lp[p], ranks, strict=True)
+            }
+        )
         rows.append(row)
     return rows
 
@@ -173,7 +182,7 @@ def render_choice(
         }
     prompt_logprobs = None
     if req.prompt_k is not None:
-        prompt_logprobs = prompt_logprobs_rows(ids, res, req.prompt_k, decoded)
+        prompt_logprobs = prompt_logprobs_rows(ids, res, req.prompt_k, decoded, server.id_strs)
     return {
         "index": index,
         "text": text,

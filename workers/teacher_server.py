@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import signal
 import time
 import uuid
@@ -52,6 +53,7 @@ class TeacherServerSettings:
     max_wait_ms: float = setting(5.0, "How long a request waits for others to share its forward pass.")
     max_pending: int = setting(1024, "Prompts queued or running before new requests get HTTP 429.")
     max_body_bytes: int = setting(64 * 1024 * 1024, "Largest request body in bytes (413 above).")
+    threads: int = setting(0, "Torch CPU threads (0: half the cores, at most 8; oversubscribed cores crawl).")
     log_level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
 
 
@@ -84,6 +86,7 @@ class TeacherServer:
         self.pending = 0
         self.created = int(time.time())
         self._decoded: list[str] | None = None
+        self.id_strs = [str(i) for i in range(self.vocab_size)]
 
     def decoded(self) -> list[str]:
         """decoded_token text of every id (computed once; ids the tokenizer cannot decode give "")."""
@@ -261,8 +264,18 @@ async def start_server(
     return RunningServer(server, runner, f"http://{settings.host}:{port}")
 
 
+def set_threads(settings: TeacherServerSettings) -> int:
+    """Set torch's intra-op threads for this process (the server's own process only: it is global)."""
+    import torch
+
+    n = settings.threads or max(1, min(8, (os.cpu_count() or 2) // 2))
+    torch.set_num_threads(n)
+    return n
+
+
 async def serve(settings: TeacherServerSettings) -> None:
     """Run until SIGINT/SIGTERM."""
+    set_threads(settings)
     running = await start_server(settings)
     log.info(
         "gkd teacher serving %s on %s (max_logprobs=%d, device=%s, dtype=%s)",

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import MalformedResponse, TeacherBadRequest, TeacherOverloaded, TeacherServerError
-from pipeline.teacher import http, sglang, vllm
+from pipeline.teacher import binary, http, sglang, vllm
 
 
 def make_topk(T: int, k: int, V: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -241,3 +241,22 @@ def test_status_classes_and_other_bodies() -> None:
     assert "upstream down" in str(http.error_for_status(503, b"upstream down", "u"))
     assert http.server_message(b'{"error": "Unauthorized"}') == "Unauthorized"
     assert http.server_message(b'{"detail": "Not Found"}') == "Not Found"
+
+
+def test_binary_round_trip_and_errors() -> None:
+    ids, lp, _ = make_topk(9, 4)
+    lp[-1, -1] = -np.inf
+    raw = binary.render(ids[3:], lp[3:], "m")
+    got_ids, got_lp = binary.parse_response(raw, 9, 3, 4)
+    np.testing.assert_array_equal(got_ids, ids[3:])
+    np.testing.assert_allclose(got_lp, lp[3:].astype(np.float32))
+    with pytest.raises(MalformedResponse, match=r"expected \[5, 4\] arrays"):
+        binary.parse_response(raw, 9, 4, 4)
+    with pytest.raises(MalformedResponse, match="binary top-k"):
+        binary.parse_response(raw[:-3], 9, 3, 4)
+    bad = lp[3:].copy()
+    bad[0, 0] = 0.7
+    with pytest.raises(MalformedResponse, match="expected logprobs <= 0"):
+        binary.parse_response(binary.render(ids[3:], bad, "m"), 9, 3, 4)
+    assert binary.advertised({"data": [{"id": "m", binary.ADVERT_FIELD: binary.MEDIA_TYPE}]})
+    assert not binary.advertised({"data": [{"id": "m"}]}) and not binary.advertised([])

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.teacher import TeacherClient, TeacherConfig
+from pipeline.teacher import TeacherClient, TeacherConfig, binary
 from workers.redis_server import env_without_proxy, free_port
 from workers.teacher_server import RunningServer, TeacherServerSettings, load, start_server
 from workers.tiny_models import tiny_models
@@ -109,11 +109,17 @@ async def test_concurrent_requests_share_forward_passes(
     assert all(a[1]["choices"][0]["prompt_logprobs"] == first for a in answers)
 
 
-async def test_client_scores_equal_direct_torch(server: RunningServer, loaded: tuple[Any, Any]) -> None:
+@pytest.mark.parametrize("use_binary", [True, False])
+async def test_client_scores_equal_direct_torch(
+    server: RunningServer, loaded: tuple[Any, Any], use_binary: bool
+) -> None:
     model, tok = loaded
-    config = TeacherConfig([server.url], k=K_MAX, student_tokenizer=str(tiny_models().student))
+    config = TeacherConfig(
+        [server.url], k=K_MAX, student_tokenizer=str(tiny_models().student), binary=use_binary
+    )
     async with TeacherClient(config) as client:
         assert client.backend == "vllm" and client.model_id == server.server.model_name
+        assert client.endpoints.endpoints[0].binary is use_binary  # the server advertises the extension
         for ids in prompts(tok):
             prompt_len = max(1, len(ids) // 2)
             got = await client.score(np.asarray(ids, dtype=np.int32), prompt_len)
@@ -254,3 +260,22 @@ def test_gkd_teacher_subprocess(teacher_path: Path, tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_binary_extension_is_opt_in(server: RunningServer) -> None:
+    ids = list(range(5, 30))
+    body = {"prompt": ids, "prompt_logprobs": 4, binary.ROWS_FROM_FIELD: 10}
+    async with aiohttp.ClientSession(trust_env=False, timeout=aiohttp.ClientTimeout(total=60)) as s:
+        headers = {"Accept": binary.MEDIA_TYPE}
+        async with s.post(server.url + "/v1/completions", json=body, headers=headers) as resp:
+            assert resp.status == 200 and resp.content_type == binary.MEDIA_TYPE
+            ids_RK, lp_RK = binary.parse_response(await resp.read(), len(ids), 10, 4)
+        async with s.post(server.url + "/v1/completions", json=body) as resp:  # no Accept: plain JSON
+            pl = (await resp.json())["choices"][0]["prompt_logprobs"]
+    assert ids_RK.shape == (15, 4)
+    for r in range(15):
+        row = sorted((e["rank"], int(t), e["logprob"]) for t, e in pl[10 + r].items() if e["rank"] <= 4)
+        assert [t for _, t, _ in row] == ids_RK[r].tolist()
+        np.testing.assert_allclose([v for _, _, v in row], lp_RK[r], atol=1e-6)
+    status, err = await post(server.url + "/v1/completions", {**body, binary.ROWS_FROM_FIELD: 25})
+    assert status == 400 and binary.ROWS_FROM_FIELD in err["error"]["message"]

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.teacher import binary
+
 if TYPE_CHECKING:
     from workers.teacher_batcher import ScoreResult
     from workers.teacher_server import TeacherServer
@@ -40,6 +42,8 @@ class CompletionRequest:
     """Top-k prompt logprobs per position (None: not asked)."""
     sample_k: int | None
     """Top-n logprobs of the generated token (None: not asked, `logprobs` is null)."""
+    rows_from: int | None = None
+    """Binary extension: the first token whose distribution is returned (pipeline/teacher/binary.py)."""
 
     @property
     def job_k(self) -> int:
@@ -130,7 +134,31 @@ def validate_completion(body: dict[str, Any], server: TeacherServer) -> Completi
         raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}.", param="max_tokens")
     prompt_k = _k(body, "prompt_logprobs", "prompt", server)
     sample_k = _k(body, "logprobs", "sample", server)
-    return CompletionRequest(_prompts(body, server), prompt_k, sample_k)
+    req = CompletionRequest(_prompts(body, server), prompt_k, sample_k)
+    rows_from = body.get(binary.ROWS_FROM_FIELD)
+    if rows_from is not None:
+        T = len(req.prompts[0])
+        ok = isinstance(rows_from, int) and 1 <= rows_from < T and len(req.prompts) == 1 and prompt_k
+        if not ok:
+            raise ApiError(
+                400,
+                f"{binary.ROWS_FROM_FIELD}: expected an int in [1, {T}) with one token-id prompt and "
+                f"prompt_logprobs >= 1, got {rows_from!r} with {len(req.prompts)} prompts",
+                param=binary.ROWS_FROM_FIELD,
+            )
+        req.rows_from = rows_from
+    return req
+
+
+def render_binary(ids: list[int], res: ScoreResult, req: CompletionRequest, model: str) -> bytes:
+    """The binary top-k body: rows for tokens rows_from..T-1 (row p of `res` is over token p + 1)."""
+    assert req.rows_from is not None and req.prompt_k is not None
+    T, k = len(ids), req.prompt_k
+    return binary.render(
+        res.topk_ids_TK[req.rows_from - 1 : T - 1, :k],
+        res.topk_logprobs_TK[req.rows_from - 1 : T - 1, :k],
+        model,
+    )
 
 
 def prompt_logprobs_rows(

@@ -28,7 +28,8 @@ import orjson
 from aiohttp import web
 
 from pipeline.settings import parse, redacted, setting
-from workers.teacher_api import ApiError, render_choice, validate_completion
+from pipeline.teacher import binary
+from workers.teacher_api import ApiError, render_binary, render_choice, validate_completion
 from workers.teacher_batcher import Batcher, BatcherConfig
 
 log = logging.getLogger("gkd.teacher.server")
@@ -151,6 +152,7 @@ class TeacherServer:
             "parent": None,
             "max_model_len": self.max_model_len,
             "permission": [],
+            binary.ADVERT_FIELD: binary.MEDIA_TYPE,  # opt-in binary top-k (pipeline/teacher/binary)
         }
         return json_response({"object": "list", "data": [card]})
 
@@ -177,6 +179,9 @@ class TeacherServer:
             results = await asyncio.gather(*(self.batcher.submit(ids, req.job_k) for ids in req.prompts))
         finally:
             self.pending -= len(req.prompts)
+        if req.rows_from is not None and binary.MEDIA_TYPE in request.headers.get("Accept", ""):
+            body = render_binary(req.prompts[0], results[0], req, self.model_name)
+            return web.Response(body=body, content_type=binary.MEDIA_TYPE)
         choices = [
             render_choice(i, ids, res, req, self)
             for i, (ids, res) in enumerate(zip(req.prompts, results, strict=True))

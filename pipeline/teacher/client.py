@@ -35,10 +35,16 @@ from pipeline.errors import (
     TeacherConnectionError,
     WireFormatError,
 )
-from pipeline.teacher import sglang, vllm
+from pipeline.teacher import binary, sglang, vllm
 from pipeline.teacher.endpoints import Endpoint, EndpointSet
 from pipeline.teacher.http import HttpLimits, make_session, request, status_of
-from pipeline.teacher.startup import check_tokenizer, detect_backend, discover_model, probe_health
+from pipeline.teacher.startup import (
+    binary_endpoints,
+    check_tokenizer,
+    detect_backend,
+    discover_model,
+    probe_health,
+)
 
 log = logging.getLogger("gkd.teacher")
 
@@ -82,6 +88,8 @@ class TeacherConfig:
     """Largest response body accepted."""
     sglang_flat: bool = True
     """SGLang: ask for the flat base64 top-logprobs (no nested JSON); servers without it answer nested."""
+    binary: bool = True
+    """Use the binary top-k response with endpoints that advertise it (the reference server does)."""
 
 
 @dataclass
@@ -101,9 +109,12 @@ class TeacherScores:
 
 @dataclass
 class _Request:
-    num_tokens: int
+    ids: list[int]
     prompt_len: int
     payload: bytes
+    """The JSON body (vLLM or SGLang)."""
+    binary_payload: bytes | None = None
+    """The body for endpoints with the binary extension (built when first needed)."""
     tried: set[str] = field(default_factory=set)
     last_error: RetryableError | None = None
 
@@ -174,8 +185,11 @@ class TeacherClient:
             self.backend = await detect_backend(session, first, self._limits)
         if self._model_id is None or self.backend == "vllm":
             self._model_id = await discover_model(session, first, self.backend, self._model_id, self._limits)
-        for url in healthy:
-            await self._probe_k(url)
+        alive = [e for e in self.endpoints.endpoints if e.url in healthy]
+        if self.backend == "vllm" and self.config.binary:
+            await binary_endpoints(session, alive, self._limits)
+        for ep in alive:
+            await self._probe_k(ep)
         if self.config.student_tokenizer:
             await check_tokenizer(session, first, self._model_id, self.config.student_tokenizer, self._limits)
         self._started = True
@@ -188,12 +202,14 @@ class TeacherClient:
             len(healthy),
         )
 
-    async def _probe_k(self, url: str) -> None:
-        """One real request with k on `url`: a 400 means k is above the server's limit; the answer is
+    async def _probe_k(self, ep: Endpoint) -> None:
+        """One real request with k on `ep`: a 400 means k is above the server's limit; the answer is
         parsed and validated like any other (so a raw-logits server is refused at start)."""
+        url = ep.url
         ids = [0, 1, 2]
+        req = _Request(ids, 1, self._json_payload(ids, 1))
         try:
-            raw = await self._post(url, self._payload(ids, 1))
+            raw, content_type = await self._post(ep, req)
         except TeacherBadRequest as exc:
             hint = (
                 "restart vLLM with --max-logprobs >= {k} (gkd teacher: --max-logprobs {k})"
@@ -204,7 +220,7 @@ class TeacherClient:
                 f"teacher {url} refused top-k={self.config.k}: {exc}. Fix: {hint.format(k=self.config.k)}, "
                 f"or lower --k"
             ) from None
-        self._parse(raw, len(ids), 1)
+        self._parse(raw, content_type, req)
 
     async def close(self) -> None:
         """Close the HTTP session (idempotent)."""
@@ -225,22 +241,35 @@ class TeacherClient:
 
     # -------------------------------------------------------------------------------------- scoring
 
-    def _payload(self, ids: list[int], prompt_len: int) -> bytes:
+    def _json_payload(self, ids: list[int], prompt_len: int) -> bytes:
         if self.backend == "sglang":
             return orjson.dumps(
                 sglang.build_request(ids, prompt_len, self.config.k, flat=self.config.sglang_flat)
             )
         return orjson.dumps(vllm.build_request(ids, self.config.k, self.model_id))
 
-    def _parse(self, raw: bytes, num_tokens: int, prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
+    def _parse(self, raw: bytes, content_type: str, req: _Request) -> tuple[np.ndarray, np.ndarray]:
+        T, P, k = len(req.ids), req.prompt_len, self.config.k
+        if content_type.startswith(binary.MEDIA_TYPE):
+            return binary.parse_response(raw, T, P, k)
         if self.backend == "sglang":
-            return sglang.parse_response(raw, num_tokens, prompt_len, self.config.k)
-        return vllm.parse_response(raw, num_tokens, prompt_len, self.config.k)
+            return sglang.parse_response(raw, T, P, k)
+        return vllm.parse_response(raw, T, P, k)
 
-    async def _post(self, url: str, payload: bytes) -> bytes:
+    async def _post(self, ep: Endpoint, req: _Request) -> tuple[bytes, str]:
+        """(body, content type) of `ep`'s answer to `req` (binary when `ep` offers it)."""
         path = sglang.GENERATE_PATH if self.backend == "sglang" else vllm.COMPLETIONS_PATH
-        raw, _ = await request(self._ensure_session(), "POST", url + path, data=payload, limits=self._limits)
-        return raw
+        payload, accept = req.payload, "application/json"
+        if ep.binary:
+            if req.binary_payload is None:
+                body = binary.build_request(req.ids, self.config.k, self.model_id, req.prompt_len)
+                req.binary_payload = orjson.dumps(body)
+            payload, accept = req.binary_payload, binary.MEDIA_TYPE
+        session = self._ensure_session()
+        raw, headers = await request(
+            session, "POST", ep.url + path, data=payload, limits=self._limits, accept=accept
+        )
+        return raw, headers.get("Content-Type", "")
 
     async def score(self, input_ids: np.ndarray, prompt_len: int) -> TeacherScores:
         """Teacher top-k for tokens prompt_len..T-1 of `input_ids` (int [T]).
@@ -254,7 +283,8 @@ class TeacherClient:
         T = int(ids.shape[0])
         if not 1 <= prompt_len < T:
             raise WireFormatError("prompt_len", f"expected 1 <= prompt_len < T={T}, got {prompt_len}")
-        req = _Request(T, prompt_len, self._payload(ids.tolist(), prompt_len))
+        ids_list = ids.tolist()
+        req = _Request(ids_list, prompt_len, self._json_payload(ids_list, prompt_len))
         attempts = 0
         while True:
             attempts += 1
@@ -290,8 +320,8 @@ class TeacherClient:
         verdict = False
         try:
             async with self.endpoints.slot(ep):
-                raw = await self._post(ep.url, req.payload)
-            ids_RK, lp_RK = self._parse(raw, req.num_tokens, req.prompt_len)
+                raw, content_type = await self._post(ep, req)
+            ids_RK, lp_RK = self._parse(raw, content_type, req)
             verdict = True
         except RetryableError as exc:
             verdict = True

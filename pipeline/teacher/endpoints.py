@@ -33,6 +33,8 @@ class Endpoint:
     probing: bool = False
     requests: int = 0
     failures: int = 0
+    binary: bool = False
+    """The endpoint advertised the binary top-k response (pipeline/teacher/binary.py)."""
     semaphore: asyncio.Semaphore = field(init=False)
 
     def __post_init__(self) -> None:

@@ -19,7 +19,7 @@ from pipeline.errors import (
     TeacherBadRequest,
     TeacherConnectionError,
 )
-from pipeline.teacher import sglang, vllm
+from pipeline.teacher import binary, sglang, vllm
 from pipeline.teacher.endpoints import Endpoint
 from pipeline.teacher.http import HttpLimits, request, status_of
 
@@ -113,6 +113,22 @@ async def discover_model(
     if wanted not in ids:
         raise TeacherIncompatible(f"teacher {url}: expected it to serve model {wanted!r}, got models {ids}")
     return wanted
+
+
+async def binary_endpoints(
+    session: aiohttp.ClientSession, endpoints: Sequence[Endpoint], limits: HttpLimits
+) -> list[str]:
+    """URLs (of `endpoints`) whose /v1/models card advertises the binary top-k response; marks them."""
+    found = []
+    for ep in endpoints:
+        try:
+            body = await _get_json(session, ep.url + vllm.MODELS_PATH, limits)
+        except GKDError:
+            continue
+        ep.binary = binary.advertised(body)
+        if ep.binary:
+            found.append(ep.url)
+    return found
 
 
 async def check_tokenizer(

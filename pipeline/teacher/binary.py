@@ -1,0 +1,70 @@
+"""The reference teacher's opt-in binary response: top-k rows as packed msgpack tensors, no JSON.
+
+A server that offers it says so in its `/v1/models` card: ``"gkd_binary_topk": MEDIA_TYPE``. A client
+that wants it sends the ordinary vLLM completions body plus ``"gkd_rows_from": prompt_len`` with
+``Accept: MEDIA_TYPE``; the answer is the msgpack map
+
+    {"v": 1, "model": str, "ids": <int32 [R, k] tensor>, "logprobs": <float32 [R, k] tensor>}
+
+(tensors as in pipeline/codec: {"dtype", "shape", "data"}), where row r is the distribution over token
+gkd_rows_from + r, sorted descending, -inf as IEEE -inf. vLLM and SGLang never see these fields: the
+client uses them only with endpoints that advertise the extension. The rows are validated exactly like
+JSON answers (rows.finalize).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pipeline import mpack
+from pipeline.codec import ID_DTYPES, LOGPROB_DTYPES, pack_tensor, unpack_tensor
+from pipeline.errors import MalformedResponse, WireFormatError
+from pipeline.teacher import rows, vllm
+
+MEDIA_TYPE = "application/x-gkd-topk+msgpack"
+ADVERT_FIELD = "gkd_binary_topk"
+ROWS_FROM_FIELD = "gkd_rows_from"
+VERSION = 1
+
+
+def advertised(models_body: Any) -> bool:
+    """True when a `/v1/models` body's first card offers the binary response."""
+    data = models_body.get("data") if isinstance(models_body, dict) else None
+    card = data[0] if isinstance(data, list) and data and isinstance(data[0], dict) else {}
+    return card.get(ADVERT_FIELD) == MEDIA_TYPE
+
+
+def build_request(input_ids: list[int], k: int, model: str, prompt_len: int) -> dict[str, Any]:
+    """The vLLM completions body plus the rows-from field."""
+    return {**vllm.build_request(input_ids, k, model), ROWS_FROM_FIELD: prompt_len}
+
+
+def render(ids_RK: np.ndarray, logprobs_RK: np.ndarray, model: str) -> bytes:
+    """The binary body for rows already sorted descending (server side)."""
+    return mpack.dumps(
+        {
+            "v": VERSION,
+            "model": model,
+            "ids": pack_tensor(np.ascontiguousarray(ids_RK, dtype="<i4"), "ids"),
+            "logprobs": pack_tensor(np.ascontiguousarray(logprobs_RK, dtype="<f4"), "logprobs"),
+        }
+    )
+
+
+def parse_response(raw: bytes, num_tokens: int, prompt_len: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32 [R, k], logprobs float32 [R, k]) from a binary body; MalformedResponse when invalid."""
+    what = "binary top-k"
+    try:
+        obj = mpack.loads(raw)
+        if not isinstance(obj, dict) or obj.get("v") != VERSION:
+            raise MalformedResponse(f"{what}: expected a msgpack map with v={VERSION}, got {str(obj)[:80]}")
+        ids_RK = unpack_tensor(obj.get("ids"), "ids", ID_DTYPES, 2)
+        lp_RK = unpack_tensor(obj.get("logprobs"), "logprobs", LOGPROB_DTYPES, 2)
+    except (ValueError, WireFormatError) as exc:
+        raise MalformedResponse(f"{what}: {exc}") from None
+    R = num_tokens - prompt_len
+    if ids_RK.shape != (R, k) or lp_RK.shape != (R, k):
+        raise MalformedResponse(f"{what}: expected [{R}, {k}] arrays, got {ids_RK.shape} and {lp_RK.shape}")
+    return rows.finalize(ids_RK.reshape(-1), lp_RK.reshape(-1), None, k, what, row_offset=prompt_len)

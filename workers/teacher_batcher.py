@@ -6,7 +6,7 @@ one-thread executor (the event loop stays responsive) under `torch.inference_mod
 log_softmax, top-k, the actual tokens' logprobs and ranks ON THE DEVICE, and copies only [T, k]-sized
 results per job to the CPU.
 
-Shape legend: B = jobs in a batch, L = longest T in the batch, V = vocab, K = largest k in the batch,
+Shape legend: B = jobs in a batch, L = longest T in the batch, V = vocab, K = a job's k,
 T = one job's tokens. Row p of a job's arrays is the distribution predicted at position p, i.e. over
 token p + 1 (row T - 1 predicts the next, generated token).
 """
@@ -151,37 +151,34 @@ class Batcher:
         import torch
 
         B, L = len(jobs), max(len(j.ids) for j in jobs)
-        K = max(j.k for j in jobs)
         ids_BL = torch.full((B, L), self.config.pad_id, dtype=torch.long)
         mask_BL = torch.zeros((B, L), dtype=torch.long)
         for b, job in enumerate(jobs):
             ids_BL[b, : len(job.ids)] = torch.tensor(job.ids, dtype=torch.long)
             mask_BL[b, : len(job.ids)] = 1
-        ids_BL, mask_BL = ids_BL.to(self.device), mask_BL.to(self.device)
         with torch.inference_mode():
-            logits_BLV = self.model(input_ids=ids_BL, attention_mask=mask_BL).logits
-            logprobs_BLV = torch.log_softmax(logits_BLV.float(), dim=-1)
-            del logits_BLV
-            top_lp_BLK, top_ids_BLK = logprobs_BLV.topk(min(K, logprobs_BLV.shape[-1]), dim=-1)
-            # the token each position predicts: the next input id, or the greedy choice at the end
-            next_BL = torch.zeros_like(ids_BL)  # padding positions gather id 0 (ignored)
-            next_BL[:, :-1] = ids_BL[:, 1:]
-            rows_B = torch.arange(B, device=ids_BL.device)
-            last_B = mask_BL.sum(dim=1) - 1
-            next_BL[rows_B, last_B] = top_ids_BLK[rows_B, last_B, 0]
-            actual_BL = logprobs_BLV.gather(-1, next_BL.unsqueeze(-1)).squeeze(-1)
-            rank_BL = (logprobs_BLV > actual_BL.unsqueeze(-1)).sum(dim=-1) + 1
-            del logprobs_BLV
-            out = [t.cpu().numpy() for t in (top_ids_BLK, top_lp_BLK, actual_BL, rank_BL)]
-        results = []
-        for b, job in enumerate(jobs):
-            T = len(job.ids)
-            results.append(
-                ScoreResult(
-                    topk_ids_TK=out[0][b, :T, : job.k],
-                    topk_logprobs_TK=out[1][b, :T, : job.k].astype(np.float32),
-                    actual_logprobs_T=out[2][b, :T].astype(np.float32),
-                    actual_ranks_T=out[3][b, :T],
-                )
-            )
-        return results
+            logits_BLV = self.model(
+                input_ids=ids_BL.to(self.device), attention_mask=mask_BL.to(self.device)
+            ).logits
+            # per job, so the float32 log-softmax is [T, V], never [B, L, V], and padding is skipped
+            return [self._topk(logits_BLV[b, : len(job.ids)], job) for b, job in enumerate(jobs)]
+
+    @staticmethod
+    def _topk(logits_TV: Any, job: ScoreJob) -> ScoreResult:
+        """Top-k, the actual next tokens' logprobs and ranks of one job, on the logits' device."""
+        import torch
+
+        logprobs_TV = torch.log_softmax(logits_TV.float(), dim=-1)
+        top_lp_TK, top_ids_TK = logprobs_TV.topk(min(job.k, logprobs_TV.shape[-1]), dim=-1)
+        # position p predicts token p + 1; the last position predicts the greedy next token
+        next_T = torch.empty(len(job.ids), dtype=torch.long, device=logprobs_TV.device)
+        next_T[:-1] = torch.tensor(job.ids[1:], dtype=torch.long)
+        next_T[-1] = top_ids_TK[-1, 0]
+        actual_T = logprobs_TV.gather(-1, next_T.unsqueeze(-1)).squeeze(-1)
+        rank_T = (logprobs_TV > actual_T.unsqueeze(-1)).sum(dim=-1) + 1
+        return ScoreResult(
+            topk_ids_TK=top_ids_TK.cpu().numpy(),
+            topk_logprobs_TK=top_lp_TK.cpu().numpy(),
+            actual_logprobs_T=actual_T.cpu().numpy(),
+            actual_ranks_T=rank_T.cpu().numpy(),
+        )

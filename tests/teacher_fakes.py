@@ -43,6 +43,7 @@ FAULTS = (
 
 
 def _err(status: int, message: str, typ: str = "BadRequestError", flat: bool = False) -> web.Response:
+    body: dict[str, Any]
     if flat:  # vLLM before the OpenAI-style nesting
         body = {"object": "error", "message": message, "type": typ, "param": None, "code": status}
     else:

@@ -1,0 +1,424 @@
+"""Shared machinery of the fault suite (tests/test_faults_*.py): real processes, a fault-injecting teacher,
+rollouts whose index the teacher reads back from their tokens, a producer, and the ledger.
+
+The ledger is the suite's judge. Every produced rollout id must end in exactly one place:
+- `ready` (worker-side scenarios: nothing consumes it, so a duplicate handoff shows as two entries), or
+- one optimizer step of the trainer's `--sample-log` (full-pipeline scenarios; steps a killed trainer
+  took after its last checkpoint are discarded, as the resumed run retrains them), or
+- the `dead` stream, with a stage and a reason.
+Losses (ids nowhere), duplicates (an id twice) and strays (ids never produced) are counted explicitly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import inspect
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from pipeline.backpressure import Backpressure, WaterMarks
+from pipeline.codec import Rollout, decode_scored, encode_rollout
+from pipeline.keys import RunKeys
+from pipeline.streams import add_rollouts, ensure_groups
+from tests.teacher_fakes import FakeTeacher
+from workers.redis_server import env_without_proxy
+
+ROOT = Path(__file__).resolve().parents[1]
+K = 4
+#: Rollout i carries i in its first two tokens (base SPAN), so a teacher knows which rollout it scores.
+SPAN = 300
+#: Rollouts have at least this many tokens; shorter prompts are clients' start-up probes.
+MIN_TOKENS = 6
+
+# ------------------------------------------------------------------------------------------- rollouts
+
+
+def rollout_id(prefix: str, i: int) -> str:
+    return f"{prefix}-{i:05d}"
+
+
+def rollout_of(prefix: str, i: int, seed: int = 0) -> Rollout:
+    """Rollout i: tokens [i // SPAN, i % SPAN, 4..13 more below 64], prompt_len 2..4 (student vocab 320)."""
+    rng = np.random.default_rng(seed * 1_000_003 + i)
+    tail = rng.integers(0, 64, size=int(rng.integers(4, 12)))
+    ids = np.concatenate([[i // SPAN, i % SPAN], tail]).astype(np.int32)
+    return Rollout(
+        id=rollout_id(prefix, i), input_ids=ids, prompt_len=int(rng.integers(2, 5)), source="dataset"
+    )
+
+
+def rollouts(n: int, prefix: str = "r", start: int = 0, seed: int = 0) -> list[tuple[str, bytes]]:
+    """(id, payload) of rollouts start..start+n-1."""
+    out = []
+    for i in range(start, start + n):
+        ro = rollout_of(prefix, i, seed)
+        out.append((ro.id, encode_rollout(ro)))
+    return out
+
+
+def index_of(prompt: Sequence[int]) -> int:
+    return int(prompt[0]) * SPAN + int(prompt[1])
+
+
+async def produce(
+    r: aioredis.Redis,
+    keys: RunKeys,
+    items: Sequence[tuple[str, bytes]],
+    *,
+    batch: int = 25,
+    marks: WaterMarks | None = None,
+    stop: asyncio.Event | None = None,
+) -> int:
+    """Add `items` to the rollouts stream in batches, waiting for room above the high-water mark like
+    `gkd rollouts` does. Returns how many were acknowledged by Redis."""
+    await ensure_groups(r, keys)
+    bp = Backpressure(r, keys, "rollouts", marks or WaterMarks())
+    done = 0
+    for i in range(0, len(items), batch):
+        if stop is not None and stop.is_set():
+            break
+        await bp.wait_for_room(stop)
+        await add_rollouts(r, keys, items[i : i + batch])
+        done += len(items[i : i + batch])
+    return done
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+
+class Procs:
+    """Processes started by one test, by name; every one is killed at teardown (no leaks)."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.by_name: dict[str, subprocess.Popen[bytes]] = {}
+        self.all: list[subprocess.Popen[bytes]] = []
+        self.spawns: collections.Counter[str] = collections.Counter()
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start `args` with the proxy-free environment; output appends to <log_dir>/<name>.log."""
+        full = env_without_proxy()
+        full.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(env or {})})
+        with open(self.log(name), "ab") as fh:
+            proc = subprocess.Popen(args, cwd=ROOT, env=full, stdout=fh, stderr=subprocess.STDOUT)
+        self.by_name[name] = proc
+        self.all.append(proc)
+        self.spawns[name] += 1
+        return proc
+
+    def log(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
+    def tail(self, name: str, n: int = 3000) -> str:
+        path = self.log(name)
+        return path.read_text(errors="replace")[-n:] if path.exists() else ""
+
+    def signal(self, name: str, sig: int) -> None:
+        proc = self.by_name[name]
+        if proc.poll() is None:
+            proc.send_signal(sig)
+
+    def kill9(self, name: str) -> int:
+        """SIGKILL `name` and reap it; returns its exit status."""
+        proc = self.by_name[name]
+        if proc.poll() is None:
+            proc.kill()
+        return proc.wait(30)
+
+    async def wait(self, name: str, timeout_s: float) -> int:
+        proc = self.by_name[name]
+        rc = await asyncio.to_thread(proc.wait, timeout_s)
+        return int(rc)
+
+    def started(self, name: str, marker: str) -> int:
+        """How many times `marker` appears in the log of `name` (e.g. a worker's start-up line)."""
+        return self.tail(name, 10**8).count(marker)
+
+    def alive(self, name: str) -> bool:
+        return self.by_name[name].poll() is None
+
+    def close(self) -> None:
+        for proc in self.all:
+            if proc.poll() is None:
+                proc.kill()  # SIGKILL ends a SIGSTOPped process too
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    """The test's processes; logs in tmp_path; all killed at teardown."""
+    group = Procs(tmp_path)
+    yield group
+    group.close()
+
+
+def gkd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "workers.cli", *args]
+
+
+def worker_cmd(
+    redis_url: str,
+    run: str,
+    teachers: Sequence[str],
+    name: str,
+    *,
+    k: int = K,
+    lease_ms: int = 1500,
+    max_deliveries: int = 3,
+    concurrency: int = 8,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """`gkd workers` with fault-test timings: short leases, quick heartbeats, short teacher timeouts."""
+    return gkd(
+        "workers", "--run", run, "--redis", redis_url, "--teacher", ",".join(teachers), "--name", name,
+        "--k", str(k), "--lease-ms", str(lease_ms), "--max-deliveries", str(max_deliveries),
+        "--concurrency", str(concurrency), "--heartbeat-ttl-ms", "1000", "--grace-s", "5",
+        "--request-timeout-s", "2", "--max-retries", "2", "--logprob-dtype", "float32", *extra,
+    )  # fmt: skip
+
+
+def trainer_cmd(
+    redis_url: str,
+    run: str,
+    student: str,
+    out: Path,
+    sample_log: Path,
+    *,
+    k: int = K,
+    checkpoint_every: int = 4,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """`gkd train` on the tiny student, small batches, frequent checkpoints, the sample log on."""
+    return gkd(
+        "train", "--run", run, "--redis", redis_url, "--student", student, "--output-dir", str(out),
+        "--sample-log", str(sample_log), "--k", str(k), "--batch-tokens", "160", "--lr", "1e-3",
+        "--warmup-steps", "2", "--checkpoint-every", str(checkpoint_every), "--device", "cpu",
+        "--num-threads", "1", "--lease-ms", "3000", "--log-every", "5", *extra,
+    )  # fmt: skip
+
+
+async def wait_until(
+    pred: Callable[[], Awaitable[bool] | bool],
+    timeout_s: float,
+    what: str,
+    *,
+    procs: Procs | None = None,
+    alive: Sequence[str] = (),
+    poll_s: float = 0.05,
+) -> None:
+    """Poll `pred` (sync or async) until it holds; fail after `timeout_s`, or at once if a process in
+    `alive` exits."""
+    deadline = time.monotonic() + timeout_s
+    while not await _truth(pred()):
+        if procs is not None:
+            for name in alive:
+                if not procs.alive(name):
+                    rc = procs.by_name[name].returncode
+                    raise AssertionError(f"{name} exited ({rc}) waiting for {what}:\n{procs.tail(name)}")
+        if time.monotonic() > deadline:
+            tails = "".join(f"\n--- {n}:\n{procs.tail(n, 1500)}" for n in alive) if procs else ""
+            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}{tails}")
+        await asyncio.sleep(poll_s)
+
+
+async def _truth(value: Awaitable[bool] | bool) -> bool:
+    return bool(await value) if inspect.isawaitable(value) else bool(value)
+
+
+# ----------------------------------------------------------------------------------- faulty teacher
+
+_FAULT: contextvars.ContextVar[str | None] = contextvars.ContextVar("fault", default=None)
+#: plan(rollout index, attempt number from 0) -> a tests.teacher_fakes fault name, "hang", or None (ok).
+Plan = Callable[[int, int], str | None]
+
+
+class FaultyTeacher(FakeTeacher):
+    """FakeTeacher (vLLM) whose faults follow a plan per rollout (by the index in its tokens), that can hold
+    requests (`gate`), hang on chosen rollouts forever, and restart on the same port."""
+
+    def __init__(self, plan: Plan | None = None, **kw: Any) -> None:
+        kw.setdefault("backend", "vllm")
+        kw.setdefault("k_max", 20)
+        super().__init__(**kw)
+        self.plan = plan
+        self.attempts: collections.Counter[int] = collections.Counter()
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.waiting = 0  # requests held at the gate or hanging
+        self.port = 0
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        prompt = body.get("prompt") or []
+        if len(prompt) < MIN_TOKENS:  # a client's start-up probe, not a rollout: never held or faulted
+            return await super()._completions(request)
+        idx = index_of(prompt)
+        n = self.attempts[idx]
+        self.attempts[idx] += 1
+        fault = self.plan(idx, n) if self.plan is not None else None
+        self.waiting += 1
+        try:
+            await self.gate.wait()
+            if fault == "hang":
+                await asyncio.sleep(3600)  # cancelled when the client goes away
+        finally:
+            self.waiting -= 1
+        _FAULT.set(fault)
+        return await super()._completions(request)
+
+    def _next_fault(self) -> str:
+        fault = _FAULT.get()
+        return fault if fault is not None else super()._next_fault()
+
+    async def start(self, port: int = 0) -> FaultyTeacher:  # type: ignore[override]
+        """Serve on 127.0.0.1:`port` (0: a free one; a restart passes the old `self.port`)."""
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._record])
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_post("/v1/completions", self._completions)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", port, reuse_address=True).start()
+        self.port = int(self._runner.addresses[0][1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
+
+
+def check_scores(fake: FakeTeacher, payload: bytes) -> str:
+    """Decode a ready payload and check its top-k equal the fake teacher's for that rollout; returns the id.
+
+    Catches a corrupted or misaligned sample (e.g. a failed call turned into -inf or zero rows)."""
+    s = decode_scored(payload)
+    ro = s.rollout
+    ids_RK, lp_RK = fake.expected(ro.input_ids, ro.prompt_len, s.k)
+    np.testing.assert_array_equal(s.topk_ids, ids_RK, err_msg=f"top-k ids of {ro.id}")
+    np.testing.assert_allclose(s.topk_logprobs, lp_RK, rtol=0, atol=1e-5, err_msg=f"logprobs of {ro.id}")
+    return ro.id
+
+
+# ------------------------------------------------------------------------------------------- ledger
+
+
+@dataclass
+class Outcome:
+    """Where every rollout ended. Counters count occurrences, so a duplicate shows as 2."""
+
+    produced: list[str]
+    ready: collections.Counter[str] = field(default_factory=collections.Counter)
+    trained: collections.Counter[str] = field(default_factory=collections.Counter)
+    dead: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+
+    def places(self, via: str) -> collections.Counter[str]:
+        out = collections.Counter(self.ready if via == "ready" else self.trained)
+        for rid, records in self.dead.items():
+            out[rid] += len(records)
+        return out
+
+    def lost(self, via: str) -> list[str]:
+        seen = self.places(via)
+        return [rid for rid in self.produced if seen[rid] == 0]
+
+    def duplicated(self, via: str) -> dict[str, int]:
+        return {rid: n for rid, n in self.places(via).items() if n > 1}
+
+    def strays(self, via: str) -> list[str]:
+        known = set(self.produced)
+        return [rid for rid in self.places(via) if rid not in known]
+
+    def summary(self, via: str) -> str:
+        return (f"{len(self.produced)} produced, {sum(self.ready.values())} in ready, "
+                f"{sum(self.trained.values())} trained, {sum(map(len, self.dead.values()))} dead; "
+                f"{len(self.lost(via))} lost, {len(self.duplicated(via))} duplicated, "
+                f"{len(self.strays(via))} strays")  # fmt: skip
+
+    def assert_exactly_once(self, via: str) -> None:
+        """Each produced id in exactly one place (ready or trained, or dead); nothing else anywhere."""
+        lost, dup, strays = self.lost(via), self.duplicated(via), self.strays(via)
+        assert not (lost or dup or strays), (
+            f"{self.summary(via)}: lost {lost[:10]}, duplicated {dict(list(dup.items())[:10])}, "
+            f"strays {strays[:10]}"
+        )
+
+
+async def stream_entries(r: aioredis.Redis, stream: str) -> list[dict[str, bytes]]:
+    """Every entry of a stream (fields decoded to str keys), in order."""
+    out: list[dict[str, bytes]] = []
+    last = "-"
+    while True:
+        page: Any = await r.xrange(stream, min=last, max="+", count=1000)
+        if last != "-":
+            page = page[1:]
+        if not page:
+            return out
+        out += [{k.decode(): v for k, v in fields.items()} for _, fields in page]
+        last = page[-1][0].decode()
+
+
+async def dead_letters(r: aioredis.Redis, keys: RunKeys) -> dict[str, list[tuple[str, str]]]:
+    """rollout id -> [(stage, reason)] of the dead stream."""
+    out: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
+    for e in await stream_entries(r, keys.dead):
+        out[e["id"].decode()].append((e["stage"].decode(), e["reason"].decode(errors="replace")))
+    return dict(out)
+
+
+async def ready_ids(r: aioredis.Redis, keys: RunKeys) -> collections.Counter[str]:
+    return collections.Counter(e["id"].decode() for e in await stream_entries(r, keys.ready))
+
+
+def trained_steps(sample_log: Path) -> dict[tuple[int, int], list[str]]:
+    """(rank, step) -> sample ids of the steps the continuing run kept.
+
+    A trainer killed after its last checkpoint lost the steps it took since; the resumed run starts again
+    at checkpoint + 1 and retrains those samples. So when a rank's step number goes back to n, every
+    earlier line of that rank with step >= n is discarded. A torn last line (kill -9) is ignored.
+    """
+    kept: dict[tuple[int, int], list[str]] = {}
+    if not sample_log.exists():
+        return kept
+    for line in sample_log.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        rank, step = int(rec["rank"]), int(rec["step"])
+        for key in [key for key in kept if key[0] == rank and key[1] >= step]:
+            del kept[key]
+        kept[(rank, step)] = list(rec["ids"])
+    return kept
+
+
+async def outcome(
+    r: aioredis.Redis, keys: RunKeys, produced: Sequence[str], sample_log: Path | None = None
+) -> Outcome:
+    out = Outcome(list(produced), ready=await ready_ids(r, keys), dead=await dead_letters(r, keys))
+    if sample_log is not None:
+        for ids in trained_steps(sample_log).values():
+            out.trained.update(ids)
+    return out
+
+
+async def used_memory(r: aioredis.Redis) -> int:
+    info = await r.info("memory")
+    return int(info["used_memory"])
+
+
+def sample_log_count(sample_log: Path) -> int:
+    return sum(len(ids) for ids in trained_steps(sample_log).values())

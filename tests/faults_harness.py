@@ -244,7 +244,8 @@ async def _truth(value: Awaitable[bool] | bool) -> bool:
 # ----------------------------------------------------------------------------------- faulty teacher
 
 _FAULT: contextvars.ContextVar[str | None] = contextvars.ContextVar("fault", default=None)
-#: plan(rollout index, attempt number from 0) -> a tests.teacher_fakes fault name, "hang", or None (ok).
+#: plan(rollout index, attempt number from 0) -> a tests.teacher_fakes fault name, "hang" (never answers),
+#: "trickle" (a correct body in slow pieces), or None (ok).
 Plan = Callable[[int, int], str | None]
 
 
@@ -262,6 +263,7 @@ class FaultyTeacher(FakeTeacher):
         self.gate.set()
         self.waiting = 0  # requests held at the gate or hanging
         self.port = 0
+        self.trickle_s = 4.0  # how long a "trickle" body takes
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -279,8 +281,22 @@ class FaultyTeacher(FakeTeacher):
                 await asyncio.sleep(3600)  # cancelled when the client goes away
         finally:
             self.waiting -= 1
+        if fault == "trickle":  # a correct body sent in slow pieces, past the client's timeout
+            _FAULT.set("ok")
+            return await self._trickle(request, await super()._completions(request))
         _FAULT.set(fault)
         return await super()._completions(request)
+
+    async def _trickle(self, request: web.Request, full: web.StreamResponse) -> web.StreamResponse:
+        body = bytes(getattr(full, "body", b"") or b"")
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        step = max(1, len(body) // 8)
+        for i in range(0, len(body), step):
+            await resp.write(body[i : i + step])
+            await asyncio.sleep(self.trickle_s / 8)
+        return resp
 
     def _next_fault(self) -> str:
         fault = _FAULT.get()

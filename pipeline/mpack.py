@@ -140,7 +140,9 @@ def _bin_header(n: int) -> bytes:
 
 
 def _map_header(n: int) -> bytes:
-    return bytes((0x80 | n,)) if n < 16 else b"\xde" + _U16.pack(n)
+    if n < 16:
+        return bytes((0x80 | n,))
+    return b"\xde" + _U16.pack(n) if n < 0x10000 else b"\xdf" + _U32.pack(n)
 
 
 def _parts(obj: Any, out: list[Any]) -> None:

@@ -574,7 +574,6 @@ def test_bug_p4_sglang_flat_plain_lists_of_junk_are_malformed(values: list[Any])
         sglang.parse_response(json.dumps(body).encode(), T, P, K)
 
 
-@pytest.mark.xfail(strict=True, reason=C1)
 def test_bug_c1_decoded_rollout_with_a_large_meta_map_re_encodes() -> None:
     """decode_rollout accepts a meta map of 70,000 entries (0.5 MB, under every limit); the worker then
     re-encodes it inside its ScoredSample. Either decode must refuse it or encode must work."""

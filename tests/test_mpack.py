@@ -99,3 +99,9 @@ def test_dumps_round_trips_and_copies_each_buffer_once() -> None:
 def test_reader_rejects_with_reason(buf: bytes, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         mpack.loads(buf)
+
+
+def test_dumps_writes_maps_of_every_size() -> None:
+    for n in (15, 16, 65535, 65536):
+        obj = {"m": {str(i): 0 for i in range(n)}}
+        assert msgpack.unpackb(mpack.dumps(obj), raw=False) == obj

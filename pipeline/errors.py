@@ -11,6 +11,7 @@ Retry and dead-letter logic branch on the class, never on message text:
     ├── PermanentError        the same input will fail again; the rollout goes to `dead`
     │   ├── WireFormatError    a msgpack record or tensor is invalid (names the field)
     │   ├── TeacherBadRequest  (HTTP 4xx other than 429)
+    │   ├── TeacherIncompatible the teacher serves another model or tokenizer than this run needs
     │   └── MalformedResponse  a teacher body that does not parse or fails validation
     ├── LeaseLost             this consumer no longer owns a stream entry; it must not publish
     ├── ConfigMismatch        a process joins a run whose fixed settings differ from its own
@@ -58,6 +59,10 @@ class TeacherServerError(RetryableError):
 
 class TeacherBadRequest(PermanentError):
     """The teacher answered HTTP 4xx (not 429): the request itself is wrong (e.g. k above --max-logprobs)."""
+
+
+class TeacherIncompatible(PermanentError):
+    """The teacher serves another model, or tokenizes differently from the student (checked at start)."""
 
 
 class MalformedResponse(PermanentError):

@@ -15,9 +15,9 @@ import orjson
 from pipeline.errors import (
     GKDError,
     MalformedResponse,
-    PermanentError,
     TeacherBadRequest,
     TeacherConnectionError,
+    TeacherIncompatible,
 )
 from pipeline.teacher import binary, sglang, vllm
 from pipeline.teacher.endpoints import Endpoint
@@ -33,10 +33,6 @@ PROBE_TEXTS = (
     "Unicode: naïve café, 東京, emoji 🙂, math ∑x².",
     "line one\nline two\n\nend",
 )
-
-
-class TeacherIncompatible(PermanentError):
-    """The teacher cannot serve this run: another tokenizer/vocabulary, or not the model asked for."""
 
 
 async def probe_health(

@@ -22,15 +22,20 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from pipeline.backpressure import WaterMarks
 from pipeline.errors import ConfigMismatch, GKDError
 from pipeline.keys import RunKeys
 from pipeline.settings import CommonSettings, parse, redacted, setting
-from pipeline.teacher.client import TeacherConfig
-from pipeline.worker import TeacherWorker, WorkerOptions
+
+if TYPE_CHECKING:  # the heavy imports (aiohttp, redis, numpy) wait until the signal handlers are set
+    from pipeline.teacher.client import TeacherConfig
+    from pipeline.worker import WorkerOptions
 
 log = logging.getLogger("gkd.workers")
+
+#: Set by a SIGTERM/SIGINT that arrives while the process is still starting (before the event loop).
+_stop_requested = False
 
 #: A child that fails within this many seconds of its start failed to start: the pool gives up.
 START_FAILURE_WINDOW_S = 15.0
@@ -69,6 +74,8 @@ class WorkerSettings(CommonSettings):
 
 def teacher_config(s: WorkerSettings) -> TeacherConfig:
     """The teacher client configuration of these settings."""
+    from pipeline.teacher.client import TeacherConfig
+
     return TeacherConfig(
         endpoints=list(s.teacher),
         backend=s.backend,
@@ -84,6 +91,9 @@ def teacher_config(s: WorkerSettings) -> TeacherConfig:
 
 def worker_options(s: WorkerSettings) -> WorkerOptions:
     """The worker loop options of these settings (raises ValueError on inconsistent values)."""
+    from pipeline.backpressure import WaterMarks
+    from pipeline.worker import WorkerOptions
+
     return WorkerOptions(
         concurrency=s.concurrency,
         lease_ms=s.lease_ms,
@@ -101,7 +111,16 @@ def default_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+def _early_stop(signum: int, frame: object) -> None:
+    global _stop_requested
+    _stop_requested = True
+
+
 def main(argv: Sequence[str]) -> int:
+    # A stop may come while this process is still importing and starting (a supervisor or test that
+    # restarts and stops quickly): remember it, so the worker exits 0 instead of dying by the signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _early_stop)
     s = parse(WorkerSettings, argv, prog="gkd workers", description=__doc__.split("\n")[0])
     logging.basicConfig(
         level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
@@ -127,10 +146,14 @@ async def run_one(
     redis_url: str, keys: RunKeys, config: TeacherConfig, name: str, options: WorkerOptions
 ) -> int:
     """Run one worker until SIGTERM/SIGINT; returns the process exit status."""
+    from pipeline.worker import TeacherWorker
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if _stop_requested:
+        stop.set()
     worker = TeacherWorker(redis_url, keys, config, name, options)
     try:
         report = await worker.run(stop)
@@ -207,8 +230,9 @@ def supervise(s: WorkerSettings, argv: list[str]) -> int:
     env = _child_env(s)
     old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     status = 0
+    stopping = stopping or _stop_requested
     try:
-        for i in range(s.procs):
+        for i in range(s.procs if not stopping else 0):
             procs.append(subprocess.Popen(_child_cmd(argv, s, base, i), env=env))
             started.append(time.monotonic())
         log.info("pool %s: %d worker processes started", base, s.procs)

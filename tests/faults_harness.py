@@ -42,6 +42,8 @@ K = 4
 SPAN = 300
 #: Rollouts have at least this many tokens; shorter prompts are clients' start-up probes.
 MIN_TOKENS = 6
+#: Vocabulary of the tiny student (workers.tiny_models): every token id in these tests is below it.
+STUDENT_VOCAB = 320
 
 # ------------------------------------------------------------------------------------------- rollouts
 
@@ -213,6 +215,35 @@ def trainer_cmd(
     )  # fmt: skip
 
 
+def rollouts_cmd(
+    redis_url: str, run: str, student: str, prompts: Path, n: int, *, extra: Sequence[str] = ()
+) -> list[str]:
+    """`gkd rollouts` writing `n` dataset-completion rollouts (lmbda 0: no generation, fast)."""
+    return gkd(
+        "rollouts", "--run", run, "--redis", redis_url, "--student", student, "--prompts", str(prompts),
+        "--lmbda", "0", "--num-rollouts", str(n), "--epochs", "0", "--batch-size", "8",
+        "--policy-poll-s", "1", *extra,
+    )  # fmt: skip
+
+
+def write_prompts(path: Path, n: int, seed: int = 0) -> Path:
+    """`n` JSONL {prompt, completion} lines from the tiny models' corpus (the student's vocabulary)."""
+    from workers.tiny_models import corpus
+
+    with open(path, "w") as fh:
+        for text in corpus(n, seed=seed):
+            words = text.split()
+            fh.write(json.dumps({"prompt": " ".join(words[:2]), "completion": " " + " ".join(words[2:])}))
+            fh.write("\n")
+    return path
+
+
+def student_path() -> str:
+    from workers.tiny_models import tiny_models
+
+    return str(tiny_models().student.resolve())
+
+
 async def wait_until(
     pred: Callable[[], Awaitable[bool] | bool],
     timeout_s: float,
@@ -256,6 +287,9 @@ class FaultyTeacher(FakeTeacher):
     def __init__(self, plan: Plan | None = None, **kw: Any) -> None:
         kw.setdefault("backend", "vllm")
         kw.setdefault("k_max", 20)
+        # The student's vocabulary: the fake aliases ids >= vocab (id % vocab), which would put one
+        # token's mass twice into a row (vLLM's extra actual-token entry) and get the row rejected.
+        kw.setdefault("vocab", STUDENT_VOCAB)
         super().__init__(**kw)
         self.plan = plan
         self.attempts: collections.Counter[int] = collections.Counter()

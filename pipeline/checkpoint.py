@@ -122,7 +122,8 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint for `state.step` atomically, point `latest` at it, keep the newest `keep`.
 
-    `model` is the unwrapped Hugging Face model (not the DDP wrapper). Returns the checkpoint path.
+    `model` is the unwrapped Hugging Face model (not the DDP wrapper). Returns the checkpoint's
+    absolute path (what the policy publishes: producers may run in other working directories).
     An existing checkpoint of the same step is replaced.
     """
     root = checkpoints_dir(output_dir)
@@ -149,7 +150,7 @@ def save_checkpoint(
     _fsync_dir(root)
     _write_text_atomic(root / LATEST, final.name)
     _prune(root, keep, final)
-    return final
+    return final.resolve()
 
 
 def _prune(root: Path, keep: int, current: Path) -> None:

@@ -19,6 +19,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -112,6 +113,7 @@ class Prefetcher:
         enabled: bool = True,
         held: dict[bytes, Entry] | None = None,
         held_lock: threading.Lock | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.io = io
         self.consumer = consumer
@@ -125,6 +127,7 @@ class Prefetcher:
         self.enabled = enabled
         self.held: dict[bytes, Entry] = held if held is not None else {}
         self.held_lock = held_lock or threading.Lock()
+        self.stop_event = stop
         self._q: queue.Queue[Batch] = queue.Queue()
         self._idle = threading.Event()  # the stream had nothing new and no partial batch is left
         self._room: asyncio.Semaphore | None = None
@@ -146,7 +149,7 @@ class Prefetcher:
         Raises the background task's error if it failed.
         """
         if not self.enabled:
-            while self._q.empty() and not self.io.run(self._fill_once(), timeout_s=None):
+            while self._q.empty() and not self.io.run(self._fill(), timeout_s=None):
                 pass
             return self._take_nowait()
         deadline = timeout_s
@@ -205,23 +208,37 @@ class Prefetcher:
 
     async def _run(self) -> None:
         self._room = asyncio.Semaphore(self.depth)
-        backoff_s = 0.2
-        while True:
-            try:
+        try:
+            while True:
                 async with self._room:
                     pass  # wait until the queue has room before reading more
-                await self._fill_once()
-                backoff_s = 0.2
-            except asyncio.CancelledError:
-                raise
+                await self._fill()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.error = exc
+            log.exception("prefetch failed")
+            raise
+
+    async def _fill(self) -> bool:
+        """`_fill_once`, backing off through Redis outages (True, idle, once `stop` is set)."""
+        idle = await self._retrying(self._fill_once, "reading ready samples")
+        return True if idle is None else idle
+
+    async def _retrying(self, fn: Callable[[], Awaitable[T]], what: str) -> T | None:
+        """`fn()` until it succeeds or `stop` is set (then None), backing off 0.2 s doubling to 5 s."""
+        delay = 0.2
+        while not (self.stop_event is not None and self.stop_event.is_set()):
+            try:
+                return await fn()
             except REDIS_ERRORS as exc:
-                log.warning("prefetch: redis unavailable (%r); retrying in %.1f s", exc, backoff_s)
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 5.0)
-            except BaseException as exc:
-                self.error = exc
-                log.exception("prefetch failed")
-                raise
+                log.warning("%s: redis unavailable (%r); retrying in %.1f s", what, exc, delay)
+                # A read whose reply was lost may have delivered entries to this consumer: look for
+                # them among its own pending entries before reading new ones.
+                self._pending_cursor = b"0"
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        return None
 
     async def _read(self) -> list[Entry]:
         """This consumer's own pending entries first (after a crash), page by page, then new entries."""
@@ -265,17 +282,25 @@ class Prefetcher:
             for e in entries:
                 self.held[e.sid] = e
         batches, skipped, dead = await asyncio.to_thread(self._decode_and_pack, entries)
+        for b in batches:
+            await self._emit(b)
+        if skipped or dead:
+            await self._retrying(lambda: self._settle(skipped, dead), "settling rejected samples")
+        return False
+
+    async def _settle(self, skipped: list[Entry], dead: list[tuple[Entry, str]]) -> None:
+        """Dead-letter what can never train and hand stale samples to `on_skip`; both leave `held`."""
         for entry, reason in dead:
-            log.error("ready entry %s (%s) dead-lettered: %s", entry.sid, entry.id, reason)
-            await self.consumer.dead_letter(entry, "trainer", reason)
+            if entry.sid in self.held:
+                log.error("ready entry %s (%s) dead-lettered: %s", entry.sid, entry.id, reason)
+                await self.consumer.dead_letter(entry, "trainer", reason)
+                with self.held_lock:
+                    self.held.pop(entry.sid, None)
         if skipped and self.on_skip is not None:
             await self.on_skip(skipped)
         with self.held_lock:
-            for e in [*skipped, *(e for e, _ in dead)]:
+            for e in skipped:
                 self.held.pop(e.sid, None)
-        for b in batches:
-            await self._emit(b)
-        return False
 
     def _decode_and_pack(
         self, entries: list[Entry]
@@ -284,6 +309,9 @@ class Prefetcher:
         skipped: list[Entry] = []
         dead: list[tuple[Entry, str]] = []
         for e in entries:
+            # Hand the GIL back between samples: otherwise the training thread, which takes and drops
+            # it around every torch op, can wait a whole switch interval (5 ms) per op during a burst.
+            time.sleep(0)
             try:
                 sample = decode_scored(e.data)
             except WireFormatError as exc:

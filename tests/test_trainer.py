@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from safetensors.torch import load_file
 from pipeline import checkpoint as ckpt
 from pipeline.batching import pack
 from pipeline.codec import Rollout, ScoredSample, encode_rollout, encode_scored
+from pipeline.errors import SettingsError
 from pipeline.keys import TRAINERS_GROUP, RunKeys, Stat
 from pipeline.optim import build_optimizer, build_scheduler
 from pipeline.redis_conn import connect
@@ -179,6 +181,23 @@ def wait_for(pred, timeout_s: float, what: str, proc: subprocess.Popen[bytes] | 
         time.sleep(0.01)
 
 
+def write_checkpoint(out: Path, student: str, step: int, entries: dict[str, list[tuple[str, int]]]) -> None:
+    """A checkpoint of the untrained student at `step` (policy version `step`) listing `entries`."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(student)
+    opt = build_optimizer(model, 1e-2)
+    state = ckpt.TrainState(step=step, policy_version=step, entries=entries)
+    ckpt.save_checkpoint(
+        out,
+        model=model,
+        optimizer=opt,
+        scheduler=build_scheduler(opt, 3, 0),
+        state=state,
+        rng_states=[ckpt.capture_rng()],
+    )
+
+
 def weights(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(path) / "model.safetensors"))
 
@@ -279,8 +298,6 @@ def test_resume_acknowledges_what_the_checkpoint_includes(
     redis_url: str, models: tuple[str, str], scored: list[ScoredSample], tmp_path: Path
 ) -> None:
     """A crash after the checkpoint was written but before its samples were acknowledged."""
-    from transformers import AutoModelForCausalLM
-
     keys = RunKeys.for_run("ack")
     samples = scored[:40]
     fill(redis_url, keys, samples)
@@ -292,13 +309,7 @@ def test_resume_acknowledges_what_the_checkpoint_includes(
         return [(e.sid.decode(), len(e.data), e.id) for e in got]
 
     included = asyncio.run(read_as_trainer(15))  # trained into step 5 by the process that crashed
-    student = AutoModelForCausalLM.from_pretrained(models[1])
-    opt = build_optimizer(student, 1e-2)
-    sched = build_scheduler(opt, 3, 0)
-    state = ckpt.TrainState(step=5, policy_version=5, entries={"trainer-0": [(s, n) for s, n, _ in included]})
-    ckpt.save_checkpoint(
-        tmp_path, model=student, optimizer=opt, scheduler=sched, state=state, rng_states=[ckpt.capture_rng()]
-    )
+    write_checkpoint(tmp_path, models[1], 5, {"trainer-0": [(s, n) for s, n, _ in included]})
     ledger = tmp_path / "samples.jsonl"
     summary = train(settings(redis_url, "ack", models[1], tmp_path, resume=True, sample_log=str(ledger)))
     trained = [i for x in read_log(ledger) for i in x["ids"]]
@@ -308,6 +319,51 @@ def test_resume_acknowledges_what_the_checkpoint_includes(
     assert r.xlen(keys.ready) == 0
     stats = read_stats(r, keys)
     assert stats[Stat.bytes_out("ready")] == stats[Stat.bytes_in("ready")]
+
+
+def test_stale_samples_are_skipped_and_unusable_ones_dead_lettered(
+    redis_url: str, models: tuple[str, str], scored: list[ScoredSample], tmp_path: Path
+) -> None:
+    keys = RunKeys.for_run("stale")
+    samples = []
+    for i, s in enumerate(scored[:24]):
+        ro = replace(s.rollout, policy_version=i % 12, source="student" if i < 20 else "dataset")
+        samples.append(replace(s, rollout=ro))
+    for s in scored[24:26]:  # scored with another k than the run's
+        samples.append(
+            replace(s, topk_ids=s.topk_ids[:, :8].copy(), topk_logprobs=s.topk_logprobs[:, :8].copy(), k=8)
+        )
+    fill(redis_url, keys, samples)
+    write_checkpoint(tmp_path, models[1], 10, {})  # resumes at policy version 10
+    ledger = tmp_path / "samples.jsonl"
+    train(
+        settings(
+            redis_url, "stale", models[1], tmp_path, resume=True, max_staleness=4, sample_log=str(ledger)
+        )
+    )
+    # Student samples of versions < 10 - 4 are stale; dataset samples never are.
+    stale = {s.rollout.id for s in samples[:20] if s.rollout.policy_version < 6}
+    trained = [i for x in read_log(ledger) for i in x["ids"]]
+    assert sorted(trained) == sorted(s.rollout.id for s in samples[:24] if s.rollout.id not in stale)
+    r = redis.Redis.from_url(redis_url)
+    assert read_stats(r, keys)[Stat.STALE_SKIPPED] == len(stale) == 12
+    dead: Any = r.xrange(keys.dead)
+    assert [f[b"id"].decode() for _, f in dead] == [s.rollout.id for s in samples[24:]]
+    assert all(f[b"stage"] == b"trainer" and b"k mismatch" in f[b"reason"] for _, f in dead)
+    assert r.xlen(keys.ready) == 0
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(
+    redis_url: str, models: tuple[str, str], tmp_path: Path
+) -> None:
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("tensorboard is installed")
+    with pytest.raises(SettingsError, match="needs the `tensorboard` package"):
+        train(settings(redis_url, "tb", models[1], tmp_path, tensorboard_dir=str(tmp_path / "tb")))
 
 
 def test_sigterm_checkpoints_acknowledges_and_exits_0(

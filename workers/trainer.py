@@ -222,6 +222,7 @@ class Trainer:
             enabled=s.prefetch,
             held=self.ready.held,
             held_lock=self.ready.lock,
+            stop=self.stop,
         )
 
     # ------------------------------------------------------------------ loop

@@ -287,6 +287,7 @@ class MetricsSink:
             "loss_tokens": g.rows,
             "tokens_per_s": g_tokens / step_s if step_s > 0 else 0.0,
             "step_s": step_s,
+            "data_wait_s": g_wait_s / world,
             "data_wait_frac": g_wait_s / g_step_s if g_step_s > 0 else 0.0,
         }
 

@@ -184,7 +184,8 @@ def resolve(
 
 def parse(cls: type[T], argv: Sequence[str], prog: str, description: str = "") -> T:
     """Parse `argv` into `cls` (flags, env, TOML); exits with usage on bad flags, like argparse."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    # No abbreviations: `--api` must not silently mean `--api-key` (secrets are stripped by exact name).
+    parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
     add_arguments(parser, cls)
     ns = parser.parse_args(list(argv))
     try:

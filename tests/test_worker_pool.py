@@ -340,6 +340,13 @@ async def test_heartbeat_and_metrics_while_running(
         beat = await r.hgetall(keys.worker("hb"))
         assert beat[b"role"] == b"worker" and b"in_flight" in beat and b"pid" in beat
         assert 0 < await r.pttl(keys.worker("hb")) <= 3000
+
+        async def has_latency() -> bool:
+            return await r.hexists(keys.worker("hb"), "latency_p95_ms")
+
+        await wait_until(has_latency, what="latency percentiles in the heartbeat")
+        beat = await r.hgetall(keys.worker("hb"))
+        assert 0 < float(beat[b"latency_p50_ms"]) <= float(beat[b"latency_p95_ms"])
         async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as resp:
             text = await resp.text()
     for name in (

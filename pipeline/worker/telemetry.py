@@ -60,6 +60,8 @@ class Telemetry:
         self.stats: collections.Counter[str] = collections.Counter()
         self._teacher_down_since: float | None = None
         self._redis_down_since: float | None = None
+        # Recent request latencies (ms) for the heartbeat's p50/p95, which `gkd status` shows.
+        self._latencies_ms: collections.deque[float] = collections.deque(maxlen=512)
 
     # ---------------------------------------------------------------------------------- teacher events
 
@@ -71,6 +73,7 @@ class Telemetry:
             self.stats[Stat.TEACHER_REQUESTS] += 1
             self.stats[Stat.TEACHER_LATENCY_MS_SUM] += int(latency_s * 1000)
             self.metrics.latency.labels(endpoint=endpoint).observe(latency_s)
+            self._latencies_ms.append(latency_s * 1000)
         elif name == "retry":
             self.stats[Stat.TEACHER_RETRIES] += 1
             self.metrics.retries.labels(endpoint=endpoint).inc()
@@ -153,7 +156,15 @@ class Telemetry:
         self, r: aioredis.Redis, keys: RunKeys, *, in_flight: int, ttl_ms: int, teacher: str
     ) -> None:
         """Write the heartbeat hash (expires after `ttl_ms`) and flush the counters."""
-        extra = {"positions": self.report.positions, "scored": self.report.scored, "teacher": teacher}
+        extra: dict[str, object] = {
+            "positions": self.report.positions,
+            "scored": self.report.scored,
+            "teacher": teacher,
+        }
+        if self._latencies_ms:
+            ordered = sorted(self._latencies_ms)
+            extra["latency_p50_ms"] = round(ordered[len(ordered) // 2], 1)
+            extra["latency_p95_ms"] = round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))], 1)
         await heartbeat(r, keys, self.name, role="worker", in_flight=in_flight, ttl_ms=ttl_ms, extra=extra)
         await self.flush(r, keys)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
 import torch
 from aiohttp import web
 
@@ -229,6 +230,52 @@ async def test_producer_pauses_at_the_high_water_mark(
         highest = max(highest, await r.xlen(keys.rollouts))
     summary = await asyncio.wait_for(task, 60)
     assert summary.produced == 20 and highest <= 7 and await r.xlen(keys.rollouts) == 0
+
+
+async def test_producer_carries_on_through_a_redis_restart(
+    redis_url: str, redis_server: Any, r: aioredis.Redis, tmp_path: Path, student: str, running: Any
+) -> None:
+    keys = RunKeys.for_run("restart")
+    rows = [{"prompt": p, "completion": " again."} for p in tiny_prompts(10)]
+    s = settings(
+        redis_url,
+        "restart",
+        write_jsonl(tmp_path / "p.jsonl", rows),
+        student,
+        lmbda=0.0,
+        batch_size=2,
+        high_water=4,
+        low_water=0,
+        num_rollouts=30,
+        epochs=0,
+    )
+    _, task = running(s)
+
+    async def paused() -> bool:
+        return await r.hget(keys.worker("rollouts"), "paused") == b"1"
+
+    await until(paused, "the producer to pause")
+    redis_server.stop(kill=True)  # no persistence: what the stream held is lost with it
+    await asyncio.sleep(0.5)
+    redis_server.start()
+    for _ in range(3):  # our own client's pooled connection died with the server: one failed call
+        try:
+            await r.ping()
+            break
+        except redis.exceptions.ConnectionError:
+            pass
+    await ensure_groups(r, keys)
+    teachers = StreamConsumer(r, keys, "rollouts", "teacher")
+    consumed = 0
+    while not task.done():
+        got = await teachers.read(10, block_ms=200)
+        await teachers.ack(got)
+        consumed += len(got)
+    summary = await task
+    assert (
+        summary.produced == 30
+        and 30 - (4 + 2 - 1) <= consumed + len(await teachers.read(10, block_ms=10)) <= 30
+    )
 
 
 async def test_reload_on_a_new_policy_version(

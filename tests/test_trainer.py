@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -33,7 +34,7 @@ from pipeline.keys import TRAINERS_GROUP, RunKeys, Stat
 from pipeline.optim import build_optimizer, build_scheduler
 from pipeline.redis_conn import connect
 from pipeline.streams import StreamConsumer, add_rollouts, ensure_groups
-from workers.redis_server import env_without_proxy, free_port
+from workers.redis_server import RedisServer, env_without_proxy, free_port
 from workers.tiny_models import corpus, tiny_models
 from workers.trainer import TrainSettings, train
 
@@ -388,6 +389,33 @@ def test_sigterm_checkpoints_acknowledges_and_exits_0(
     r = redis.Redis.from_url(redis_url)
     assert r.xlen(keys.ready) == 60 - trained  # trained ones acknowledged (deleted), the rest wait
     assert r.hget(keys.policy, "version") == str(log[-1]["step"]).encode()
+
+
+def test_trainer_carries_on_through_a_redis_outage(
+    models: tuple[str, str], scored: list[ScoredSample], tmp_path: Path
+) -> None:
+    server = RedisServer(appendonly=True, appendfsync="always").start()  # the group survives a restart
+    try:
+        keys = RunKeys.for_run("outage")
+        fill(server.url, keys, scored[:40])
+        ledger = tmp_path / "samples.jsonl"
+        s = settings(server.url, "outage", models[1], tmp_path, idle_exit_s=8.0, sample_log=str(ledger))
+        done: list[Any] = []
+        thread = threading.Thread(target=lambda: done.append(train(s)))
+        thread.start()
+        try:
+            trained = lambda: [i for x in read_log(ledger) for i in x["ids"]]  # noqa: E731
+            wait_for(lambda: len(trained()) == 40, 60, "the first 40 samples")
+            server.restart()
+            fill(server.url, keys, scored[40:80])
+        finally:
+            thread.join(120)
+        assert done and not thread.is_alive()
+        assert sorted(trained()) == sorted(x.rollout.id for x in scored[:80])
+        r = redis.Redis.from_url(server.url)
+        assert r.xlen(keys.ready) == 0 and read_stats(r, keys)[Stat.TRAINED_SAMPLES] == 80
+    finally:
+        server.cleanup()
 
 
 def test_two_torchrun_ranks_train_on_disjoint_samples(

@@ -37,7 +37,7 @@ from pipeline.keys import RunKeys
 from pipeline.optim import SCHEDULES, build_optimizer, build_scheduler
 from pipeline.prefetch import TRAIN, IOLoop, Prefetcher, Verdict
 from pipeline.redis_conn import connect
-from pipeline.runstate import check_run_config, publish_policy
+from pipeline.runstate import check_run_config
 from pipeline.settings import CommonSettings, parse, redacted, setting
 from pipeline.train_step import LossConfig, StepStats, supports_mask_logits, train_step
 from workers.trainer_io import Ledger, MetricsSink, ReadyLedger
@@ -153,6 +153,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def _load_model(self) -> None:
+        """The student (from the latest checkpoint with --resume), its optimizer and LR schedule."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -174,15 +175,7 @@ class Trainer:
             self.optimizer, s.warmup_steps, s.max_steps, s.lr_schedule, s.min_lr_ratio
         )
         if latest is not None:
-            state = ckpt.load_training_state(
-                latest, optimizer=self.optimizer, scheduler=self.scheduler, rank=d.rank, map_location=d.device
-            )
-            self.step = self.last_ckpt_step = state.step
-            self.version = state.policy_version
-            n = self.ready.settle_listed(state.entries, d.rank, d.world_size)
-            log.info("resumed from %s (step %d); acknowledged %d entries it includes", latest, self.step, n)
-            if d.is_main:
-                self.io.run(publish_policy(self.r, self.keys, self.version, str(latest)))
+            self._resume(latest)
         elif s.resume:
             log.info("--resume: no checkpoint in %s yet, starting from %s", s.output_dir, s.student)
         self.ddp: Any = self.model
@@ -190,6 +183,20 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.ddp = DDP(self.model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+    def _resume(self, latest: Path) -> None:
+        """Optimizer, schedule, step and RNG from `latest`; acknowledge the samples it includes."""
+        d = self.dist
+        state = ckpt.load_training_state(
+            latest, optimizer=self.optimizer, scheduler=self.scheduler, rank=d.rank, map_location=d.device
+        )
+        self.step = self.last_ckpt_step = state.step
+        self.version = state.policy_version
+        # A crash may have come between writing the checkpoint and acknowledging what it includes.
+        n = self.ready.settle_listed(state.entries, d.rank, d.world_size)
+        log.info("resumed from %s (step %d); acknowledged %d entries it includes", latest, self.step, n)
+        if d.is_main:
+            self.ready.publish(self.version, str(latest))
 
     def _check(self, sample: ScoredSample) -> Verdict:
         """Dead-letter what can never train here; skip (count) stale student rollouts."""
@@ -243,21 +250,21 @@ class Trainer:
                 if micro:
                     last_data = time.monotonic()
                 idle = not micro and s.idle_exit_s > 0 and time.monotonic() - last_data > s.idle_exit_s
-                rows = sum(b.num_loss_tokens for b in micro)
-                has, stop, idles, g_rows, g_tokens = d.all_sum(
-                    [
-                        float(bool(micro)),
-                        float(self.stop.is_set()),
-                        float(idle),
-                        rows,
-                        sum(b.num_tokens for b in micro),
-                    ]
-                )
+                # One all-reduce decides for every rank: stop, skip (no data anywhere) or step, and
+                # gives the global loss-token count that normalizes every micro-batch's loss.
+                local = [
+                    bool(micro),
+                    self.stop.is_set(),
+                    idle,
+                    sum(b.num_loss_tokens for b in micro),
+                    sum(b.num_tokens for b in micro),
+                ]
+                has, stop, idles, g_rows, g_tokens = d.all_sum([float(x) for x in local])
                 if stop or idles == d.world_size:
                     break
                 if not has:
                     continue
-                want_kl = (self.step + 1) % s.log_every == 0 or self.step == 0
+                log_step = (self.step + 1) % s.log_every == 0 or self.step == 0
                 st = train_step(
                     self.ddp,
                     micro,
@@ -270,10 +277,10 @@ class Trainer:
                     max_grad_norm=s.max_grad_norm,
                     autocast_dtype=autocast,
                     mask_logits=self.mask_logits,
-                    want_kl=want_kl,
+                    want_kl=log_step,
                 )
                 self.step += 1
-                self._after_step(micro, st, wait_s, time.perf_counter() - t0, g_tokens, want_kl)
+                self._after_step(micro, st, wait_s, time.perf_counter() - t0, g_tokens, log_step)
         finally:
             pf.stop()
         if self.step > self.last_ckpt_step and self.step > 0:
@@ -292,7 +299,7 @@ class Trainer:
         return micro
 
     def _after_step(
-        self, micro: list[Batch], st: StepStats, wait_s: float, step_s: float, g_tokens: float, want_kl: bool
+        self, micro: list[Batch], st: StepStats, wait_s: float, step_s: float, g_tokens: float, log_step: bool
     ) -> None:
         s, d = self.s, self.dist
         entries = [e for b in micro for e in b.refs]
@@ -310,19 +317,13 @@ class Trainer:
         )
         if s.ack_after_step:
             self.ready.ack_trained()
-        if want_kl:
+        if log_step:
             sums = d.all_sum([*st.as_list(), wait_s, step_s])
             g = StepStats.from_list(sums[:-2])
             if self.sink is not None:
+                lr = float(self.scheduler.get_last_lr()[0])
                 metrics = self.sink.step_metrics(
-                    self.step,
-                    g,
-                    g_tokens,
-                    step_s,
-                    sums[-2],
-                    sums[-1],
-                    d.world_size,
-                    float(self.scheduler.get_last_lr()[0]),
+                    self.step, g, g_tokens, step_s, sums[-2], sums[-1], d.world_size, lr
                 )
                 self.summary.history.append(metrics)
                 self.sink.write(metrics)

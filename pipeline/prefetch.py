@@ -329,7 +329,8 @@ class Prefetcher:
     def _to_device(self, batch: Batch) -> Batch:
         if self._copy_stream is None:
             return batch if self.device.type == "cpu" else batch.to(self.device)
-        with torch.cuda.stream(self._copy_stream):
+        # A worker thread's current device is cuda:0 whatever the rank's device: set it explicitly.
+        with torch.cuda.device(self.device), torch.cuda.stream(self._copy_stream):
             moved = batch.to(self.device, non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(self._copy_stream)

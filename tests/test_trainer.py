@@ -29,10 +29,11 @@ from safetensors.torch import load_file
 from pipeline import checkpoint as ckpt
 from pipeline.batching import pack
 from pipeline.codec import Rollout, ScoredSample, encode_rollout, encode_scored
-from pipeline.errors import SettingsError
+from pipeline.errors import ConfigMismatch, SettingsError
 from pipeline.keys import TRAINERS_GROUP, RunKeys, Stat
 from pipeline.optim import build_optimizer, build_scheduler
 from pipeline.redis_conn import connect
+from pipeline.runstate import check_run_config
 from pipeline.streams import StreamConsumer, add_rollouts, ensure_groups
 from workers.redis_server import RedisServer, env_without_proxy, free_port
 from workers.tiny_models import corpus, tiny_models
@@ -352,6 +353,18 @@ def test_stale_samples_are_skipped_and_unusable_ones_dead_lettered(
     assert [f[b"id"].decode() for _, f in dead] == [s.rollout.id for s in samples[24:]]
     assert all(f[b"stage"] == b"trainer" and b"k mismatch" in f[b"reason"] for _, f in dead)
     assert r.xlen(keys.ready) == 0
+
+
+def test_a_trainer_with_another_k_is_refused(redis_url: str, models: tuple[str, str], tmp_path: Path) -> None:
+    asyncio.run(_check_config(redis_url, RunKeys.for_run("cfg"), {"k": 20, "loss_mode": "tail"}))
+    with pytest.raises(ConfigMismatch, match="k: run has '20', this process has '16'"):
+        train(settings(redis_url, "cfg", models[1], tmp_path))
+
+
+async def _check_config(url: str, keys: RunKeys, values: dict[str, object]) -> None:
+    r = connect(url)
+    await check_run_config(r, keys, values)
+    await r.aclose()
 
 
 def test_tensorboard_without_the_package_is_a_clear_error(

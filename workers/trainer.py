@@ -136,12 +136,16 @@ class Trainer:
         self.consumer_name = f"{s.name}-{self.dist.rank}"
         self.io = IOLoop()
         self.r = self.io.run(_connect(s.redis_url))
-        self.io.run(check_run_config(self.r, self.keys, {"k": s.k, "loss_mode": s.loss_mode}))
-        self.ready = ReadyLedger(self.io, self.r, self.keys, self.consumer_name, s.lease_ms)
         self.step = 0
         self.version = 0
         self.last_ckpt_step = -1
-        self._load_model()
+        try:
+            self.io.run(check_run_config(self.r, self.keys, {"k": s.k, "loss_mode": s.loss_mode}))
+            self.ready = ReadyLedger(self.io, self.r, self.keys, self.consumer_name, s.lease_ms)
+            self._load_model()
+        except BaseException:
+            self._close_io()
+            raise
         self.summary = TrainSummary(steps=self.step)
         self.sink = (
             MetricsSink(Path(s.output_dir), MetricsSink.tensorboard_writer(s.tensorboard_dir))
@@ -379,8 +383,15 @@ class Trainer:
             self.sink.close()
         if self.ledger is not None:
             self.ledger.close()
-        self.io.close()
+        self._close_io()
         shutdown()
+
+    def _close_io(self) -> None:
+        try:
+            self.io.run(self.r.aclose(), timeout_s=10)
+        except Exception as exc:  # closing at exit: nothing left to save
+            log.debug("closing the redis client: %r", exc)
+        self.io.close()
 
 
 async def _connect(url: str) -> Any:

@@ -165,7 +165,7 @@ class SyncLoop:
         from pipeline.teacher.vllm import parse_response
 
         ids, p = item
-        body = {"model": MODEL, "prompt": ids, "max_tokens": 1, "prompt_logprobs": self.k}
+        body: dict[str, Any] = {"model": MODEL, "prompt": ids, "max_tokens": 1, "prompt_logprobs": self.k}
         resp = self.session.post(self.url + "/v1/completions", json=body, timeout=60)
         resp.raise_for_status()
         ids_RK, lp_RK = parse_response(resp.content, len(ids), p, self.k)

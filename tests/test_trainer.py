@@ -404,6 +404,29 @@ def test_sigterm_checkpoints_acknowledges_and_exits_0(
     assert r.hget(keys.policy, "version") == str(log[-1]["step"]).encode()
 
 
+def test_a_starved_trainer_checkpoints_and_acknowledges_without_stopping(
+    redis_url: str, models: tuple[str, str], scored: list[ScoredSample], tmp_path: Path
+) -> None:
+    """Held samples count toward ready's high-water mark: waiting for --checkpoint-every could deadlock."""
+    keys = RunKeys.for_run("starved")
+    fill(redis_url, keys, scored[:30])
+    s = settings(redis_url, "starved", models[1], tmp_path, idle_exit_s=0.0, starved_checkpoint_s=0.5)
+    stop = threading.Event()
+    done: list[Any] = []
+    thread = threading.Thread(target=lambda: done.append(train(s, stop)))
+    thread.start()
+    r = redis.Redis.from_url(redis_url)
+    try:
+        wait_for(lambda: r.xlen(keys.ready) == 0, 60, "every sample acknowledged")
+        assert thread.is_alive() and not done  # still running, waiting for data
+        latest = ckpt.latest_checkpoint(tmp_path)
+        assert latest is not None and r.hget(keys.policy, "checkpoint") == str(latest).encode()
+    finally:
+        stop.set()
+        thread.join(60)
+    assert done and done[0].samples == 30 and done[0].checkpoint == str(latest)
+
+
 def test_trainer_carries_on_through_a_redis_outage(
     models: tuple[str, str], scored: list[ScoredSample], tmp_path: Path
 ) -> None:

@@ -8,7 +8,9 @@ includes their update is written; the checkpoint lists them. After a crash, `--r
 checkpoint, acknowledges the entries it lists (a crash may have come between writing it and the acks),
 re-trains this rank's remaining own-pending entries in stream order, then reads new ones: every sample
 counts in exactly one optimizer step of the run that continues. `--ack-after-step` trades this for
-memory in Redis (see its help).
+memory in Redis (see its help). Held samples count toward ready's high-water mark, so a trainer starved
+of data while holding some checkpoints early (`--starved-checkpoint-s`): the workers they hold back
+could otherwise wait forever for a checkpoint that waits for them.
 
 Rank r reads as consumer ``<name>-<r>``: the name is stable so that a restarted rank finds its pending
 entries. Rank 0 writes checkpoints and publishes the policy (version = optimizer step of the checkpoint);
@@ -95,7 +97,14 @@ class TrainSettings(CommonSettings):
     tensorboard_dir: str | None = setting(None, "Write TensorBoard scalars here (needs `tensorboard`).")
     log_every: int = setting(10, "Log metrics every N steps.")
     name: str = setting("trainer", "Process name; rank r reads as consumer <name>-<r>.")
-    idle_exit_s: float = setting(0.0, "Checkpoint and exit after this long without data (0: never).")
+    idle_exit_s: float = setting(
+        0.0, "Exit after this long without data and nothing held, checkpointing first (0: never)."
+    )
+    starved_checkpoint_s: float = setting(
+        5.0,
+        "Checkpoint early after this long without data while holding trained, unacknowledged samples: they "
+        "count toward ready's high-water mark, so workers may wait for their acknowledgement (0: never).",
+    )
     sample_log: str | None = setting(
         None, "Append the sample ids of every optimizer step to this JSONL file."
     )
@@ -253,20 +262,32 @@ class Trainer:
                 wait_s = time.perf_counter() - t0
                 if micro:
                     last_data = time.monotonic()
-                idle = not micro and s.idle_exit_s > 0 and time.monotonic() - last_data > s.idle_exit_s
+                starved_s = 0.0 if micro else time.monotonic() - last_data
+                # Trained samples wait for the next checkpoint unacknowledged and count toward ready's
+                # high-water mark: workers may be paused until we acknowledge them. Starved that long
+                # (or as long as --idle-exit-s), checkpoint now rather than wait for data that cannot
+                # come; only a trainer starved with nothing held is idle.
+                holding = bool(self.ready.unacked)
+                limits = [x for x in (s.starved_checkpoint_s, s.idle_exit_s) if x > 0]
+                starved = holding and bool(limits) and starved_s > min(limits, default=0.0)
+                idle = not holding and s.idle_exit_s > 0 and starved_s > s.idle_exit_s
                 # One all-reduce decides for every rank: stop, skip (no data anywhere) or step, and
                 # gives the global loss-token count that normalizes every micro-batch's loss.
                 local = [
                     bool(micro),
                     self.stop.is_set(),
                     idle,
+                    starved,
                     sum(b.num_loss_tokens for b in micro),
                     sum(b.num_tokens for b in micro),
                 ]
-                has, stop, idles, g_rows, g_tokens = d.all_sum([float(x) for x in local])
+                has, stop, idles, starving, g_rows, g_tokens = d.all_sum([float(x) for x in local])
                 if stop or idles == d.world_size:
                     break
                 if not has:
+                    if starving:
+                        self._starved_checkpoint()
+                        last_data = time.monotonic()  # the acks may let workers go on: wait again
                     continue
                 log_step = (self.step + 1) % s.log_every == 0 or self.step == 0
                 st = train_step(
@@ -335,6 +356,14 @@ class Trainer:
             self._checkpoint()
 
     # ------------------------------------------------------------------ checkpoints
+
+    def _starved_checkpoint(self) -> None:
+        """No rank has data and some hold trained samples: checkpoint (or retry failed acks) early."""
+        if self.step > self.last_ckpt_step:
+            log.info("no data while holding trained samples: checkpointing early at step %d", self.step)
+            self._checkpoint()
+        else:
+            self.ready.ack_trained()  # in the latest checkpoint already; an earlier ack failed
 
     def _checkpoint(self) -> None:
         """Rank 0 writes; then every rank acknowledges its samples; then rank 0 publishes the policy."""

@@ -52,21 +52,23 @@ def rollout_id(prefix: str, i: int) -> str:
     return f"{prefix}-{i:05d}"
 
 
-def rollout_of(prefix: str, i: int, seed: int = 0) -> Rollout:
-    """Rollout i: tokens [i // SPAN, i % SPAN, 4..13 more below 64], prompt_len 2..4 (student vocab 320)."""
+def rollout_of(prefix: str, i: int, seed: int = 0, tail: tuple[int, int] = (4, 12)) -> Rollout:
+    """Rollout i: tokens [i // SPAN, i % SPAN, then tail[0]..tail[1]-1 more below 64], prompt_len 2..4."""
     rng = np.random.default_rng(seed * 1_000_003 + i)
-    tail = rng.integers(0, 64, size=int(rng.integers(4, 12)))
-    ids = np.concatenate([[i // SPAN, i % SPAN], tail]).astype(np.int32)
+    tail_ids = rng.integers(0, 64, size=int(rng.integers(*tail)))
+    ids = np.concatenate([[i // SPAN, i % SPAN], tail_ids]).astype(np.int32)
     return Rollout(
         id=rollout_id(prefix, i), input_ids=ids, prompt_len=int(rng.integers(2, 5)), source="dataset"
     )
 
 
-def rollouts(n: int, prefix: str = "r", start: int = 0, seed: int = 0) -> list[tuple[str, bytes]]:
+def rollouts(
+    n: int, prefix: str = "r", start: int = 0, seed: int = 0, tail: tuple[int, int] = (4, 12)
+) -> list[tuple[str, bytes]]:
     """(id, payload) of rollouts start..start+n-1."""
     out = []
     for i in range(start, start + n):
-        ro = rollout_of(prefix, i, seed)
+        ro = rollout_of(prefix, i, seed, tail)
         out.append((ro.id, encode_rollout(ro)))
     return out
 
@@ -204,14 +206,20 @@ def trainer_cmd(
     *,
     k: int = K,
     checkpoint_every: int = 4,
+    idle_exit_s: float = 4.0,
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """`gkd train` on the tiny student, small batches, frequent checkpoints, the sample log on."""
+    """`gkd train` on the tiny student, small batches, frequent checkpoints, the sample log on.
+
+    It exits by itself (final checkpoint, acknowledgements, status 0) after `idle_exit_s` without data:
+    tests end it that way rather than with SIGTERM, whose handling can hang (bug T2 in the report:
+    pipeline/prefetch.py `Prefetcher._run` spins without yielding once the stop event is set)."""
     return gkd(
         "train", "--run", run, "--redis", redis_url, "--student", student, "--output-dir", str(out),
         "--sample-log", str(sample_log), "--k", str(k), "--batch-tokens", "160", "--lr", "1e-3",
         "--warmup-steps", "2", "--checkpoint-every", str(checkpoint_every), "--device", "cpu",
-        "--num-threads", "1", "--lease-ms", "3000", "--log-every", "5", *extra,
+        "--num-threads", "1", "--lease-ms", "3000", "--log-every", "5", "--idle-exit-s", str(idle_exit_s),
+        *extra,
     )  # fmt: skip
 
 

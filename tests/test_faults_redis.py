@@ -78,7 +78,9 @@ async def _run_pipeline_through_redis_crashes(
         procs.spawn("producer", rollouts_cmd(url, keys.run, student, prompts, n, extra=pace))
         for w in ("w0", "w1"):
             procs.spawn(w, worker_cmd(url, keys.run, [fake.url], w, max_deliveries=50, extra=pace))
-        procs.spawn("trainer", trainer_cmd(url, keys.run, student, tmp_path / "out", sample_log))
+        procs.spawn(
+            "trainer", trainer_cmd(url, keys.run, student, tmp_path / "out", sample_log, idle_exit_s=10)
+        )
         everyone = ["w0", "w1", "trainer"]
         for i in range(kills):
             target = (i + 1) * n // (kills + 2)
@@ -98,9 +100,10 @@ async def _run_pipeline_through_redis_crashes(
                 all_settled, 300, f"all {n} rollouts trained or dead", procs=procs, alive=everyone
             )
             codes = {"producer": await procs.wait("producer", 10)}
-            for name in everyone:
+            codes["trainer"] = await procs.wait("trainer", 90)  # idle exit: final checkpoint and acks
+            for name in ("w0", "w1"):
                 procs.signal(name, signal.SIGTERM)
-            for name in everyone:
+            for name in ("w0", "w1"):
                 codes[name] = await procs.wait(name, 60)
             seen, dead = await _ledger(r, keys, sample_log)
             assert int(await r.xlen(keys.rollouts)) == 0 and int(await r.xlen(keys.ready)) == 0

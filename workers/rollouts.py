@@ -8,12 +8,14 @@ user) is always completed by the student, whatever lmbda: it cannot be used othe
 The producer polls the run's policy every ``--policy-poll-s``; when the version changes it loads that
 checkpoint (logging it) and stamps every later rollout with the new version. It waits for room below
 the rollouts stream's high-water mark before each batch, and backs off and carries on through Redis
-outages (a batch whose add failed is retried; an add whose reply was lost may be written twice).
+outages: a batch whose add failed is retried, unless it turns out to have been written and only the
+reply was lost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import signal
@@ -22,11 +24,12 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import redis.exceptions
 
+from pipeline import keys as K
 from pipeline.backpressure import Backpressure, WaterMarks
 from pipeline.codec import Rollout, encode_rollout
 from pipeline.errors import RetryableError, SettingsError, WireFormatError
@@ -41,6 +44,8 @@ from pipeline.student_gen import Generator, LocalGenerator, Sampling, ServerGene
 log = logging.getLogger("gkd.rollouts")
 T = TypeVar("T")
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+_FIELD_ID = K.FIELD_ID.encode()
+_CLOCK_SLACK_MS = 60_000  # how far before the failed attempt (by Redis's clock) to look for its batch
 
 
 @dataclass
@@ -212,9 +217,49 @@ class Producer:
         await self._retry(lambda: self.bp.wait_for_room(self.stop), "wait for room")
         if self.stop.is_set():
             return  # stopped while paused: nothing written, nothing lost (prompts are re-read next run)
-        await self._retry(lambda: add_rollouts(self.r, self.keys, payloads), "add rollouts")
+        await self._add_once(payloads)
         self.summary.produced += len(payloads)
         self.summary.sources.update(ro.source for ro in rollouts)
+
+    async def _add_once(self, payloads: list[tuple[str, bytes]]) -> None:
+        """add_rollouts, retried through outages without writing a batch twice.
+
+        A failed call is ambiguous: Redis may have executed the transaction and lost only the reply.
+        Before retrying, look for the batch's first rollout id among the entries added since the attempt
+        (in rollouts, or already moved on to ready or dead): the transaction is all or nothing, so one
+        id tells. Only a batch trained and acknowledged within that moment would escape the check.
+        """
+        delay = 0.2
+        while True:
+            started = time.monotonic()
+            try:
+                await add_rollouts(self.r, self.keys, payloads)
+                return
+            except REDIS_ERRORS as exc:
+                log.warning("add rollouts failed (%r); retrying in %.1f s", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            check = functools.partial(self._landed, payloads[0][0], started)
+            if await self._retry(check, "check the last batch"):
+                log.warning("batch of %s: written before its reply was lost; not added again", payloads[0][0])
+                return
+
+    async def _landed(self, rollout_id: str, since: float) -> bool:
+        """Whether an entry with this rollout id was added to the run's streams since `since` (monotonic)."""
+        sec, usec = await self.r.time()
+        elapsed_ms = int((time.monotonic() - since) * 1000)
+        start = f"{max(0, sec * 1000 + usec // 1000 - elapsed_ms - _CLOCK_SLACK_MS)}-0"
+        want = rollout_id.encode()
+        for stream in (self.keys.rollouts, self.keys.ready, self.keys.dead):
+            cursor = start
+            while True:
+                page: Any = await self.r.xrange(stream, min=cursor, max="+", count=256)
+                if any(fields.get(_FIELD_ID) == want for _, fields in page):
+                    return True
+                if len(page) < 256:
+                    break
+                cursor = "(" + page[-1][0].decode()
+        return False
 
     async def _generator(self) -> Generator:
         """The student generator, built on first use from the policy in use (or --student)."""

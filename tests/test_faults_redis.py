@@ -210,16 +210,12 @@ class ReplyDropper:
                 w.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="R1: gkd rollouts retries add_rollouts (a plain MULTI/EXEC of XADDs) after a lost reply, so a "
-    "batch that Redis executed is written twice with the same rollout ids and later trained twice; "
-    "measured by `gkd bench redis_loss` as persisted_unacknowledged writes on a Redis kill -9 "
-    "(e.g. 16 of 51,280 with appendfsync always)",
-)
 async def test_producer_batch_whose_reply_was_lost_is_not_written_twice(
     redis_url: str, procs: Procs, tmp_path: Path
 ) -> None:
+    """Redis executes a batch of XADDs but the reply is lost (as on a crash between the two; `gkd bench
+    redis_loss` counts such writes as persisted_unacked). The producer used to retry blindly and write
+    the batch twice, training it twice (R1, fixed in workers/rollouts.py 3e0205e)."""
     keys = RunKeys.for_run("dup")
     port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
     proxy = await ReplyDropper(port).start()

@@ -435,7 +435,15 @@ def test_trainer_carries_on_through_a_redis_outage(
         keys = RunKeys.for_run("outage")
         fill(server.url, keys, scored[:40])
         ledger = tmp_path / "samples.jsonl"
-        s = settings(server.url, "outage", models[1], tmp_path, idle_exit_s=8.0, sample_log=str(ledger))
+        s = settings(
+            server.url,
+            "outage",
+            models[1],
+            tmp_path,
+            idle_exit_s=4.0,
+            starved_checkpoint_s=1.0,
+            sample_log=str(ledger),
+        )
         done: list[Any] = []
         thread = threading.Thread(target=lambda: done.append(train(s)))
         thread.start()

@@ -209,16 +209,22 @@ class Prefetcher:
     async def _run(self) -> None:
         self._room = asyncio.Semaphore(self.depth)
         try:
-            while True:
+            while not self._stopping():
                 async with self._room:
                     pass  # wait until the queue has room before reading more
                 await self._fill()
+                # Neither an available semaphore nor a fill that returns at once (stop set) suspends:
+                # yield anyway, so the IO loop can never spin here and starve every other task.
+                await asyncio.sleep(0)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
             self.error = exc
             log.exception("prefetch failed")
             raise
+
+    def _stopping(self) -> bool:
+        return self.stop_event is not None and self.stop_event.is_set()
 
     async def _fill(self) -> bool:
         """`_fill_once`, backing off through Redis outages (True, idle, once `stop` is set)."""
@@ -228,7 +234,7 @@ class Prefetcher:
     async def _retrying(self, fn: Callable[[], Awaitable[T]], what: str) -> T | None:
         """`fn()` until it succeeds or `stop` is set (then None), backing off 0.2 s doubling to 5 s."""
         delay = 0.2
-        while not (self.stop_event is not None and self.stop_event.is_set()):
+        while not self._stopping():
             try:
                 return await fn()
             except REDIS_ERRORS as exc:

@@ -111,9 +111,12 @@ class Procs:
         self.by_name: dict[str, subprocess.Popen[bytes]] = {}
         self.all: list[subprocess.Popen[bytes]] = []
         self.spawns: collections.Counter[str] = collections.Counter()
+        self.offsets: dict[str, int] = {}  # log size when each name was last spawned
 
     def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """Start `args` with the proxy-free environment; output appends to <log_dir>/<name>.log."""
+        path = self.log(name)
+        self.offsets[name] = path.stat().st_size if path.exists() else 0
         full = env_without_proxy()
         full.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(env or {})})
         with open(self.log(name), "ab") as fh:
@@ -150,6 +153,13 @@ class Procs:
     def started(self, name: str, marker: str) -> int:
         """How many times `marker` appears in the log of `name` (e.g. a worker's start-up line)."""
         return self.tail(name, 10**8).count(marker)
+
+    def since_spawn(self, name: str) -> str:
+        """What the current process of `name` has logged (its log from its latest spawn on)."""
+        path = self.log(name)
+        with open(path, "rb") as fh:
+            fh.seek(self.offsets.get(name, 0))
+            return fh.read().decode(errors="replace")
 
     def alive(self, name: str) -> bool:
         return self.by_name[name].poll() is None

@@ -221,9 +221,8 @@ def trainer_cmd(
 ) -> list[str]:
     """`gkd train` on the tiny student, small batches, frequent checkpoints, the sample log on.
 
-    It exits by itself (final checkpoint, acknowledgements, status 0) after `idle_exit_s` without data:
-    tests end it that way rather than with SIGTERM, whose handling can hang (bug T2 in the report:
-    pipeline/prefetch.py `Prefetcher._run` spins without yielding once the stop event is set)."""
+    It exits by itself (final checkpoint, acknowledgements, status 0) after `idle_exit_s` without data
+    and nothing held, so a test can wait for its exit status (SIGTERM is tested on its own)."""
     return gkd(
         "train", "--run", run, "--redis", redis_url, "--student", student, "--output-dir", str(out),
         "--sample-log", str(sample_log), "--k", str(k), "--batch-tokens", "160", "--lr", "1e-3",

@@ -55,7 +55,10 @@ def setting(
 class CommonSettings:
     """Settings every process of a run shares."""
 
-    run: str = setting("gkd", "Run name: every Redis key of the run carries it as the hash tag {run}.")
+    # --run-name: under torchrun, `--run` is taken as an abbreviation of torchrun's own --run-path.
+    run: str = setting(
+        "gkd", "Run name: every Redis key of the run carries it as the hash tag {run}.", flags=("--run-name",)
+    )
     redis_url: str = setting(
         "redis://127.0.0.1:6379/0",
         "Redis URL (redis://[:password@]host:port/db, or rediss:// for TLS).",

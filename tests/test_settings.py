@@ -52,6 +52,7 @@ def test_lists_repeat_or_comma_and_bools() -> None:
 
 
 def test_redis_flag_alias_and_env_name() -> None:
+    assert parse(["--run-name", "r2"]).run == "r2"
     assert parse(["--redis", "redis://h:1/0"]).redis_url == "redis://h:1/0"
     assert parse([], {"GKD_REDIS_URL": "redis://e:2/0"}).redis_url == "redis://e:2/0"
 

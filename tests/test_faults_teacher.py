@@ -11,6 +11,7 @@ failed call never becomes -inf, zero rows or another rollout's scores.
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
 from typing import Any
 
@@ -191,3 +192,48 @@ async def test_all_teachers_down_keeps_rollouts_and_finishes_when_one_returns(
         assert not result.dead
     finally:
         await ta.stop()
+
+
+@pytest.mark.long
+async def test_long_random_teacher_faults_and_flapping_endpoints(
+    redis_url: str, r: aioredis.Redis, procs: Procs
+) -> None:
+    """2000 rollouts, two workers, two teachers; every request has a 15% chance of a transient fault and
+    2% of rollouts fail permanently; each teacher goes down and comes back twice."""
+    rng = random.Random(11)
+    kinds = list(TRANSIENT)
+    permanent = {i: rng.choice(list(PERMANENT)) for i in range(2000) if rng.random() < 0.02}
+
+    def plan(i: int, attempt: int) -> str | None:
+        if i in permanent:
+            return permanent[i]
+        return rng.choice(kinds) if attempt < 3 and rng.random() < 0.15 else None
+
+    teachers = [await FaultyTeacher(plan=plan, seed=8, slow_s=3.0).start() for _ in range(2)]
+    keys = RunKeys.for_run("tlong")
+    try:
+        await ensure_groups(r, keys)
+        urls = [t.url for t in teachers]
+        for w in ("w0", "w1"):
+            procs.spawn(w, worker_cmd(redis_url, keys.run, urls, w, concurrency=16, max_deliveries=50))
+        items = rollouts(2000, "tl")
+        await add_rollouts(r, keys, items[:1000])
+        for round_ in range(4):
+            t = teachers[round_ % 2]
+            await asyncio.sleep(3)
+            await t.stop()
+            await asyncio.sleep(3)
+            await t.start(t.port)
+            if round_ == 1:
+                await add_rollouts(r, keys, items[1000:])
+        await wait_until(lambda: _settled(r, keys, len(items)), 600, "everything settled", procs=procs,
+                         alive=["w0", "w1"])  # fmt: skip
+        assert (await _stop(procs, "w0", "w1")) == {"w0": 0, "w1": 0}
+        result = await outcome(r, keys, [rid for rid, _ in items])
+        result.assert_exactly_once("ready")
+        assert set(result.dead) == {items[i][0] for i in permanent}, result.summary("ready")
+        for e in await stream_entries(r, keys.ready):
+            assert check_scores(teachers[0], e["data"]) == e["id"].decode()
+    finally:
+        for t in teachers:
+            await t.stop()

@@ -11,6 +11,7 @@ the resumed run retrains them) plus the dead stream; every produced rollout id e
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
 from pathlib import Path
 
@@ -294,3 +295,42 @@ async def test_trainer_sigterm_as_the_stream_runs_dry_exits_promptly(
     assert await _stop(procs, ["w0"]) == {"w0": 0}
     result = await outcome(r, keys, [rid for rid, _ in items], sample_log)
     result.assert_exactly_once("trained")
+
+
+@pytest.mark.long
+async def test_long_full_pipeline_trainer_and_workers_killed_repeatedly(
+    redis_url: str, r: aioredis.Redis, teacher: FaultyTeacher, procs: Procs, tmp_path: Path
+) -> None:
+    """1500 rollouts through two workers and a trainer; the trainer is killed -9 and resumed four times,
+    and a random worker is killed -9 and restarted every few seconds. Exactly once in training."""
+    keys = RunKeys.for_run("longkill")
+    sample_log, out = tmp_path / "samples.jsonl", tmp_path / "out"
+    items = rollouts(1500, "lk")
+    await ensure_groups(r, keys)
+    workers = {w: worker_cmd(redis_url, keys.run, [teacher.url], w, max_deliveries=50) for w in ("w0", "w1")}
+    for w, cmd in workers.items():
+        procs.spawn(w, cmd)
+    train = trainer_cmd(redis_url, keys.run, student_path(), out, sample_log, checkpoint_every=5)
+    procs.spawn("trainer", train)
+    producer = asyncio.create_task(produce(r, keys, items, marks=WaterMarks(200, 100)))
+    rng = random.Random(7)
+    trainer_kills = 0
+    for target in (200, 450, 750, 1050):
+        while sample_log_count(sample_log) < target:
+            await asyncio.sleep(rng.uniform(1.0, 3.0))
+            w = rng.choice(list(workers))
+            procs.kill9(w)
+            procs.spawn(w, workers[w])
+            assert procs.alive("trainer"), procs.tail("trainer")
+        procs.kill9("trainer")
+        trainer_kills += 1
+        procs.spawn("trainer", [*train, "--resume"])
+    await producer
+    await wait_until(lambda: _done(r, keys, sample_log, len(items)), 600, "everything trained", procs=procs,
+                     alive=["trainer", *workers])  # fmt: skip
+    assert await procs.wait("trainer", 120) == 0, procs.tail("trainer")
+    await asyncio.sleep(3)  # let restarted workers install their signal handlers
+    assert await _stop(procs, list(workers)) == {"w0": 0, "w1": 0}
+    result = await outcome(r, keys, [rid for rid, _ in items], sample_log)
+    result.assert_exactly_once("trained")
+    print(f"{trainer_kills} trainer kills; {result.summary('trained')}")

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from workers.bench.cli import result
+from workers.bench.worker import run_vllm_app, spawn_teacher
 
 MODEL = "e2e-teacher"
 
@@ -57,17 +58,7 @@ def serve(argv: list[str]) -> None:
         await asyncio.sleep(delay_s)
         return web.Response(body=body, content_type="application/json")
 
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
-
-    async def health(request: web.Request) -> web.Response:
-        return web.Response()
-
-    app = web.Application(client_max_size=16 * 1024 * 1024)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/health", health)
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+    run_vllm_app(port, completions, MODEL)
 
 
 def _rollouts(tok: Any, n: int) -> list[tuple[list[int], int]]:
@@ -122,23 +113,7 @@ def _probe_body(t: int, k: int) -> bytes:
 
 
 def _start_teacher(body_dir: Path, delay_ms: float) -> tuple[subprocess.Popen[bytes], str]:
-    import requests
-
-    from workers.redis_server import env_without_proxy, free_port
-
-    port = free_port()
-    cmd = [sys.executable, "-m", "workers.bench.e2e", "--serve", str(port), str(body_dir), str(delay_ms)]
-    proc = subprocess.Popen(cmd, env=env_without_proxy(), stdout=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url + "/health", timeout=1, proxies={"http": "", "https": ""}).ok:
-                return proc, url
-        except requests.RequestException:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"e2e teacher on {url} did not answer /health within 60 s")
+    return spawn_teacher("workers.bench.e2e", [str(body_dir), str(delay_ms)])
 
 
 class SyncLoop:

@@ -94,13 +94,20 @@ def serve(argv: list[str]) -> None:
         await asyncio.sleep(latency_s)
         return web.Response(body=bodies[k], content_type="application/json")
 
+    run_vllm_app(port, completions, MODEL)
+
+
+def run_vllm_app(port: int, completions: Any, model: str, max_body: int = 64 * 1024 * 1024) -> None:
+    """Serve `completions` as POST /v1/completions, plus /v1/models (`model`) and /health, on loopback."""
+    from aiohttp import web
+
     async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+        return web.json_response({"object": "list", "data": [{"id": model, "object": "model"}]})
 
     async def health(request: web.Request) -> web.Response:
         return web.Response()
 
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = web.Application(client_max_size=max_body)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
@@ -116,15 +123,19 @@ def _small_body(t: int, k: int) -> bytes:
 
 
 def start_teacher(body_dir: Path, latency_ms: float, t: int) -> tuple[subprocess.Popen[bytes], str]:
+    return spawn_teacher("workers.bench.worker", [str(body_dir), str(latency_ms), str(t)])
+
+
+def spawn_teacher(module: str, args: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+    """Start `python -m MODULE --serve PORT ARGS...` on a free port; return it once /health answers."""
+    import requests
+
     from workers.redis_server import env_without_proxy, free_port
 
     port = free_port()
-    cmd = [sys.executable, "-m", "workers.bench.worker", "--serve", str(port), str(body_dir),
-           str(latency_ms), str(t)]  # fmt: skip
+    cmd = [sys.executable, "-m", module, "--serve", str(port), *args]
     proc = subprocess.Popen(cmd, env=env_without_proxy(), stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    import requests
-
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:

@@ -19,7 +19,6 @@ import pytest
 import redis.asyncio as aioredis
 
 from pipeline.keys import RunKeys
-from pipeline.redis_conn import connect
 from pipeline.streams import add_rollouts, ensure_groups
 from tests.faults_harness import (
     FaultyTeacher,
@@ -49,13 +48,6 @@ PERMANENT = {
     "bad_request": "HTTP 400",
     "bad_request_flat": "fake bad request",
 }
-
-
-@pytest.fixture
-async def r(redis_url: str):  # type: ignore[no-untyped-def]
-    client = connect(redis_url)
-    yield client
-    await client.aclose()
 
 
 async def _settled(r: aioredis.Redis, keys: RunKeys, n: int) -> bool:

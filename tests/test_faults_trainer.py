@@ -23,7 +23,6 @@ import redis.asyncio as aioredis
 from pipeline.backpressure import WaterMarks
 from pipeline.codec import Rollout, ScoredSample, encode_scored
 from pipeline.keys import RunKeys
-from pipeline.redis_conn import connect
 from pipeline.streams import StreamConsumer, add_rollouts, ensure_groups
 from tests.faults_harness import (
     FaultyTeacher,
@@ -44,13 +43,6 @@ from tests.faults_harness import (
 __all__ = ["procs"]
 
 STARTED = "concurrency "  # a worker's start-up line
-
-
-@pytest.fixture
-async def r(redis_url: str):  # type: ignore[no-untyped-def]
-    client = connect(redis_url)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

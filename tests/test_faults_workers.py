@@ -31,7 +31,6 @@ import redis.asyncio as aioredis
 
 from pipeline.codec import decode_scored
 from pipeline.keys import TEACHERS_GROUP, RunKeys
-from pipeline.redis_conn import connect
 from pipeline.streams import add_rollouts, ensure_groups
 from tests.faults_harness import (
     FaultyTeacher,
@@ -77,13 +76,6 @@ async def _started(procs: Procs, names: list[str], timeout_s: float = 60) -> Non
 async def _verify_ready(r: aioredis.Redis, keys: RunKeys, fake: FaultyTeacher) -> None:
     for e in await stream_entries(r, keys.ready):
         assert check_scores(fake, e["data"]) == e["id"].decode()
-
-
-@pytest.fixture
-async def r(redis_url: str):  # type: ignore[no-untyped-def]
-    client = connect(redis_url)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

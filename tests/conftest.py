@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis.asyncio as aioredis
 
-from pipeline.keys import RunKeys
-from pipeline.redis_conn import connect
-from workers.redis_server import RedisServer
+from pipeline.local.redis_server import RedisServer
+from pipeline.queue.connection import connect
+from pipeline.queue.schema import RunKeys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

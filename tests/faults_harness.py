@@ -29,12 +29,12 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from pipeline.backpressure import Backpressure, WaterMarks
-from pipeline.codec import Rollout, decode_scored, encode_rollout
-from pipeline.keys import RunKeys
-from pipeline.streams import add_rollouts, ensure_groups
+from pipeline.local.redis_server import env_without_proxy
+from pipeline.queue.backpressure import Backpressure, WaterMarks
+from pipeline.queue.schema import RunKeys
+from pipeline.queue.streams import add_rollouts, ensure_groups
+from pipeline.wire.codec import Rollout, decode_scored, encode_rollout
 from tests.teacher_fakes import FakeTeacher
-from workers.redis_server import env_without_proxy
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 4
@@ -42,7 +42,7 @@ K = 4
 SPAN = 300
 #: Rollouts have at least this many tokens; shorter prompts are clients' start-up probes.
 MIN_TOKENS = 6
-#: Vocabulary of the tiny student (workers.tiny_models): every token id in these tests is below it.
+#: Vocabulary of the tiny student (pipeline.local.tiny_models): every token id in these tests is below it.
 STUDENT_VOCAB = 320
 
 # ------------------------------------------------------------------------------------------- rollouts
@@ -245,7 +245,7 @@ def rollouts_cmd(
 
 def write_prompts(path: Path, n: int, seed: int = 0) -> Path:
     """`n` JSONL {prompt, completion} lines from the tiny models' corpus (the student's vocabulary)."""
-    from workers.tiny_models import corpus
+    from pipeline.local.tiny_models import corpus
 
     with open(path, "w") as fh:
         for text in corpus(n, seed=seed):
@@ -256,7 +256,7 @@ def write_prompts(path: Path, n: int, seed: int = 0) -> Path:
 
 
 def student_path() -> str:
-    from workers.tiny_models import tiny_models
+    from pipeline.local.tiny_models import tiny_models
 
     return str(tiny_models().student.resolve())
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.batching import BatchPacker, collate, gather_logits, pack, padded_cost
-from pipeline.codec import Rollout, ScoredSample, decode_scored, encode_scored
+from pipeline.train.batching import BatchPacker, collate, gather_logits, pack, padded_cost
+from pipeline.wire.codec import Rollout, ScoredSample, decode_scored, encode_scored
 
 
 def sample(i: int, t: int, prompt_len: int, k: int = 3, fp16: bool = True) -> ScoredSample:

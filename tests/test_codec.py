@@ -6,7 +6,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from pipeline.codec import (
+from pipeline.errors import PermanentError, WireFormatError
+from pipeline.wire.codec import (
     Limits,
     Rollout,
     ScoredSample,
@@ -16,7 +17,6 @@ from pipeline.codec import (
     encode_scored,
     pack_tensor,
 )
-from pipeline.errors import PermanentError, WireFormatError
 
 
 def make_rollout(t: int = 12, p: int = 4, rid: str = "r1") -> Rollout:

@@ -11,7 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
-from workers.redis_server import RedisServer, env_without_proxy
+from pipeline.local.redis_server import RedisServer, env_without_proxy
 
 
 def demo_cmd(redis_url: str, run: str, workdir: Path, steps: int) -> list[str]:

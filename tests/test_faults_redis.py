@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from pipeline.keys import RunKeys
-from pipeline.redis_conn import connect
+from pipeline.local.redis_server import RedisServer
+from pipeline.queue.connection import connect
+from pipeline.queue.schema import RunKeys
 from tests.faults_harness import (
     FaultyTeacher,
     Procs,
@@ -39,7 +40,6 @@ from tests.faults_harness import (
     write_prompts,
 )
 from workers.bench.redis_loss import measure_kill9
-from workers.redis_server import RedisServer
 
 __all__ = ["procs"]
 

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from pipeline.keys import RunKeys
-from pipeline.streams import add_rollouts, ensure_groups
+from pipeline.queue.schema import RunKeys
+from pipeline.queue.streams import add_rollouts, ensure_groups
 from tests.faults_harness import (
     FaultyTeacher,
     Procs,

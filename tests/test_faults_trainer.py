@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from pipeline.backpressure import WaterMarks
-from pipeline.codec import Rollout, ScoredSample, encode_scored
-from pipeline.keys import RunKeys
-from pipeline.streams import StreamConsumer, add_rollouts, ensure_groups
+from pipeline.queue.backpressure import WaterMarks
+from pipeline.queue.schema import RunKeys
+from pipeline.queue.streams import StreamConsumer, add_rollouts, ensure_groups
+from pipeline.wire.codec import Rollout, ScoredSample, encode_scored
 from tests.faults_harness import (
     FaultyTeacher,
     Procs,

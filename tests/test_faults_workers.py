@@ -29,9 +29,9 @@ import msgpack
 import pytest
 import redis.asyncio as aioredis
 
-from pipeline.codec import decode_scored
-from pipeline.keys import TEACHERS_GROUP, RunKeys
-from pipeline.streams import add_rollouts, ensure_groups
+from pipeline.queue.schema import TEACHERS_GROUP, RunKeys
+from pipeline.queue.streams import add_rollouts, ensure_groups
+from pipeline.wire.codec import decode_scored
 from tests.faults_harness import (
     FaultyTeacher,
     Procs,

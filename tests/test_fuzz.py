@@ -27,11 +27,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import codec
-from pipeline.codec import Limits, Rollout, ScoredSample
 from pipeline.errors import MalformedResponse, PermanentError, WireFormatError
 from pipeline.teacher import rows, sglang, vllm
 from pipeline.teacher.http import server_message
+from pipeline.wire import codec
+from pipeline.wire.codec import Limits, Rollout, ScoredSample
 
 #: Cases per fuzzed decoder: 10,000 in CI; raise it for a longer local hunt.
 EXAMPLES = int(os.environ.get("GKD_FUZZ_EXAMPLES", "10000"))

@@ -1,4 +1,4 @@
-"""pipeline.loss against independent float64 references (written out here, not imported), on CPU."""
+"""pipeline.train.loss against independent float64 references (written out here, not imported), on CPU."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.loss import TAIL_MASS_FLOOR, full_vocab_gjsd, topk_gkd_loss
+from pipeline.train.loss import TAIL_MASS_FLOOR, full_vocab_gjsd, topk_gkd_loss
 
 BETAS = [0.0, 0.1, 0.5, 0.9, 1.0]
 

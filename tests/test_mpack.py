@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import mpack
+from pipeline.wire import mpack
 
 plain = st.recursive(
     st.none()

@@ -14,15 +14,15 @@ import redis.exceptions
 import torch
 from aiohttp import web
 
-from pipeline.codec import Rollout, decode_rollout
-from pipeline.keys import RunKeys
-from pipeline.prompts import PromptFileError, load_prompts
-from pipeline.runstate import publish_policy
-from pipeline.streams import StreamConsumer, ensure_groups
-from workers.redis_server import free_port
-from workers.rollouts import RolloutSettings, produce
-from workers.tiny_models import prompts as tiny_prompts
-from workers.tiny_models import tiny_models
+from pipeline.local.redis_server import free_port
+from pipeline.local.tiny_models import prompts as tiny_prompts
+from pipeline.local.tiny_models import tiny_models
+from pipeline.produce.producer import RolloutSettings, produce
+from pipeline.produce.prompts import PromptFileError, load_prompts
+from pipeline.queue.runstate import publish_policy
+from pipeline.queue.schema import RunKeys
+from pipeline.queue.streams import StreamConsumer, ensure_groups
+from pipeline.wire.codec import Rollout, decode_rollout
 
 
 @pytest.fixture(scope="module")

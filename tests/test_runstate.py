@@ -7,10 +7,9 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from pipeline.backpressure import Backpressure, WaterMarks
 from pipeline.errors import ConfigMismatch
-from pipeline.keys import RunKeys, Stat
-from pipeline.runstate import (
+from pipeline.queue.backpressure import Backpressure, WaterMarks
+from pipeline.queue.runstate import (
     check_run_config,
     heartbeat,
     incr_stats,
@@ -20,7 +19,8 @@ from pipeline.runstate import (
     read_policy,
     read_stats,
 )
-from pipeline.streams import StreamConsumer, add_rollouts, ensure_groups
+from pipeline.queue.schema import RunKeys, Stat
+from pipeline.queue.streams import StreamConsumer, add_rollouts, ensure_groups
 
 
 async def test_backpressure_blocks_above_high_and_releases_below_low(

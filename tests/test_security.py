@@ -25,7 +25,13 @@ from aiohttp import web
 from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from pipeline.codec import (
+from pipeline.errors import TeacherBadRequest, WireFormatError
+from pipeline.local.redis_server import RedisServer, env_without_proxy, free_port
+from pipeline.queue.connection import connect
+from pipeline.queue.schema import RunKeys
+from pipeline.queue.streams import StreamConsumer, add_rollouts, ensure_groups
+from pipeline.teacher.http import HttpLimits, make_session, request
+from pipeline.wire.codec import (
     Limits,
     Rollout,
     ScoredSample,
@@ -34,13 +40,7 @@ from pipeline.codec import (
     encode_rollout,
     encode_scored,
 )
-from pipeline.errors import TeacherBadRequest, WireFormatError
-from pipeline.keys import RunKeys
-from pipeline.redis_conn import connect
-from pipeline.streams import StreamConsumer, add_rollouts, ensure_groups
-from pipeline.teacher.http import HttpLimits, make_session, request
 from tests.teacher_fakes import FakeTeacher
-from workers.redis_server import RedisServer, env_without_proxy, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = ("pipeline", "workers")
@@ -381,8 +381,8 @@ async def test_api_key_and_redis_password_never_appear_in_logs_or_redis(
 
 @pytest.fixture(scope="module")
 def tiny_teacher() -> tuple[Any, Any, str]:
-    from workers.teacher_server import TeacherServerSettings, load
-    from workers.tiny_models import tiny_models
+    from pipeline.local.tiny_models import tiny_models
+    from pipeline.serve.server import TeacherServerSettings, load
 
     path = str(tiny_models().teacher)
     model, tok = load(TeacherServerSettings(model=path))
@@ -390,8 +390,8 @@ def tiny_teacher() -> tuple[Any, Any, str]:
 
 
 def test_reference_teacher_binds_loopback_by_default() -> None:
+    from pipeline.serve.server import TeacherServerSettings
     from pipeline.settings import parse
-    from workers.teacher_server import TeacherServerSettings
 
     assert parse(TeacherServerSettings, ["--model", "m"], prog="gkd teacher").host == "127.0.0.1"
 
@@ -408,7 +408,7 @@ async def _post(url: str, body: Any, headers: dict[str, str] | None = None) -> t
 async def test_reference_teacher_listens_on_loopback_and_requires_its_api_key(
     tiny_teacher: tuple[Any, Any, str],
 ) -> None:
-    from workers.teacher_server import TeacherServerSettings, start_server
+    from pipeline.serve.server import TeacherServerSettings, start_server
 
     model, tok, path = tiny_teacher
     settings = TeacherServerSettings(model=path, port=0, api_key=API_KEY, max_body_bytes=4096)

@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from pipeline.keys import RunKeys, Stat
-from pipeline.redis_conn import connect_sync
-from pipeline.runstate import check_run_config, heartbeat, incr_stats, publish_policy
-from pipeline.streams import StreamConsumer, add_rollouts, ensure_groups
+from pipeline.local.redis_server import RedisServer, env_without_proxy, free_port
+from pipeline.queue.connection import connect_sync
+from pipeline.queue.report import build_report, take_sample
+from pipeline.queue.runstate import check_run_config, heartbeat, incr_stats, publish_policy
+from pipeline.queue.schema import RunKeys, Stat
+from pipeline.queue.streams import StreamConsumer, add_rollouts, ensure_groups
 from workers import status
-from workers.redis_server import RedisServer, env_without_proxy, free_port
-from workers.status_report import build_report, take_sample
 
 ROLLOUT_BYTES = 100
 SCORED_BYTES = 300

@@ -7,10 +7,10 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from pipeline import keys as K
-from pipeline.keys import RunKeys, Stat
-from pipeline.runstate import read_stats
-from pipeline.streams import StreamConsumer, add_rollouts, ensure_groups
+from pipeline.queue import schema as K
+from pipeline.queue.runstate import read_stats
+from pipeline.queue.schema import RunKeys, Stat
+from pipeline.queue.streams import StreamConsumer, add_rollouts, ensure_groups
 
 
 async def produce(r: aioredis.Redis, keys: RunKeys, n: int, prefix: str = "r") -> list[str]:

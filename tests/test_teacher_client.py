@@ -17,9 +17,9 @@ from pipeline.errors import (
     TeacherServerError,
     WireFormatError,
 )
+from pipeline.local.redis_server import free_port
 from pipeline.teacher import TeacherClient, TeacherConfig, TeacherIncompatible
 from tests.teacher_fakes import FakeTeacher
-from workers.redis_server import free_port
 
 FAST = {"backoff_base_s": 0.01, "backoff_max_s": 0.05, "request_timeout_s": 5.0}
 IDS = np.arange(3, 40, dtype=np.int32) % 64
@@ -251,7 +251,7 @@ async def test_model_checks(fakes: Any) -> None:
 
 
 async def test_tokenizer_mismatch_refuses_to_start(fakes: Any) -> None:
-    from workers.tiny_models import tiny_models
+    from pipeline.local.tiny_models import tiny_models
 
     fake = await fakes()  # tokenizes bytes, unlike the tiny student
     c = client([fake.url], k=4, student_tokenizer=str(tiny_models().student))

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.local.redis_server import env_without_proxy, free_port
+from pipeline.local.tiny_models import tiny_models
+from pipeline.serve.server import RunningServer, TeacherServerSettings, load, start_server
 from pipeline.teacher import TeacherClient, TeacherConfig, binary
-from workers.redis_server import env_without_proxy, free_port
-from workers.teacher_server import RunningServer, TeacherServerSettings, load, start_server
-from workers.tiny_models import tiny_models
 
 K_MAX = 16
 

@@ -26,18 +26,18 @@ import redis
 import torch
 from safetensors.torch import load_file
 
-from pipeline import checkpoint as ckpt
-from pipeline.batching import pack
-from pipeline.codec import Rollout, ScoredSample, encode_rollout, encode_scored
 from pipeline.errors import ConfigMismatch, SettingsError
-from pipeline.keys import TRAINERS_GROUP, RunKeys, Stat
-from pipeline.optim import build_optimizer, build_scheduler
-from pipeline.redis_conn import connect
-from pipeline.runstate import check_run_config
-from pipeline.streams import StreamConsumer, add_rollouts, ensure_groups
-from workers.redis_server import RedisServer, env_without_proxy, free_port
-from workers.tiny_models import corpus, tiny_models
-from workers.trainer import TrainSettings, train
+from pipeline.local.redis_server import RedisServer, env_without_proxy, free_port
+from pipeline.local.tiny_models import corpus, tiny_models
+from pipeline.queue.connection import connect
+from pipeline.queue.runstate import check_run_config
+from pipeline.queue.schema import TRAINERS_GROUP, RunKeys, Stat
+from pipeline.queue.streams import StreamConsumer, add_rollouts, ensure_groups
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.batching import pack
+from pipeline.train.optim import build_optimizer, build_scheduler
+from pipeline.train.trainer import TrainSettings, train
+from pipeline.wire.codec import Rollout, ScoredSample, encode_rollout, encode_scored
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 16

@@ -22,17 +22,17 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from pipeline.backpressure import WaterMarks
-from pipeline.codec import Rollout, decode_scored, encode_rollout
 from pipeline.errors import ConfigMismatch
-from pipeline.keys import RunKeys, Stat
-from pipeline.redis_conn import connect
-from pipeline.runstate import check_run_config, read_stats
-from pipeline.streams import StreamConsumer, add_rollouts, ensure_groups
+from pipeline.local.redis_server import env_without_proxy, free_port
+from pipeline.queue.backpressure import WaterMarks
+from pipeline.queue.connection import connect
+from pipeline.queue.runstate import check_run_config, read_stats
+from pipeline.queue.schema import RunKeys, Stat
+from pipeline.queue.streams import StreamConsumer, add_rollouts, ensure_groups
+from pipeline.score import TeacherWorker, WorkerOptions
 from pipeline.teacher.client import TeacherConfig
 from pipeline.teacher.vllm import render_prompt_logprobs_body
-from pipeline.worker import TeacherWorker, WorkerOptions
-from workers.redis_server import env_without_proxy, free_port
+from pipeline.wire.codec import Rollout, decode_scored, encode_rollout
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 1000
@@ -463,7 +463,7 @@ async def wait_http(url: str, proc: asyncio.subprocess.Process, timeout_s: float
 
 def tiny_rollouts(tokenizer: Any, n: int) -> list[Rollout]:
     """Sentences of the tiny teacher's corpus: prompt = the first words, completion = the rest."""
-    from workers.tiny_models import corpus
+    from pipeline.local.tiny_models import corpus
 
     out = []
     for i, line in enumerate(corpus(n, seed=7)):
@@ -480,7 +480,7 @@ async def test_end_to_end_gkd_workers_against_reference_teacher(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workers.tiny_models import tiny_models
+    from pipeline.local.tiny_models import tiny_models
 
     path = str(tiny_models().teacher)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -2,7 +2,7 @@
 
 Redis: `--redis` / GKD_REDIS_URL, else localhost:6379 when it answers, else a private redis-server that
 the demo starts and stops. Models: a tiny teacher and a smaller student built offline from a fixed seed
-and cached (`workers.tiny_models`), or `--teacher` / `--student`. Then, as a user would start them: the
+and cached (`pipeline.local.tiny_models`), or `--teacher` / `--student`. Then, as a user would start them: the
 reference teacher server, a worker pool, a rollout producer (on-policy with probability `--lmbda`) and
 a trainer. Progress is printed live; at the end a summary, and with `--json` one JSON line
 ``{"steps", "kl_first", "kl_last", "rollouts", "scored", "trained", "dead", "lost"}`` where
@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.keys import RunKeys, Stat
-from pipeline.redis_conn import connect_sync
+from pipeline.local.redis_server import RedisServer, env_without_proxy, free_port
+from pipeline.local.tiny_models import corpus, tiny_models
+from pipeline.queue.connection import connect_sync
+from pipeline.queue.schema import RunKeys, Stat
 from pipeline.settings import mask_url, parse, setting
-from workers.redis_server import RedisServer, env_without_proxy, free_port
-from workers.tiny_models import corpus, tiny_models
 
 
 @dataclasses.dataclass

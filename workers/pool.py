@@ -1,6 +1,6 @@
 """`gkd workers`: the teacher worker pool (rollouts -> teacher top-k -> ready).
 
-One process runs one `pipeline.worker.TeacherWorker` event loop with `--concurrency` rollouts in flight.
+One process runs one `pipeline.score.TeacherWorker` event loop with `--concurrency` rollouts in flight.
 With `--procs N` (N > 1) this process becomes a supervisor: it starts N children running the same loop
 under distinct consumer names (``<name>-0`` ... ``<name>-N-1``; metrics on port + i), forwards SIGTERM
 and SIGINT to them, restarts a child that crashes after a healthy start, and exits with the first
@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pipeline.errors import ConfigMismatch, GKDError
-from pipeline.keys import RunKeys
+from pipeline.queue.schema import RunKeys
 from pipeline.settings import CommonSettings, parse, redacted, setting
 
 if TYPE_CHECKING:  # the heavy imports (aiohttp, redis, numpy) wait until the signal handlers are set
+    from pipeline.score import WorkerOptions
     from pipeline.teacher.client import TeacherConfig
-    from pipeline.worker import WorkerOptions
 
 log = logging.getLogger("gkd.workers")
 
@@ -91,8 +91,8 @@ def teacher_config(s: WorkerSettings) -> TeacherConfig:
 
 def worker_options(s: WorkerSettings) -> WorkerOptions:
     """The worker loop options of these settings (raises ValueError on inconsistent values)."""
-    from pipeline.backpressure import WaterMarks
-    from pipeline.worker import WorkerOptions
+    from pipeline.queue.backpressure import WaterMarks
+    from pipeline.score import WorkerOptions
 
     return WorkerOptions(
         concurrency=s.concurrency,
@@ -146,7 +146,7 @@ async def run_one(
     redis_url: str, keys: RunKeys, config: TeacherConfig, name: str, options: WorkerOptions
 ) -> int:
     """Run one worker until SIGTERM/SIGINT; returns the process exit status."""
-    from pipeline.worker import TeacherWorker
+    from pipeline.score import TeacherWorker
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

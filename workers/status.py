@@ -7,7 +7,7 @@ is printed as aligned plain-text tables, or as one JSON object with `--json` (on
 `--watch`, which runs until Ctrl-C and then exits 0). A run without keys prints that it has no data
 yet. Redis unreachable at start: one error line on stderr and exit code 2.
 
-Sampling and the numbers are in `workers.status_report`, which also documents the optional heartbeat
+Sampling and the numbers are in `pipeline.queue.report`, which also documents the optional heartbeat
 fields a process may publish for `gkd status` (``latency_p50_ms``, ``latency_p95_ms``, ``paused``).
 """
 
@@ -23,12 +23,10 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from pipeline import keys as K
 from pipeline.errors import SettingsError
-from pipeline.keys import RunKeys
-from pipeline.redis_conn import connect_sync
-from pipeline.settings import CommonSettings, mask_url, parse, setting
-from workers.status_report import (
+from pipeline.queue import schema as K
+from pipeline.queue.connection import connect_sync
+from pipeline.queue.report import (
     HB_LATENCY_P50_MS,
     HB_LATENCY_P95_MS,
     HB_PAUSED,
@@ -37,6 +35,8 @@ from workers.status_report import (
     other_runs,
     take_sample,
 )
+from pipeline.queue.schema import RunKeys
+from pipeline.settings import CommonSettings, mask_url, parse, setting
 
 _NUMERIC = re.compile(r"^-?[0-9.]+~?$")
 

@@ -6,7 +6,7 @@ that wants it sends the ordinary vLLM completions body plus ``"gkd_rows_from": p
 
     {"v": 1, "model": str, "ids": <int32 [R, k] tensor>, "logprobs": <float32 [R, k] tensor>}
 
-(tensors as in pipeline/codec: {"dtype", "shape", "data"}), where row r is the distribution over token
+(tensors as in pipeline/wire/codec: {"dtype", "shape", "data"}), where row r is the distribution over token
 gkd_rows_from + r, sorted descending, -inf as IEEE -inf. vLLM and SGLang never see these fields: the
 client uses them only with endpoints that advertise the extension. The rows are validated exactly like
 JSON answers (rows.finalize).
@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import mpack
-from pipeline.codec import ID_DTYPES, LOGPROB_DTYPES, pack_tensor, unpack_tensor
 from pipeline.errors import MalformedResponse, WireFormatError
 from pipeline.teacher import rows, vllm
+from pipeline.wire import mpack
+from pipeline.wire.codec import ID_DTYPES, LOGPROB_DTYPES, pack_tensor, unpack_tensor
 
 MEDIA_TYPE = "application/x-gkd-topk+msgpack"
 ADVERT_FIELD = "gkd_binary_topk"

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.codec import Rollout, ScoredSample, decode_scored, encode_scored
+from pipeline.wire.codec import Rollout, ScoredSample, decode_scored, encode_scored
 from workers.bench.cli import result
 
 

@@ -63,7 +63,7 @@ def serve(argv: list[str]) -> None:
 
 def _rollouts(tok: Any, n: int) -> list[tuple[list[int], int]]:
     """(ids, prompt_len) pairs from the embedded corpus: 3-word prompts, the rest as completion."""
-    from workers.tiny_models import corpus
+    from pipeline.local.tiny_models import corpus
 
     out = []
     for line in corpus(n, seed=5):
@@ -124,7 +124,7 @@ class SyncLoop:
         import torch
         from transformers import AutoModelForCausalLM
 
-        from pipeline.optim import build_optimizer, build_scheduler
+        from pipeline.train.optim import build_optimizer, build_scheduler
 
         torch.manual_seed(0)
         self.model = AutoModelForCausalLM.from_pretrained(student).train()
@@ -136,8 +136,8 @@ class SyncLoop:
         self.pool = ThreadPoolExecutor(threads)
 
     def _score(self, item: tuple[list[int], int]) -> Any:
-        from pipeline.codec import Rollout, ScoredSample
         from pipeline.teacher.vllm import parse_response
+        from pipeline.wire.codec import Rollout, ScoredSample
 
         ids, p = item
         body: dict[str, Any] = {"model": MODEL, "prompt": ids, "max_tokens": 1, "prompt_logprobs": self.k}
@@ -154,8 +154,8 @@ class SyncLoop:
     def train(self, samples: list[Any]) -> None:
         import torch
 
-        from pipeline.batching import pack
-        from pipeline.train_step import LossConfig, train_step
+        from pipeline.train.batching import pack
+        from pipeline.train.step import LossConfig, train_step
 
         micro = pack(samples, self.batch_tokens)
         rows = float(sum(b.num_loss_tokens for b in micro))
@@ -172,17 +172,17 @@ def run_async(redis_url: str, url: str, student: Path, rollouts: list[tuple[list
     """Seconds per step of `gkd workers` + `gkd train` processes over the same rollouts."""
     import redis
 
-    from pipeline.codec import Rollout, encode_rollout
-    from pipeline.keys import RunKeys
-    from pipeline.streams import add_rollouts, ensure_groups
-    from workers.redis_server import env_without_proxy
+    from pipeline.local.redis_server import env_without_proxy
+    from pipeline.queue.schema import RunKeys
+    from pipeline.queue.streams import add_rollouts, ensure_groups
+    from pipeline.wire.codec import Rollout, encode_rollout
 
     keys = RunKeys.for_run("bench-e2e")
     client = redis.Redis.from_url(redis_url)
     client.flushall()
 
     async def fill() -> None:
-        from pipeline.redis_conn import connect
+        from pipeline.queue.connection import connect
 
         r = connect(redis_url)
         await ensure_groups(r, keys)
@@ -244,8 +244,8 @@ def run(args: list[str]) -> list[dict[str, Any]]:
 
     from transformers import AutoTokenizer
 
-    from workers.redis_server import RedisServer
-    from workers.tiny_models import tiny_models
+    from pipeline.local.redis_server import RedisServer
+    from pipeline.local.tiny_models import tiny_models
 
     models = tiny_models()
     tok = AutoTokenizer.from_pretrained(models.student)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from pipeline.loss import full_vocab_gjsd, topk_gkd_loss
+from pipeline.train.loss import full_vocab_gjsd, topk_gkd_loss
 from workers.bench.cli import result
 
 BETA = 0.5  # the GJSD proper: the mixture term is the most expensive case for every method

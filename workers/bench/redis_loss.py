@@ -33,8 +33,8 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from pipeline.local.redis_server import RedisServer
 from workers.bench.cli import result
-from workers.redis_server import RedisServer
 
 STREAM = "bench:aof"
 PAYLOAD = b"x" * 200

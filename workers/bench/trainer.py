@@ -21,14 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.codec import Rollout, ScoredSample, encode_rollout, encode_scored
-from pipeline.keys import RunKeys
-from pipeline.redis_conn import connect
-from pipeline.streams import StreamConsumer, add_rollouts, ensure_groups
+from pipeline.local.redis_server import RedisServer
+from pipeline.local.tiny_models import tiny_models
+from pipeline.queue.connection import connect
+from pipeline.queue.schema import RunKeys
+from pipeline.queue.streams import StreamConsumer, add_rollouts, ensure_groups
+from pipeline.train.trainer import TrainSettings, train
+from pipeline.wire.codec import Rollout, ScoredSample, encode_rollout, encode_scored
 from workers.bench.cli import result
-from workers.redis_server import RedisServer
-from workers.tiny_models import tiny_models
-from workers.trainer import TrainSettings, train
 
 TARGET = 0.02
 

@@ -130,7 +130,7 @@ def spawn_teacher(module: str, args: list[str]) -> tuple[subprocess.Popen[bytes]
     """Start `python -m MODULE --serve PORT ARGS...` on a free port; return it once /health answers."""
     import requests
 
-    from workers.redis_server import env_without_proxy, free_port
+    from pipeline.local.redis_server import env_without_proxy, free_port
 
     port = free_port()
     cmd = [sys.executable, "-m", module, "--serve", str(port), *args]
@@ -160,13 +160,13 @@ async def run_worker(
     redis_url: str, url: str, ids_T: np.ndarray, n: int, k: int, concurrency: int
 ) -> tuple[float, float]:
     """(wall s, CPU s) for the worker to move `n` rollouts from Redis through the teacher to ready."""
-    from pipeline.backpressure import WaterMarks
-    from pipeline.codec import Rollout, encode_rollout
-    from pipeline.keys import RunKeys
-    from pipeline.redis_conn import connect
-    from pipeline.streams import add_rollouts, ensure_groups
+    from pipeline.queue.backpressure import WaterMarks
+    from pipeline.queue.connection import connect
+    from pipeline.queue.schema import RunKeys
+    from pipeline.queue.streams import add_rollouts, ensure_groups
+    from pipeline.score import TeacherWorker, WorkerOptions
     from pipeline.teacher.client import TeacherConfig
-    from pipeline.worker import TeacherWorker, WorkerOptions
+    from pipeline.wire.codec import Rollout, encode_rollout
 
     keys = RunKeys.for_run(f"bench-k{k}")
     r = connect(redis_url)
@@ -270,7 +270,7 @@ def run(args: list[str]) -> list[dict[str, Any]]:
     p.add_argument("--concurrency", type=int, default=64, help="worker rollouts in flight")
     p.add_argument("--baseline-threads", type=int, default=8)
     a = p.parse_args(args)
-    from workers.redis_server import RedisServer
+    from pipeline.local.redis_server import RedisServer
 
     ids_T = bench_ids(a.t)
     rows: list[dict[str, Any]] = []

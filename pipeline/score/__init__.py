@@ -21,7 +21,7 @@ heartbeats, outage handling), `options` (settings of the loop and its report).
 
 from __future__ import annotations
 
-from pipeline.worker.loop import TeacherWorker
-from pipeline.worker.options import LOGPROB_DTYPES, WorkerOptions, WorkerReport
+from pipeline.score.loop import TeacherWorker
+from pipeline.score.options import LOGPROB_DTYPES, WorkerOptions, WorkerReport
 
 __all__ = ["LOGPROB_DTYPES", "TeacherWorker", "WorkerOptions", "WorkerReport"]

@@ -21,10 +21,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from pipeline.keys import RunKeys, Stat
-from pipeline.metrics import WorkerMetrics
-from pipeline.runstate import heartbeat, incr_stats
-from pipeline.worker.options import WorkerReport
+from pipeline.queue.runstate import heartbeat, incr_stats
+from pipeline.queue.schema import RunKeys, Stat
+from pipeline.score.metrics import WorkerMetrics
+from pipeline.score.options import WorkerReport
 
 log = logging.getLogger("gkd.worker")
 T = TypeVar("T")

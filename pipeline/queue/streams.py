@@ -16,8 +16,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from pipeline import keys as K
-from pipeline.keys import RunKeys, Stat
+from pipeline.queue import schema as K
+from pipeline.queue.schema import RunKeys, Stat
 
 # Shared Lua prologue: is entry ARGV-sid pending for this consumer?
 _OWNED = """

@@ -3,7 +3,7 @@
 The only module that spells a msgpack field. A tensor is the map
 ``{"dtype": "<i4" | "<i8" | "<f2" | "<f4", "shape": [..], "data": <bin, C order>}``.
 Decoding is zero-copy: arrays are read-only ``numpy.frombuffer`` views into the message itself
-(`pipeline.mpack` reads bins as memoryview slices); encoding copies each tensor once. Only plain msgpack
+(`pipeline.wire.mpack` reads bins as memoryview slices); encoding copies each tensor once. Only plain msgpack
 types are decoded: no pickle, and ext types are rejected. Every
 validation failure raises `WireFormatError` naming the field, what was expected and what came.
 
@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import mpack
 from pipeline.errors import WireFormatError
+from pipeline.wire import mpack
 
 VERSION = 1
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.backpressure import WaterMarks
+from pipeline.queue.backpressure import WaterMarks
 
 #: Wire dtypes of stored top-k logprobs, by setting value.
 LOGPROB_DTYPES: dict[str, type[np.floating]] = {"float16": np.float16, "float32": np.float32}

@@ -5,7 +5,7 @@ the difference of the `stats` counters between two samples `--interval-s` apart,
 takes that long to answer (``--interval-s 0`` answers at once, without rates).
 
 Heartbeat contract. Any process may add these optional fields to its heartbeat
-(`pipeline.runstate.heartbeat(..., extra={...})`); `gkd status` shows them when present:
+(`pipeline.queue.runstate.heartbeat(..., extra={...})`); `gkd status` shows them when present:
 
 - ``latency_p50_ms``, ``latency_p95_ms`` (float, milliseconds): percentiles of this process's teacher
   request latency over its recent requests (for example the last 60 s). The run-wide value shown is the
@@ -27,8 +27,8 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from pipeline import keys as K
-from pipeline.keys import RunKeys, Stat
+from pipeline.queue import schema as K
+from pipeline.queue.schema import RunKeys, Stat
 from pipeline.settings import mask_url
 
 #: The two work streams with their consumer groups; the dead stream has none.

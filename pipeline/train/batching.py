@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.codec import ScoredSample
+from pipeline.wire.codec import ScoredSample
 
 
 @dataclass

@@ -27,11 +27,11 @@ from typing import Any, TypeVar
 import redis.exceptions
 import torch
 
-from pipeline import keys as K
-from pipeline.batching import Batch, BatchPacker
-from pipeline.codec import ScoredSample, decode_scored
 from pipeline.errors import WireFormatError
-from pipeline.streams import Entry, StreamConsumer
+from pipeline.queue import schema as K
+from pipeline.queue.streams import Entry, StreamConsumer
+from pipeline.train.batching import Batch, BatchPacker
+from pipeline.wire.codec import ScoredSample, decode_scored
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -23,11 +23,11 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 
 from pipeline.errors import SettingsError
-from pipeline.keys import RunKeys, Stat
-from pipeline.prefetch import REDIS_ERRORS, IOLoop
-from pipeline.runstate import heartbeat, incr_stats, publish_policy
-from pipeline.streams import Entry, StreamConsumer, ensure_groups
-from pipeline.train_step import StepStats
+from pipeline.queue.runstate import heartbeat, incr_stats, publish_policy
+from pipeline.queue.schema import RunKeys, Stat
+from pipeline.queue.streams import Entry, StreamConsumer, ensure_groups
+from pipeline.train.prefetch import REDIS_ERRORS, IOLoop
+from pipeline.train.step import StepStats
 
 log = logging.getLogger("gkd.train")
 _CHUNK = 1000  # entries per Lua call (ack, renew)

@@ -13,24 +13,24 @@ import time
 
 from redis.exceptions import ResponseError
 
-from pipeline.backpressure import Backpressure
-from pipeline.codec import Rollout, ScoredSample, decode_rollout, encode_scored
 from pipeline.errors import PermanentError, RetryableError, WireFormatError
-from pipeline.keys import RunKeys, Stat
-from pipeline.metrics import WorkerMetrics
-from pipeline.redis_conn import connect
-from pipeline.runstate import check_run_config, now_ms
-from pipeline.streams import Entry, StreamConsumer, ensure_groups
-from pipeline.teacher.client import TeacherClient, TeacherConfig, TeacherScores
-from pipeline.worker.handoff import HandoffBatcher
-from pipeline.worker.options import LOGPROB_DTYPES, WorkerOptions, WorkerReport
-from pipeline.worker.telemetry import (
+from pipeline.queue.backpressure import Backpressure
+from pipeline.queue.connection import connect
+from pipeline.queue.runstate import check_run_config, now_ms
+from pipeline.queue.schema import RunKeys, Stat
+from pipeline.queue.streams import Entry, StreamConsumer, ensure_groups
+from pipeline.score.handoff import HandoffBatcher
+from pipeline.score.metrics import WorkerMetrics
+from pipeline.score.options import LOGPROB_DTYPES, WorkerOptions, WorkerReport
+from pipeline.score.telemetry import (
     REDIS_ERRORS,
     REDIS_OR_SERVER_ERRORS,
     Telemetry,
     is_nogroup,
     wait_event,
 )
+from pipeline.teacher.client import TeacherClient, TeacherConfig, TeacherScores
+from pipeline.wire.codec import Rollout, ScoredSample, decode_rollout, encode_scored
 
 log = logging.getLogger("gkd.worker")
 

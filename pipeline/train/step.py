@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from pipeline.batching import Batch, gather_logits
-from pipeline.loss import topk_gkd_loss
+from pipeline.train.batching import Batch, gather_logits
+from pipeline.train.loss import topk_gkd_loss
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ from collections.abc import Mapping
 
 import redis.asyncio as aioredis
 
-from pipeline import keys as K
 from pipeline.errors import ConfigMismatch
-from pipeline.keys import RunKeys
+from pipeline.queue import schema as K
+from pipeline.queue.schema import RunKeys
 
 # KEYS: config. ARGV: field, value pairs. Writes missing fields; returns [field, stored, ours] for
 # each field whose stored value differs. Atomic, so two processes racing to create a run agree.

@@ -17,8 +17,8 @@ import numpy as np
 from pipeline.teacher import binary
 
 if TYPE_CHECKING:
-    from workers.teacher_batcher import ScoreResult
-    from workers.teacher_server import TeacherServer
+    from pipeline.serve.batcher import ScoreResult
+    from pipeline.serve.server import TeacherServer
 
 NEG_INF_SENTINEL = -9999.0
 

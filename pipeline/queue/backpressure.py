@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from pipeline.keys import RunKeys, Stat
+from pipeline.queue.schema import RunKeys, Stat
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeline.streams import Entry, StreamConsumer
-from pipeline.worker.telemetry import Telemetry
+from pipeline.queue.streams import Entry, StreamConsumer
+from pipeline.score.telemetry import Telemetry
 
 #: Called once per result after its batch was published: (entry, positions, published?).
 OnPublished = Callable[[Entry, int, bool], None]

@@ -1,0 +1,1 @@
+"""Stand-ins for one machine: a private redis-server and tiny offline models (demo, tests, benches)."""

@@ -1,0 +1,1 @@
+"""Producing: prompt files, student generation, the rollout producer."""

@@ -1,0 +1,353 @@
+"""`gkd rollouts`: turn JSONL prompts into Rollouts on the rollouts stream, on-policy with probability lmbda.
+
+For each prompt, with probability ``--lmbda`` the student generates the completion (in process with
+transformers, or through ``--student-server``) from its latest published policy, else the dataset
+completion is used. A prompt without a dataset completion (``{"prompt"}`` or a chat ending with the
+user) is always completed by the student, whatever lmbda: it cannot be used otherwise.
+
+The producer polls the run's policy every ``--policy-poll-s``; when the version changes it loads that
+checkpoint (logging it) and stamps every later rollout with the new version. It waits for room below
+the rollouts stream's high-water mark before each batch, and backs off and carries on through Redis
+outages: a batch whose add failed is retried, unless it turns out to have been written and only the
+reply was lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+import redis.exceptions
+
+from pipeline.errors import RetryableError, SettingsError, WireFormatError
+from pipeline.produce.prompts import PromptItem, load_prompts
+from pipeline.produce.student_gen import Generator, LocalGenerator, Sampling, ServerGenerator
+from pipeline.queue import schema as K
+from pipeline.queue.backpressure import Backpressure, WaterMarks
+from pipeline.queue.connection import connect
+from pipeline.queue.runstate import heartbeat, now_ms, read_policy
+from pipeline.queue.schema import RunKeys
+from pipeline.queue.streams import add_rollouts, ensure_groups
+from pipeline.settings import CommonSettings, setting
+from pipeline.wire.codec import Rollout, encode_rollout
+
+log = logging.getLogger("gkd.rollouts")
+T = TypeVar("T")
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+_FIELD_ID = K.FIELD_ID.encode()
+_CLOCK_SLACK_MS = 60_000  # how far before the failed attempt (by Redis's clock) to look for its batch
+
+
+@dataclass
+class RolloutSettings(CommonSettings):
+    """Settings of `gkd rollouts`."""
+
+    prompts: str = setting("", "JSONL prompts: {prompt}, {prompt, completion} or {messages} per line.")
+    student: str = setting("", "Student model folder or Hugging Face id (tokenizer; in-process generation).")
+    student_server: str | None = setting(
+        None, "OpenAI-compatible server that generates for the student (/v1/completions, token-id prompts)."
+    )
+    student_server_reload: str | None = setting(
+        None,
+        "Path on the student server that loads a new checkpoint, POST {model_path} "
+        "(SGLang: /update_weights_from_disk); without it the server must be kept in sync by other means.",
+    )
+    request_timeout_s: float = setting(120.0, "Timeout of one student server request.")
+    lmbda: float = setting(0.5, "Probability that the student generates a completion (on-policy).")
+    max_new_tokens: int = setting(128, "Longest student completion, in tokens.")
+    temperature: float = setting(1.0, "Student sampling temperature (0: greedy).")
+    top_p: float = setting(1.0, "Student nucleus sampling.")
+    seed: int = setting(0, "Seed of the prompt order, the lmbda draws and sampling.")
+    num_rollouts: int = setting(0, "Stop after writing this many rollouts (0: no limit).")
+    epochs: int = setting(1, "Passes over the prompts (0: loop forever).")
+    shuffle: bool = setting(True, "Shuffle the prompts in every pass.")
+    high_water: int = setting(4096, "Pause while the rollouts stream holds this many entries.")
+    low_water: int = setting(2048, "Resume once it holds no more than this many.")
+    high_water_bytes: int = setting(
+        512 * 2**20, "Pause while the rollouts stream holds this many payload bytes."
+    )
+    low_water_bytes: int = setting(256 * 2**20, "Resume once it holds no more than this many bytes.")
+    batch_size: int = setting(8, "Prompts per generation batch and per stream write.")
+    policy_poll_s: float = setting(5.0, "How often to look for a newly published policy.")
+    device: str = setting("auto", "Device of in-process generation.", choices=("cpu", "cuda", "auto"))
+    name: str = setting("rollouts", "Process name (heartbeat).")
+
+
+@dataclass
+class ProducerSummary:
+    produced: int = 0
+    sources: Counter[str] = field(default_factory=Counter)
+    versions: list[int] = field(default_factory=list)
+    """Every policy version loaded, in order (the first is the one at start)."""
+    skipped: int = 0
+
+
+class Producer:
+    """The producer loop; `run()` returns when done (num rollouts, epochs) or when `stop` is set."""
+
+    def __init__(self, s: RolloutSettings, stop: asyncio.Event) -> None:
+        if not s.prompts or not s.student:
+            raise SettingsError(
+                "prompts and student: expected --prompts FILE and --student MODEL, got "
+                f"prompts={s.prompts!r} student={s.student!r}"
+            )
+        if not 0.0 <= s.lmbda <= 1.0:
+            raise SettingsError(f"lmbda: expected a probability in [0, 1], got {s.lmbda}")
+        if s.batch_size < 1 or s.max_new_tokens < 1:
+            raise SettingsError(
+                f"batch_size, max_new_tokens: expected >= 1, got {s.batch_size}, {s.max_new_tokens}"
+            )
+        self.s, self.stop = s, stop
+        self.keys = RunKeys.for_run(s.run)
+        self.marks = WaterMarks(s.high_water, s.low_water, s.high_water_bytes, s.low_water_bytes)
+        self.summary = ProducerSummary()
+        self.rng = random.Random(s.seed)
+        self.version = 0
+        self.checkpoint: str | None = None
+        self.gen: Generator | None = None
+        self._batches = 0
+
+    async def run(self) -> ProducerSummary:
+        from transformers import AutoTokenizer
+
+        s = self.s
+        self.tokenizer = AutoTokenizer.from_pretrained(s.student)
+        items = load_prompts(s.prompts, self.tokenizer)
+        log.info(
+            "%d prompts from %s (%d with dataset completions)",
+            len(items),
+            s.prompts,
+            sum(i.completion_ids is not None for i in items),
+        )
+        self.r = connect(s.redis_url)
+        self.bp = Backpressure(self.r, self.keys, "rollouts", self.marks)
+        hb = asyncio.create_task(self._heartbeat_loop())
+        try:
+            await self._retry(lambda: ensure_groups(self.r, self.keys), "create groups")
+            await self._follow_policy(force=True)
+            await self._loop(items)
+        finally:
+            hb.cancel()
+            await asyncio.gather(hb, return_exceptions=True)
+            if self.gen is not None:
+                await self.gen.close()
+            await self.r.aclose()
+        return self.summary
+
+    async def _loop(self, items: list[PromptItem]) -> None:
+        s = self.s
+        epoch = 0
+        last_poll = time.monotonic()
+        while (s.epochs == 0 or epoch < s.epochs) and not self._done():
+            order = list(range(len(items)))
+            if s.shuffle:
+                self.rng.shuffle(order)
+            for start in range(0, len(order), s.batch_size):
+                if self._done():
+                    return
+                if time.monotonic() - last_poll >= s.policy_poll_s:
+                    await self._follow_policy()
+                    last_poll = time.monotonic()
+                left = s.num_rollouts - self.summary.produced if s.num_rollouts else s.batch_size
+                batch = [items[i] for i in order[start : start + min(s.batch_size, left)]]
+                rollouts = await self._make(batch, epoch)
+                await self._write(rollouts)
+            epoch += 1
+
+    def _done(self) -> bool:
+        s = self.s
+        return self.stop.is_set() or bool(s.num_rollouts and self.summary.produced >= s.num_rollouts)
+
+    async def _make(self, batch: list[PromptItem], epoch: int) -> list[Rollout]:
+        """Rollouts of one batch: lmbda draws, student generation where drawn (or needed)."""
+        draws = [self.rng.random() < self.s.lmbda for _ in batch]  # one draw per prompt, always
+        on_policy = [d or item.completion_ids is None for item, d in zip(batch, draws, strict=True)]
+        wanted = [item for item, student in zip(batch, on_policy, strict=True) if student]
+        generated: dict[int, list[int]] = {}
+        if wanted:
+            self._batches += 1
+            seed = self.s.seed * 1_000_003 + self._batches
+            gen = await self._generator()
+            outs = await self._retry(
+                lambda: gen.generate([i.prompt_ids for i in wanted], seed),
+                "generate",
+                errors=(RetryableError,),
+            )
+            generated = {item.index: ids for item, ids in zip(wanted, outs, strict=True)}
+        out: list[Rollout] = []
+        for item, student in zip(batch, on_policy, strict=True):
+            completion = generated[item.index] if student else item.completion_ids
+            if not completion:
+                self.summary.skipped += 1
+                log.warning("prompt %d (line %d): empty completion, skipped", item.index, item.line)
+                continue
+            out.append(
+                Rollout(
+                    id=f"{self.s.run}-{uuid.uuid4().hex}",
+                    input_ids=np.asarray(item.prompt_ids + completion, dtype=np.int32),
+                    prompt_len=len(item.prompt_ids),
+                    policy_version=self.version,
+                    source="student" if student else "dataset",
+                    created_ms=now_ms(),
+                    meta={"prompt_index": item.index, "line": item.line, "epoch": epoch},
+                )
+            )
+        return out
+
+    async def _write(self, rollouts: list[Rollout]) -> None:
+        payloads: list[tuple[str, bytes]] = []
+        for ro in rollouts:
+            try:
+                payloads.append((ro.id, encode_rollout(ro)))
+            except WireFormatError as exc:
+                self.summary.skipped += 1
+                log.warning("prompt %s: rollout not written: %s", ro.meta.get("prompt_index"), exc)
+        if not payloads:
+            return
+        await self._retry(lambda: self.bp.wait_for_room(self.stop), "wait for room")
+        if self.stop.is_set():
+            return  # stopped while paused: nothing written, nothing lost (prompts are re-read next run)
+        await self._add_once(payloads)
+        self.summary.produced += len(payloads)
+        self.summary.sources.update(ro.source for ro in rollouts)
+
+    async def _add_once(self, payloads: list[tuple[str, bytes]]) -> None:
+        """add_rollouts, retried through outages without writing a batch twice.
+
+        A failed call is ambiguous: Redis may have executed the transaction and lost only the reply.
+        Before retrying, look for the batch's first rollout id among the entries added since the attempt
+        (in rollouts, or already moved on to ready or dead): the transaction is all or nothing, so one
+        id tells. Only a batch trained and acknowledged within that moment would escape the check.
+        """
+        delay = 0.2
+        while True:
+            started = time.monotonic()
+            try:
+                await add_rollouts(self.r, self.keys, payloads)
+                return
+            except REDIS_ERRORS as exc:
+                log.warning("add rollouts failed (%r); retrying in %.1f s", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            check = functools.partial(self._landed, payloads[0][0], started)
+            if await self._retry(check, "check the last batch"):
+                log.warning("batch of %s: written before its reply was lost; not added again", payloads[0][0])
+                return
+
+    async def _landed(self, rollout_id: str, since: float) -> bool:
+        """Whether an entry with this rollout id was added to the run's streams since `since` (monotonic)."""
+        sec, usec = await self.r.time()
+        elapsed_ms = int((time.monotonic() - since) * 1000)
+        start = f"{max(0, sec * 1000 + usec // 1000 - elapsed_ms - _CLOCK_SLACK_MS)}-0"
+        want = rollout_id.encode()
+        for stream in (self.keys.rollouts, self.keys.ready, self.keys.dead):
+            cursor = start
+            while True:
+                page: Any = await self.r.xrange(stream, min=cursor, max="+", count=256)
+                if any(fields.get(_FIELD_ID) == want for _, fields in page):
+                    return True
+                if len(page) < 256:
+                    break
+                cursor = "(" + page[-1][0].decode()
+        return False
+
+    async def _generator(self) -> Generator:
+        """The student generator, built on first use from the policy in use (or --student)."""
+        if self.gen is None:
+            s = self.s
+            sampling = Sampling(s.max_new_tokens, s.temperature, s.top_p)
+            if s.student_server:
+                server = ServerGenerator(
+                    s.student_server,
+                    s.student,
+                    self.tokenizer,
+                    sampling,
+                    timeout_s=s.request_timeout_s,
+                    reload_path=s.student_server_reload,
+                )
+                ckpt = self.checkpoint
+                if ckpt is not None:  # a policy was published before this server was first used
+                    await self._retry(lambda: server.load(ckpt), "load policy", errors=(RetryableError,))
+                self.gen = server
+            else:
+                path = self.checkpoint or s.student
+                self.gen = await asyncio.to_thread(LocalGenerator, path, self.tokenizer, sampling, s.device)
+        return self.gen
+
+    async def _follow_policy(self, force: bool = False) -> None:
+        """Switch to the latest published policy when its version differs from the one in use."""
+        try:
+            version, path = await read_policy(self.r, self.keys)
+        except REDIS_ERRORS as exc:
+            log.warning("reading the policy failed (%r); keeping version %d", exc, self.version)
+            return
+        if version == self.version and not force:
+            return
+        if path is not None and self.gen is not None:
+            try:
+                await self.gen.load(path)
+            except (OSError, ValueError, RetryableError) as exc:
+                log.error(
+                    "loading policy version %d from %s failed (%r); keeping version %d",
+                    version,
+                    path,
+                    exc,
+                    self.version,
+                )
+                return
+        self.checkpoint = path or self.checkpoint
+        self.version = version
+        self.summary.versions.append(version)
+        log.info("policy version %d in use (%s)", version, path or self.s.student)
+
+    async def _retry(
+        self,
+        fn: Callable[[], Awaitable[T]],
+        what: str,
+        errors: tuple[type[BaseException], ...] = REDIS_ERRORS,
+    ) -> T:
+        """`fn()` until it succeeds, backing off on `errors` (0.2 s doubling to 5 s)."""
+        delay = 0.2
+        while True:
+            try:
+                return await fn()
+            except errors as exc:
+                if self.stop.is_set():
+                    raise
+                log.warning("%s failed (%r); retrying in %.1f s", what, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                await heartbeat(
+                    self.r,
+                    self.keys,
+                    self.s.name,
+                    role="rollouts",
+                    in_flight=0,
+                    ttl_ms=10_000,
+                    extra={
+                        "policy_version": self.version,
+                        "produced": self.summary.produced,
+                        "paused": int(self.bp.paused),
+                    },
+                )
+            except REDIS_ERRORS as exc:
+                log.debug("heartbeat failed: %r", exc)
+            await asyncio.sleep(1.0)
+
+
+async def produce(s: RolloutSettings, stop: asyncio.Event | None = None) -> ProducerSummary:
+    """Run the producer until done or `stop` is set."""
+    return await Producer(s, stop or asyncio.Event()).run()

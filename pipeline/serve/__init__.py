@@ -1,0 +1,1 @@
+"""The reference teacher server: request validation, batching engine, aiohttp app."""

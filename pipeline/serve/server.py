@@ -1,0 +1,298 @@
+"""`gkd teacher`: the reference teacher server. A Hugging Face causal LM behind aiohttp, speaking vLLM's API.
+
+Endpoints (vLLM shapes): `POST /v1/completions` (prompt as text, list of texts, token ids or lists of
+them; `prompt_logprobs`, `logprobs`, `max_tokens` >= 1), `GET /v1/models`, `GET /health`,
+`POST /tokenize`, `POST /detokenize`. Errors use vLLM's body ``{"error": {"message", "type", "param",
+"code"}}`` and codes (400 for k above --max-logprobs with vLLM's wording, for max_tokens 0, for ids out of
+vocabulary, for a bad body; 401 without the API key on /v1 routes; 404 for an unknown model; 429 when
+too many requests are pending). Concurrent requests are batched into one forward pass (teacher_batcher).
+
+Deviation from vLLM: exactly one greedy token is generated whatever `max_tokens` is (finish_reason
+"length"); the server exists for prompt logprobs, not for generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from pipeline.serve.api import ApiError, render_binary, render_choice, validate_completion
+from pipeline.serve.batcher import Batcher, BatcherConfig
+from pipeline.settings import setting
+from pipeline.teacher import binary
+
+log = logging.getLogger("gkd.teacher.server")
+
+
+@dataclass
+class TeacherServerSettings:
+    """Settings of `gkd teacher`."""
+
+    model: str = setting("", "Hugging Face model path or id to serve (required).")
+    device: str = setting("cpu", "Torch device: cpu, cuda or cuda:N.")
+    dtype: str = setting("float32", "Model dtype.", choices=("float32", "bfloat16", "float16"))
+    max_logprobs: int = setting(64, "Largest prompt_logprobs/logprobs k a request may ask for (like vLLM's).")
+    host: str = setting("127.0.0.1", "Address to bind (loopback unless told otherwise).")
+    port: int = setting(8000, "TCP port (0: any free port).")
+    api_key: str | None = setting(None, "Require Authorization: Bearer KEY on /v1 routes.", secret=True)
+    served_model_name: str | None = setting(None, "Model id in /v1/models and responses (default: --model).")
+    max_model_len: int | None = setting(
+        None, "Longest prompt in tokens (default: the model's max positions)."
+    )
+    max_batch_tokens: int = setting(16384, "Largest padded batch (batch size x longest prompt) per forward.")
+    max_wait_ms: float = setting(5.0, "How long a request waits for others to share its forward pass.")
+    max_pending: int = setting(1024, "Prompts queued or running before new requests get HTTP 429.")
+    max_body_bytes: int = setting(64 * 1024 * 1024, "Largest request body in bytes (413 above).")
+    threads: int = setting(0, "Torch CPU threads (0: half the cores, at most 8; oversubscribed cores crawl).")
+    log_level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
+
+
+def json_response(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
+
+
+def error_response(err: ApiError) -> web.Response:
+    """vLLM's error body (current nested schema)."""
+    body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.status}}
+    return json_response(body, err.status)
+
+
+class TeacherServer:
+    """The model, tokenizer and batcher behind the routes."""
+
+    def __init__(self, settings: TeacherServerSettings, model: Any, tokenizer: Any) -> None:
+        self.settings = settings
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_name = settings.served_model_name or settings.model
+        self.vocab_size = int(model.config.vocab_size)
+        self.max_model_len = settings.max_model_len or int(
+            getattr(model.config, "max_position_embeddings", 2048)
+        )
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.batcher = Batcher(
+            model, settings.device, BatcherConfig(settings.max_batch_tokens, settings.max_wait_ms, pad)
+        )
+        self.pending = 0
+        self.created = int(time.time())
+        self._decoded: list[str] | None = None
+        self.id_strs = [str(i) for i in range(self.vocab_size)]
+
+    def decoded(self) -> list[str]:
+        """decoded_token text of every id (computed once; ids the tokenizer cannot decode give "")."""
+        if self._decoded is None:
+            out = []
+            for i in range(self.vocab_size):
+                try:
+                    out.append(self.tokenizer.decode([i]))
+                except Exception:  # ids past the tokenizer (padded embedding rows)
+                    out.append("")
+            self._decoded = out
+        return self._decoded
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.settings.max_body_bytes, middlewares=[self._middleware])
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
+        app.on_startup.append(self._on_startup)
+        app.on_cleanup.append(self._on_cleanup)
+        return app
+
+    async def _on_startup(self, app: web.Application) -> None:
+        await asyncio.to_thread(self.decoded)
+        self.batcher.start()
+
+    async def _on_cleanup(self, app: web.Application) -> None:
+        await self.batcher.stop()
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        key = self.settings.api_key
+        if key and request.path.startswith("/v1"):  # vLLM guards /v1 routes only
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                return json_response({"error": "Unauthorized"}, 401)
+        try:
+            return await handler(request)
+        except ApiError as err:
+            return error_response(err)
+        except web.HTTPException as exc:
+            if exc.status == 404:
+                return json_response({"detail": "Not Found"}, 404)
+            if exc.status == 413:
+                return error_response(
+                    ApiError(413, f"request body over {self.settings.max_body_bytes} bytes")
+                )
+            raise
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def models(self, request: web.Request) -> web.Response:
+        card = {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "gkd",
+            "root": self.settings.model,
+            "parent": None,
+            "max_model_len": self.max_model_len,
+            "permission": [],
+            binary.ADVERT_FIELD: binary.MEDIA_TYPE,  # opt-in binary top-k (pipeline/teacher/binary)
+        }
+        return json_response({"object": "list", "data": [card]})
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        raw = await request.read()
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ApiError(400, f"expected a JSON body, got invalid JSON ({exc})") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, f"expected a JSON object, got {type(body).__name__}")
+        return body
+
+    async def completions(self, request: web.Request) -> web.Response:
+        req = validate_completion(await self._body(request), self)
+        if self.pending + len(req.prompts) > self.settings.max_pending:
+            raise ApiError(
+                429,
+                f"server busy: {self.pending} prompts pending (limit {self.settings.max_pending})",
+                "TooManyRequests",
+            )
+        self.pending += len(req.prompts)
+        try:
+            results = await asyncio.gather(*(self.batcher.submit(ids, req.job_k) for ids in req.prompts))
+        finally:
+            self.pending -= len(req.prompts)
+        if req.rows_from is not None and binary.MEDIA_TYPE in request.headers.get("Accept", ""):
+            body = render_binary(req.prompts[0], results[0], req, self.model_name)
+            return web.Response(body=body, content_type=binary.MEDIA_TYPE)
+        choices = [
+            render_choice(i, ids, res, req, self)
+            for i, (ids, res) in enumerate(zip(req.prompts, results, strict=True))
+        ]
+        n_prompt = sum(len(p) for p in req.prompts)
+        return json_response(
+            {
+                "id": f"cmpl-{uuid.uuid4().hex}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": self.model_name,
+                "choices": choices,
+                "usage": {
+                    "prompt_tokens": n_prompt,
+                    "completion_tokens": len(choices),
+                    "total_tokens": n_prompt + len(choices),
+                },
+            }
+        )
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise ApiError(
+                400, f"expected prompt to be a string, got {type(prompt).__name__}", param="prompt"
+            )
+        ids = self.tokenizer(prompt, add_special_tokens=bool(body.get("add_special_tokens", True)))[
+            "input_ids"
+        ]
+        return json_response(
+            {"count": len(ids), "max_model_len": self.max_model_len, "tokens": list(ids), "token_strs": None}
+        )
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        tokens = body.get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            raise ApiError(400, "expected tokens to be a list of token ids", param="tokens")
+        bad = [t for t in tokens if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ApiError(400, f"Token id {bad[0]} is out of vocabulary", param="tokens")
+        return json_response({"prompt": self.tokenizer.decode(tokens)})
+
+    def tokenize_prompt(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def load(settings: TeacherServerSettings) -> tuple[Any, Any]:
+    """(model in eval mode on the device, tokenizer) for `settings.model`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[settings.dtype]
+    tokenizer = AutoTokenizer.from_pretrained(settings.model)
+    model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=dtype)
+    model = model.to(settings.device).eval()  # type: ignore[arg-type]
+    return model, tokenizer
+
+
+@dataclass
+class RunningServer:
+    """A server started in this event loop (tests, demo). `url` is its base URL."""
+
+    server: TeacherServer
+    runner: web.AppRunner
+    url: str
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_server(
+    settings: TeacherServerSettings, model: Any = None, tokenizer: Any = None
+) -> RunningServer:
+    """Load (unless given) and serve in the running loop; port 0 picks a free port."""
+    if model is None or tokenizer is None:
+        model, tokenizer = await asyncio.to_thread(load, settings)
+    server = TeacherServer(settings, model, tokenizer)
+    runner = web.AppRunner(server.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    port = runner.addresses[0][1]
+    return RunningServer(server, runner, f"http://{settings.host}:{port}")
+
+
+def set_threads(settings: TeacherServerSettings) -> int:
+    """Set torch's intra-op threads for this process (the server's own process only: it is global)."""
+    import torch
+
+    n = settings.threads or max(1, min(8, (os.cpu_count() or 2) // 2))
+    torch.set_num_threads(n)
+    return n
+
+
+async def serve(settings: TeacherServerSettings) -> None:
+    """Run until SIGINT/SIGTERM."""
+    set_threads(settings)
+    running = await start_server(settings)
+    log.info(
+        "gkd teacher serving %s on %s (max_logprobs=%d, device=%s, dtype=%s)",
+        running.server.model_name,
+        running.url,
+        settings.max_logprobs,
+        settings.device,
+        settings.dtype,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("gkd teacher stopping")
+    await running.stop()

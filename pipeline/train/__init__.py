@@ -1,0 +1,1 @@
+"""Training: the top-k GKD loss, batching, the optimizer step, checkpoints, prefetch, the trainer."""

@@ -1,0 +1,435 @@
+"""`gkd train`: train the student on ready samples with the top-k GKD loss (torchrun for several devices).
+
+The main thread only does torch work; Redis lives on a background IO loop (`pipeline.train.prefetch.IOLoop`)
+where the prefetcher reads and packs the next micro-batches while the current step computes.
+
+Delivery (DESIGN.md, "Delivery guarantees"): samples are acknowledged only after the checkpoint that
+includes their update is written; the checkpoint lists them. After a crash, `--resume` loads the latest
+checkpoint, acknowledges the entries it lists (a crash may have come between writing it and the acks),
+re-trains this rank's remaining own-pending entries in stream order, then reads new ones: every sample
+counts in exactly one optimizer step of the run that continues. `--ack-after-step` trades this for
+memory in Redis (see its help). Held samples count toward ready's high-water mark, so a trainer starved
+of data while holding some checkpoints early (`--starved-checkpoint-s`): the workers they hold back
+could otherwise wait forever for a checkpoint that waits for them.
+
+Rank r reads as consumer ``<name>-<r>``: the name is stable so that a restarted rank finds its pending
+entries. Rank 0 writes checkpoints and publishes the policy (version = optimizer step of the checkpoint);
+every rank acknowledges its own samples after the checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import SettingsError
+from pipeline.queue.connection import connect
+from pipeline.queue.runstate import check_run_config
+from pipeline.queue.schema import RunKeys
+from pipeline.settings import CommonSettings, setting
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.batching import Batch, BatchPacker
+from pipeline.train.distributed import Dist, init_distributed, shutdown
+from pipeline.train.ledger import Ledger, MetricsSink, ReadyLedger
+from pipeline.train.optim import SCHEDULES, build_optimizer, build_scheduler
+from pipeline.train.prefetch import TRAIN, IOLoop, Prefetcher, Verdict
+from pipeline.train.step import LossConfig, StepStats, supports_mask_logits, train_step
+from pipeline.wire.codec import ScoredSample
+
+log = logging.getLogger("gkd.train")
+
+
+@dataclass
+class TrainSettings(CommonSettings):
+    """Settings of `gkd train`."""
+
+    student: str = setting("", "Student model: a local folder or a Hugging Face id (required).")
+    output_dir: str = setting("gkd-out", "Folder for checkpoints/ and metrics.jsonl.")
+    lr: float = setting(1e-5, "Peak learning rate of AdamW.")
+    weight_decay: float = setting(0.0, "AdamW weight decay (not applied to biases and norms).")
+    warmup_steps: int = setting(10, "Linear LR warmup, in optimizer steps.")
+    lr_schedule: str = setting(
+        "cosine", "LR decay after warmup, to --min-lr-ratio at --max-steps.", choices=SCHEDULES
+    )
+    min_lr_ratio: float = setting(0.1, "Final LR as a fraction of --lr.")
+    max_steps: int = setting(0, "Stop after this many optimizer steps (0: until SIGTERM or --idle-exit-s).")
+    batch_tokens: int = setting(
+        8192, "Token budget of a micro-batch: samples x longest sample, padding included."
+    )
+    grad_accum: int = setting(1, "Micro-batches per optimizer step (per rank).")
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm (0: no clipping).")
+    beta: float = setting(0.5, "Generalized JSD beta: 0 forward KL, 1 reverse KL.")
+    temperature: float = setting(1.0, "Distillation temperature (student and teacher).")
+    loss_mode: str = setting(
+        "tail", "Top-k loss: tail (k + rest) or renorm (renormalized over k).", choices=("tail", "renorm")
+    )
+    k: int = setting(20, "Teacher top-k of the run (checked against the run config and every sample).")
+    checkpoint_every: int = setting(
+        500, "Checkpoint (then acknowledge and publish the policy) every N steps."
+    )
+    keep_checkpoints: int = setting(3, "Checkpoints kept on disk (the newest ones).")
+    resume: bool = setting(False, "Continue from the latest checkpoint in --output-dir (if any).")
+    max_staleness: int | None = setting(
+        None,
+        "Skip (and count) student rollouts more than this many policy versions (= steps) behind "
+        "the last published policy (none: keep all).",
+    )
+    prefetch: bool = setting(True, "Read, decode and copy the next micro-batches in the background.")
+    prefetch_depth: int = setting(0, "Micro-batches prefetched ahead (0: 2 x --grad-accum, at least 2).")
+    seed: int = setting(0, "Random seed (rank r uses seed + r).")
+    device: str = setting("auto", "Training device.", choices=("cpu", "cuda", "auto"))
+    precision: str = setting("fp32", "fp32, or bf16 autocast (weights stay fp32).", choices=("fp32", "bf16"))
+    lease_ms: int = setting(120_000, "Lease of read samples; renewed until they are acknowledged.")
+    ack_after_step: bool = setting(
+        False,
+        "Acknowledge samples right after their step instead of at the next checkpoint (less Redis "
+        "memory). A crash then DISCARDS the samples trained since the last checkpoint: they are "
+        "neither in its weights nor in the stream any more.",
+    )
+    tensorboard_dir: str | None = setting(None, "Write TensorBoard scalars here (needs `tensorboard`).")
+    log_every: int = setting(10, "Log metrics every N steps.")
+    name: str = setting("trainer", "Process name; rank r reads as consumer <name>-<r>.")
+    idle_exit_s: float = setting(
+        0.0, "Exit after this long without data and nothing held, checkpointing first (0: never)."
+    )
+    starved_checkpoint_s: float = setting(
+        5.0,
+        "Checkpoint early after this long without data while holding trained, unacknowledged samples: they "
+        "count toward ready's high-water mark, so workers may wait for their acknowledgement (0: never).",
+    )
+    sample_log: str | None = setting(
+        None, "Append the sample ids of every optimizer step to this JSONL file."
+    )
+    num_threads: int = setting(0, "torch CPU threads (0: torch's default).")
+    deterministic: bool = setting(False, "torch.use_deterministic_algorithms (reproducible CPU runs).")
+
+
+@dataclass
+class TrainSummary:
+    """What a run did (returned by `train`, for tests and benchmarks)."""
+
+    steps: int = 0
+    samples: int = 0
+    checkpoint: str | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class Trainer:
+    """One rank of a training job. `run()` loops until max steps, stop, SIGTERM or idle exit."""
+
+    def __init__(self, s: TrainSettings, stop: threading.Event | None = None) -> None:
+        if not s.student:
+            raise SettingsError("student: expected a model folder or Hugging Face id (--student), got none")
+        for name in ("grad_accum", "batch_tokens", "checkpoint_every", "log_every"):
+            if getattr(s, name) < 1:
+                raise SettingsError(f"{name}: expected >= 1, got {getattr(s, name)}")
+        self.s = s
+        self.stop = stop or threading.Event()
+        MetricsSink.tensorboard_writer(s.tensorboard_dir, create=False)  # fails fast if missing
+        if s.num_threads > 0:
+            torch.set_num_threads(s.num_threads)
+        if s.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+        self.dist: Dist = init_distributed(s.device)
+        torch.manual_seed(s.seed + self.dist.rank)
+        self.keys = RunKeys.for_run(s.run)
+        self.consumer_name = f"{s.name}-{self.dist.rank}"
+        self.io = IOLoop()
+        self.r = self.io.run(_connect(s.redis_url))
+        self.step = 0
+        self.version = 0
+        self.last_ckpt_step = -1
+        try:
+            self.io.run(check_run_config(self.r, self.keys, {"k": s.k, "loss_mode": s.loss_mode}))
+            self.ready = ReadyLedger(self.io, self.r, self.keys, self.consumer_name, s.lease_ms)
+            self._load_model()
+        except BaseException:
+            self._close_io()
+            raise
+        self.summary = TrainSummary(steps=self.step)
+        self.sink = (
+            MetricsSink(Path(s.output_dir), MetricsSink.tensorboard_writer(s.tensorboard_dir))
+            if self.dist.is_main
+            else None
+        )
+        self.ledger = Ledger(s.sample_log, self.dist.rank) if s.sample_log else None
+
+    # ------------------------------------------------------------------ setup
+
+    def _load_model(self) -> None:
+        """The student (from the latest checkpoint with --resume), its optimizer and LR schedule."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        s, d = self.s, self.dist
+        latest = ckpt.latest_checkpoint(s.output_dir) if s.resume else None
+        source = str(latest) if latest is not None else s.student
+        model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        self.model = model.to(d.device)
+        self.model.train()
+        try:
+            self.tokenizer: Any = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError):
+            self.tokenizer = None
+        self.vocab = int(self.model.get_output_embeddings().weight.shape[0])
+        self.mask_logits = supports_mask_logits(self.model, d.device)
+        self.optimizer = build_optimizer(self.model, s.lr, s.weight_decay)
+        self.scheduler = build_scheduler(
+            self.optimizer, s.warmup_steps, s.max_steps, s.lr_schedule, s.min_lr_ratio
+        )
+        if latest is not None:
+            self._resume(latest)
+        elif s.resume:
+            log.info("--resume: no checkpoint in %s yet, starting from %s", s.output_dir, s.student)
+        self.ddp: Any = self.model
+        if d.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.ddp = DDP(self.model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+    def _resume(self, latest: Path) -> None:
+        """Optimizer, schedule, step and RNG from `latest`; acknowledge the samples it includes."""
+        d = self.dist
+        state = ckpt.load_training_state(
+            latest, optimizer=self.optimizer, scheduler=self.scheduler, rank=d.rank, map_location=d.device
+        )
+        self.step = self.last_ckpt_step = state.step
+        self.version = state.policy_version
+        # A crash may have come between writing the checkpoint and acknowledging what it includes.
+        n = self.ready.settle_listed(state.entries, d.rank, d.world_size)
+        log.info("resumed from %s (step %d); acknowledged %d entries it includes", latest, self.step, n)
+        if d.is_main:
+            self.ready.publish(self.version, str(latest))
+
+    def _check(self, sample: ScoredSample) -> Verdict:
+        """Dead-letter what can never train here; skip (count) stale student rollouts."""
+        ro, s = sample.rollout, self.s
+        if sample.k != s.k:
+            return Verdict("dead", f"k mismatch: the run trains with k={s.k}, the sample has k={sample.k}")
+        top = max(int(ro.input_ids.max()), int(sample.topk_ids.max()))
+        if top >= self.vocab:
+            return Verdict("dead", f"token id {top} outside the student's vocabulary of {self.vocab}")
+        if (
+            s.max_staleness is not None
+            and ro.source == "student"
+            and self.version - ro.policy_version > s.max_staleness
+        ):
+            return Verdict("skip", f"policy version {ro.policy_version} < {self.version} - {s.max_staleness}")
+        return TRAIN
+
+    def _prefetcher(self) -> Prefetcher:
+        s = self.s
+        pad = getattr(self.tokenizer, "pad_token_id", None) or 0
+        packer = BatchPacker(s.batch_tokens, pad_id=pad, pin=self.dist.device.type == "cuda")
+        return Prefetcher(
+            self.io,
+            self.ready.consumer,
+            packer,
+            check=self._check,
+            on_skip=self.ready.skip_stale,
+            device=self.dist.device,
+            depth=s.prefetch_depth or max(2, 2 * s.grad_accum),
+            enabled=s.prefetch,
+            held=self.ready.held,
+            held_lock=self.ready.lock,
+            stop=self.stop,
+        )
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> TrainSummary:
+        s, d = self.s, self.dist
+        pf = self._prefetcher()
+        self.ready.start_background(role_extra=lambda: {"step": self.step, "policy_version": self.version})
+        pf.start()
+        cfg = LossConfig(s.beta, s.temperature, s.loss_mode)
+        autocast = torch.bfloat16 if s.precision == "bf16" else None
+        last_data = time.monotonic()
+        try:
+            while not (s.max_steps and self.step >= s.max_steps):
+                t0 = time.perf_counter()
+                micro = self._collect(pf)
+                wait_s = time.perf_counter() - t0
+                if micro:
+                    last_data = time.monotonic()
+                starved_s = 0.0 if micro else time.monotonic() - last_data
+                # Trained samples wait for the next checkpoint unacknowledged and count toward ready's
+                # high-water mark: workers may be paused until we acknowledge them. Starved that long
+                # (or as long as --idle-exit-s), checkpoint now rather than wait for data that cannot
+                # come; only a trainer starved with nothing held is idle.
+                holding = bool(self.ready.unacked)
+                limits = [x for x in (s.starved_checkpoint_s, s.idle_exit_s) if x > 0]
+                starved = holding and bool(limits) and starved_s > min(limits, default=0.0)
+                idle = not holding and s.idle_exit_s > 0 and starved_s > s.idle_exit_s
+                # One all-reduce decides for every rank: stop, skip (no data anywhere) or step, and
+                # gives the global loss-token count that normalizes every micro-batch's loss.
+                local = [
+                    bool(micro),
+                    self.stop.is_set(),
+                    idle,
+                    starved,
+                    sum(b.num_loss_tokens for b in micro),
+                    sum(b.num_tokens for b in micro),
+                ]
+                has, stop, idles, starving, g_rows, g_tokens = d.all_sum([float(x) for x in local])
+                if stop or idles == d.world_size:
+                    break
+                if not has:
+                    if starving:
+                        self._starved_checkpoint()
+                        last_data = time.monotonic()  # the acks may let workers go on: wait again
+                    continue
+                log_step = (self.step + 1) % s.log_every == 0 or self.step == 0
+                st = train_step(
+                    self.ddp,
+                    micro,
+                    global_rows=g_rows,
+                    world_size=d.world_size,
+                    cfg=cfg,
+                    optimizer=self.optimizer,
+                    scheduler=self.scheduler,
+                    device=d.device,
+                    max_grad_norm=s.max_grad_norm,
+                    autocast_dtype=autocast,
+                    mask_logits=self.mask_logits,
+                    want_kl=log_step,
+                )
+                self.step += 1
+                self._after_step(micro, st, wait_s, time.perf_counter() - t0, g_tokens, log_step)
+        finally:
+            pf.stop()
+        if self.step > self.last_ckpt_step and self.step > 0:
+            self._checkpoint()
+        return self.summary
+
+    def _collect(self, pf: Prefetcher) -> list[Batch]:
+        """Up to --grad-accum micro-batches; fewer when the stream runs dry (or a stop is requested)."""
+        micro: list[Batch] = []
+        while len(micro) < self.s.grad_accum:
+            batch = pf.get(timeout_s=0.5)
+            if batch is not None:
+                micro.append(batch)
+            elif pf.idle or self.stop.is_set():
+                break
+        return micro
+
+    def _after_step(
+        self, micro: list[Batch], st: StepStats, wait_s: float, step_s: float, g_tokens: float, log_step: bool
+    ) -> None:
+        s, d = self.s, self.dist
+        entries = [e for b in micro for e in b.refs]
+        self.ready.trained(entries)
+        self.summary.steps = self.step
+        self.summary.samples += len(entries)
+        if self.ledger is not None:
+            self.ledger.write(self.step, [b_id for b in micro for b_id in b.sample_ids])
+        self.ready.count_step(
+            samples=len(entries),
+            tokens=int(sum(b.num_loss_tokens for b in micro)),
+            wait_ms=int(wait_s * 1000),
+            step_ms=int(step_s * 1000),
+            steps=int(d.is_main),
+        )
+        if s.ack_after_step:
+            self.ready.ack_trained()
+        if log_step:
+            sums = d.all_sum([*st.as_list(), wait_s, step_s])
+            g = StepStats.from_list(sums[:-2])
+            if self.sink is not None:
+                lr = float(self.scheduler.get_last_lr()[0])
+                metrics = self.sink.step_metrics(
+                    self.step, g, g_tokens, step_s, sums[-2], sums[-1], d.world_size, lr
+                )
+                self.summary.history.append(metrics)
+                self.sink.write(metrics)
+        if self.step % s.checkpoint_every == 0:
+            self._checkpoint()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _starved_checkpoint(self) -> None:
+        """No rank has data and some hold trained samples: checkpoint (or retry failed acks) early."""
+        if self.step > self.last_ckpt_step:
+            log.info("no data while holding trained samples: checkpointing early at step %d", self.step)
+            self._checkpoint()
+        else:
+            self.ready.ack_trained()  # in the latest checkpoint already; an earlier ack failed
+
+    def _checkpoint(self) -> None:
+        """Rank 0 writes; then every rank acknowledges its samples; then rank 0 publishes the policy."""
+        d = self.dist
+        mine = {"consumer": self.consumer_name, "entries": self.ready.listing(), "rng": ckpt.capture_rng()}
+        everyone = d.all_gather(mine)
+        path: str | None = None
+        error = ""
+        if d.is_main:
+            state = ckpt.TrainState(
+                step=self.step,
+                policy_version=self.step,
+                world_size=d.world_size,
+                entries={m["consumer"]: m["entries"] for m in everyone},
+                created_ms=int(time.time() * 1000),
+            )
+            try:
+                path = str(
+                    ckpt.save_checkpoint(
+                        self.s.output_dir,
+                        model=self.model,
+                        optimizer=self.optimizer,
+                        scheduler=self.scheduler,
+                        state=state,
+                        rng_states=[m["rng"] for m in everyone],
+                        tokenizer=self.tokenizer,
+                        keep=self.s.keep_checkpoints,
+                    )
+                )
+            except OSError as exc:
+                error = f"checkpoint of step {self.step} failed: {exc!r}"
+        path, error = d.broadcast((path, error))
+        if error or path is None:
+            raise RuntimeError(error or "checkpoint failed on rank 0")
+        self.last_ckpt_step = self.step
+        self.summary.checkpoint = path
+        self.ready.ack_trained()
+        self.version = self.step
+        if d.is_main:
+            self.ready.publish(self.version, path)
+            log.info("checkpoint %s written; policy version %d published", path, self.version)
+
+    def close(self) -> None:
+        self.ready.close()
+        if self.sink is not None:
+            self.sink.close()
+        if self.ledger is not None:
+            self.ledger.close()
+        self._close_io()
+        shutdown()
+
+    def _close_io(self) -> None:
+        try:
+            self.io.run(self.r.aclose(), timeout_s=10)
+        except Exception as exc:  # closing at exit: nothing left to save
+            log.debug("closing the redis client: %r", exc)
+        self.io.close()
+
+
+async def _connect(url: str) -> Any:
+    return connect(url)
+
+
+def train(s: TrainSettings, stop: threading.Event | None = None) -> TrainSummary:
+    """Run one rank of `gkd train` to its end (max steps, stop event, SIGTERM, idle exit)."""
+    trainer = Trainer(s, stop)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()

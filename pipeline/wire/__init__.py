@@ -1,0 +1,1 @@
+"""The wire format: msgpack records (Rollout, ScoredSample) with zero-copy tensors."""

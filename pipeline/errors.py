@@ -13,6 +13,7 @@ Retry and dead-letter logic branch on the class, never on message text:
     │   ├── TeacherBadRequest  (HTTP 4xx other than 429)
     │   ├── TeacherIncompatible the teacher serves another model or tokenizer than this run needs
     │   └── MalformedResponse  a teacher body that does not parse or fails validation
+    ├── ApiError              the reference teacher server refuses a request (HTTP status, vLLM's type)
     ├── LeaseLost             this consumer no longer owns a stream entry; it must not publish
     ├── ConfigMismatch        a process joins a run whose fixed settings differ from its own
     └── SettingsError         a flag, environment variable or TOML value is invalid
@@ -67,6 +68,17 @@ class TeacherIncompatible(PermanentError):
 
 class MalformedResponse(PermanentError):
     """The teacher's body did not parse, or its numbers fail validation (row count, NaN, logprob > 0, ...)."""
+
+
+class ApiError(GKDError):
+    """A request to the reference teacher server (`gkd teacher`) is refused: answered with `status` and
+    vLLM's error body (`message`, `type`, `param`), see pipeline/teacher/vllm.error_body."""
+
+    def __init__(
+        self, status: int, message: str, type: str = "BadRequestError", param: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type, param
 
 
 class LeaseLost(GKDError):

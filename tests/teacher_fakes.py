@@ -43,11 +43,7 @@ FAULTS = (
 
 
 def _err(status: int, message: str, typ: str = "BadRequestError", flat: bool = False) -> web.Response:
-    body: dict[str, Any]
-    if flat:  # vLLM before the OpenAI-style nesting
-        body = {"object": "error", "message": message, "type": typ, "param": None, "code": status}
-    else:
-        body = {"error": {"message": message, "type": typ, "param": None, "code": status}}
+    body = vllm.error_body(status, message, typ, flat=flat)  # flat: vLLM before the OpenAI-style nesting
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
@@ -150,15 +146,14 @@ class FakeTeacher:
         self.requests.append({"path": request.path, "headers": dict(request.headers), "body": body})
         authorized = request.headers.get("Authorization") == f"Bearer {self.api_key}"
         if self.api_key and request.path.startswith("/v1") and not authorized:
-            return web.Response(body=b'{"error":"Unauthorized"}', status=401, content_type="application/json")
+            return web.json_response(vllm.UNAUTHORIZED_BODY, status=401)
         return await handler(request)
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
 
     async def _models(self, request: web.Request) -> web.Response:
-        card = {"id": self.model, "object": "model", "owned_by": "fake", "max_model_len": 4096}
-        return web.json_response({"object": "list", "data": [card]})
+        return web.json_response(vllm.models_body(self.model, max_model_len=4096, owned_by="fake"))
 
     async def _model_info(self, request: web.Request) -> web.Response:
         return web.json_response(

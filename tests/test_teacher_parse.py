@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import MalformedResponse, TeacherBadRequest, TeacherOverloaded, TeacherServerError
-from pipeline.teacher import binary, http, sglang, vllm
+from pipeline.teacher import binary, http, protocol, sglang, vllm
 
 
 def make_topk(T: int, k: int, V: int = 200, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -260,3 +260,22 @@ def test_binary_round_trip_and_errors() -> None:
         binary.parse_response(binary.render(ids[3:], bad, "m"), 9, 3, 4)
     assert binary.advertised({"data": [{"id": "m", binary.ADVERT_FIELD: binary.MEDIA_TYPE}]})
     assert not binary.advertised({"data": [{"id": "m"}]}) and not binary.advertised([])
+
+
+@pytest.mark.parametrize("name", ["vllm", "sglang"])
+def test_protocol_objects_build_and_parse_their_own_bodies(name: str) -> None:
+    """The client picks a protocol object by name; its request asks for k, and its parser reads what the
+    same module renders for servers and test doubles."""
+    proto = protocol.select(name)
+    ids, lp, actual = make_topk(8, 3)
+    body = proto.request(actual.tolist(), 3, 3, "m")
+    assert body.get("prompt_logprobs", body.get("top_logprobs_num")) == 3
+    if name == "vllm":
+        raw = vllm.render_prompt_logprobs_body(ids, lp, actual)
+    else:
+        raw = sglang.render_generate_body(ids, lp, 3)
+    got_ids, got_lp = proto.parse(raw, 8, 3, 3)
+    np.testing.assert_array_equal(got_ids, ids[3:])
+    np.testing.assert_allclose(got_lp, lp[3:], atol=1e-6)
+    with pytest.raises(ValueError, match="expected one of"):
+        protocol.select("openai")

@@ -14,23 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.teacher import binary
+from pipeline.errors import ApiError
+from pipeline.teacher import binary, vllm
+from pipeline.teacher.binary import BINARY
 
 if TYPE_CHECKING:
     from pipeline.serve.batcher import ScoreResult
     from pipeline.serve.server import TeacherServer
-
-NEG_INF_SENTINEL = -9999.0
-
-
-class ApiError(Exception):
-    """An HTTP error answer in vLLM's format."""
-
-    def __init__(
-        self, status: int, message: str, type: str = "BadRequestError", param: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type, param
 
 
 @dataclass
@@ -154,37 +144,11 @@ def render_binary(ids: list[int], res: ScoreResult, req: CompletionRequest, mode
     """The binary top-k body: rows for tokens rows_from..T-1 (row p of `res` is over token p + 1)."""
     assert req.rows_from is not None and req.prompt_k is not None
     T, k = len(ids), req.prompt_k
-    return binary.render(
+    return BINARY.render(
         res.topk_ids_TK[req.rows_from - 1 : T - 1, :k],
         res.topk_logprobs_TK[req.rows_from - 1 : T - 1, :k],
         model,
     )
-
-
-def prompt_logprobs_rows(
-    ids: list[int], res: ScoreResult, k: int, decoded: list[str], id_strs: list[str]
-) -> list[Any]:
-    """vLLM's `prompt_logprobs` list for one prompt (T entries, the first null). `decoded`/`id_strs`: the
-    decoded text and the decimal string of every token id (precomputed: this loop is the server's
-    per-position Python cost)."""
-    T = len(ids)
-    top_ids = res.topk_ids_TK[: T - 1, :k].tolist()
-    top_lp = np.maximum(res.topk_logprobs_TK[: T - 1, :k].astype(np.float64), NEG_INF_SENTINEL).tolist()
-    act_lp = np.maximum(res.actual_logprobs_T[: T - 1].astype(np.float64), NEG_INF_SENTINEL).tolist()
-    act_rank = res.actual_ranks_T[: T - 1].tolist()
-    ranks = range(1, k + 1)
-    rows: list[Any] = [None]
-    for p in range(T - 1):  # row p (distribution at position p) is prompt_logprobs[p + 1]
-        a = ids[p + 1]
-        row = {id_strs[a]: {"logprob": act_lp[p], "rank": act_rank[p], "decoded_token": decoded[a]}}
-        row.update(
-            {
-                id_strs[t]: {"logprob": lp, "rank": r, "decoded_token": decoded[t]}
-                for t, lp, r in zip(top_ids[p], top_lp[p], ranks, strict=True)
-            }
-        )
-        rows.append(row)
-    return rows
 
 
 def render_choice(
@@ -194,28 +158,28 @@ def render_choice(
     decoded = server.decoded()
     T = len(ids)
     next_id = int(res.topk_ids_TK[T - 1, 0])
-    text = server.tokenizer.decode([next_id])
     logprobs = None
     if req.sample_k is not None:
         n = req.sample_k
-        top = {
-            decoded[int(t)]: max(float(lp), NEG_INF_SENTINEL)
-            for t, lp in zip(res.topk_ids_TK[T - 1, :n], res.topk_logprobs_TK[T - 1, :n], strict=True)
-        }
+        top_lp = vllm.wire_logprobs(res.topk_logprobs_TK[T - 1, :n])
+        top = {decoded[int(t)]: lp for t, lp in zip(res.topk_ids_TK[T - 1, :n], top_lp, strict=True)}
         logprobs = {
             "text_offset": [0],
-            "token_logprobs": [max(float(res.topk_logprobs_TK[T - 1, 0]), -9999.0)],
+            "token_logprobs": vllm.wire_logprobs(res.topk_logprobs_TK[T - 1, :1]),
             "tokens": [decoded[next_id]],
             "top_logprobs": [top] if n > 0 else None,
         }
     prompt_logprobs = None
     if req.prompt_k is not None:
-        prompt_logprobs = prompt_logprobs_rows(ids, res, req.prompt_k, decoded, server.id_strs)
-    return {
-        "index": index,
-        "text": text,
-        "logprobs": logprobs,
-        "finish_reason": "length",
-        "stop_reason": None,
-        "prompt_logprobs": prompt_logprobs,
-    }
+        # row p of `res` (the distribution at position p) is vLLM's row p + 1, over token p + 1
+        k = req.prompt_k
+        prompt_logprobs = vllm.prompt_logprobs_rows(
+            res.topk_ids_TK[: T - 1, :k],
+            res.topk_logprobs_TK[: T - 1, :k],
+            np.asarray(ids[1:]),
+            res.actual_logprobs_T[: T - 1],
+            res.actual_ranks_T[: T - 1],
+            decoded=decoded,
+            id_strs=server.id_strs,
+        )
+    return vllm.choice(index, server.tokenizer.decode([next_id]), prompt_logprobs, logprobs)

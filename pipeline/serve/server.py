@@ -26,10 +26,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from pipeline.serve.api import ApiError, render_binary, render_choice, validate_completion
+from pipeline.errors import ApiError
+from pipeline.serve.api import render_binary, render_choice, validate_completion
 from pipeline.serve.batcher import Batcher, BatcherConfig
 from pipeline.settings import setting
-from pipeline.teacher import binary
+from pipeline.teacher import vllm
+from pipeline.teacher.binary import BINARY
 
 log = logging.getLogger("gkd.teacher.server")
 
@@ -63,8 +65,7 @@ def json_response(obj: Any, status: int = 200) -> web.Response:
 
 def error_response(err: ApiError) -> web.Response:
     """vLLM's error body (current nested schema)."""
-    body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.status}}
-    return json_response(body, err.status)
+    return json_response(vllm.error_body(err.status, err.message, err.type, err.param), err.status)
 
 
 class TeacherServer:
@@ -124,7 +125,7 @@ class TeacherServer:
         if key and request.path.startswith("/v1"):  # vLLM guards /v1 routes only
             given = request.headers.get("Authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                return json_response({"error": "Unauthorized"}, 401)
+                return json_response(vllm.UNAUTHORIZED_BODY, 401)
         try:
             return await handler(request)
         except ApiError as err:
@@ -142,18 +143,17 @@ class TeacherServer:
         return web.Response(status=200)
 
     async def models(self, request: web.Request) -> web.Response:
-        card = {
-            "id": self.model_name,
-            "object": "model",
-            "created": self.created,
-            "owned_by": "gkd",
-            "root": self.settings.model,
-            "parent": None,
-            "max_model_len": self.max_model_len,
-            "permission": [],
-            binary.ADVERT_FIELD: binary.MEDIA_TYPE,  # opt-in binary top-k (pipeline/teacher/binary)
-        }
-        return json_response({"object": "list", "data": [card]})
+        body = vllm.models_body(
+            self.model_name,
+            max_model_len=self.max_model_len,
+            owned_by="gkd",
+            created=self.created,
+            root=self.settings.model,
+            parent=None,
+            permission=[],
+            **BINARY.card(),  # opt-in binary top-k (pipeline/teacher/binary)
+        )
+        return json_response(body)
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         raw = await request.read()
@@ -178,28 +178,18 @@ class TeacherServer:
             results = await asyncio.gather(*(self.batcher.submit(ids, req.job_k) for ids in req.prompts))
         finally:
             self.pending -= len(req.prompts)
-        if req.rows_from is not None and binary.MEDIA_TYPE in request.headers.get("Accept", ""):
+        if req.rows_from is not None and BINARY.media_type in request.headers.get("Accept", ""):
             body = render_binary(req.prompts[0], results[0], req, self.model_name)
-            return web.Response(body=body, content_type=binary.MEDIA_TYPE)
+            return web.Response(body=body, content_type=BINARY.media_type)
         choices = [
             render_choice(i, ids, res, req, self)
             for i, (ids, res) in enumerate(zip(req.prompts, results, strict=True))
         ]
         n_prompt = sum(len(p) for p in req.prompts)
-        return json_response(
-            {
-                "id": f"cmpl-{uuid.uuid4().hex}",
-                "object": "text_completion",
-                "created": int(time.time()),
-                "model": self.model_name,
-                "choices": choices,
-                "usage": {
-                    "prompt_tokens": n_prompt,
-                    "completion_tokens": len(choices),
-                    "total_tokens": n_prompt + len(choices),
-                },
-            }
+        doc = vllm.completion_body(
+            choices, self.model_name, n_prompt, id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time())
         )
+        return json_response(doc)
 
     async def tokenize(self, request: web.Request) -> web.Response:
         body = await self._body(request)

@@ -14,12 +14,13 @@ JSON answers (rows.finalize).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from pipeline.errors import MalformedResponse, WireFormatError
 from pipeline.teacher import rows, vllm
+from pipeline.teacher.protocol import TeacherProtocol
 from pipeline.wire import mpack
 from pipeline.wire.codec import ID_DTYPES, LOGPROB_DTYPES, pack_tensor, unpack_tensor
 
@@ -31,9 +32,8 @@ VERSION = 1
 
 def advertised(models_body: Any) -> bool:
     """True when a `/v1/models` body's first card offers the binary response."""
-    data = models_body.get("data") if isinstance(models_body, dict) else None
-    card = data[0] if isinstance(data, list) and data and isinstance(data[0], dict) else {}
-    return card.get(ADVERT_FIELD) == MEDIA_TYPE
+    cards = vllm.model_cards(models_body)
+    return bool(cards) and cards[0].get(ADVERT_FIELD) == MEDIA_TYPE
 
 
 def build_request(input_ids: list[int], k: int, model: str, prompt_len: int) -> dict[str, Any]:
@@ -68,3 +68,38 @@ def parse_response(raw: bytes, num_tokens: int, prompt_len: int, k: int) -> tupl
     if ids_RK.shape != (R, k) or lp_RK.shape != (R, k):
         raise MalformedResponse(f"{what}: expected [{R}, {k}] arrays, got {ids_RK.shape} and {lp_RK.shape}")
     return rows.finalize(ids_RK.reshape(-1), lp_RK.reshape(-1), None, k, what, row_offset=prompt_len)
+
+
+class BinaryProtocol(TeacherProtocol):
+    """The binary top-k extension of the vLLM protocol (same path; the answer is msgpack tensors)."""
+
+    name: ClassVar[str] = "binary"
+    score_path: ClassVar[str] = vllm.COMPLETIONS_PATH
+    media_type: ClassVar[str] = MEDIA_TYPE
+    k_limit_hint: ClassVar[str] = vllm.VllmProtocol.k_limit_hint
+    models_path: ClassVar[str] = vllm.MODELS_PATH
+
+    def served_models(self, body: Any) -> list[str]:
+        return vllm.VLLM.served_models(body)
+
+    def request(self, input_ids: list[int], prompt_len: int, k: int, model: str) -> dict[str, Any]:
+        return build_request(input_ids, k, model, prompt_len)
+
+    def parse(self, raw: bytes, num_tokens: int, prompt_len: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return parse_response(raw, num_tokens, prompt_len, k)
+
+    @staticmethod
+    def render(ids_RK: np.ndarray, logprobs_RK: np.ndarray, model: str) -> bytes:
+        return render(ids_RK, logprobs_RK, model)
+
+    @staticmethod
+    def advertised(models_body: Any) -> bool:
+        return advertised(models_body)
+
+    @staticmethod
+    def card() -> dict[str, str]:
+        """The `/v1/models` card field a server adds to offer the extension."""
+        return {ADVERT_FIELD: MEDIA_TYPE}
+
+
+BINARY = BinaryProtocol()

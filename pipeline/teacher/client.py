@@ -35,9 +35,10 @@ from pipeline.errors import (
     TeacherConnectionError,
     WireFormatError,
 )
-from pipeline.teacher import binary, sglang, vllm
+from pipeline.teacher.binary import BINARY
 from pipeline.teacher.endpoints import Endpoint, EndpointSet
 from pipeline.teacher.http import HttpLimits, make_session, request, status_of
+from pipeline.teacher.protocol import PROTOCOL_NAMES, TeacherProtocol, select
 from pipeline.teacher.startup import (
     binary_endpoints,
     check_tokenizer,
@@ -48,7 +49,7 @@ from pipeline.teacher.startup import (
 
 log = logging.getLogger("gkd.teacher")
 
-BACKENDS = ("vllm", "sglang", "auto")
+BACKENDS = (*PROTOCOL_NAMES, "auto")
 EventHook = Callable[[str, dict[str, Any]], None]
 
 
@@ -128,7 +129,9 @@ class TeacherClient:
         if config.k < 1:
             raise ValueError(f"k: expected >= 1, got {config.k}")
         self.config = config
-        self.backend = config.backend
+        self._protocol: TeacherProtocol | None = None
+        if config.backend != "auto":
+            self._protocol = select(config.backend, sglang_flat=config.sglang_flat)
         self._model_id = config.model
         self._on_event = on_event
         self._limits = HttpLimits(config.request_timeout_s, config.connect_timeout_s, config.max_body_bytes)
@@ -181,12 +184,14 @@ class TeacherClient:
                 self.endpoints.force_open(ep)
                 self._emit("breaker_open", {"endpoint": ep.url})
         first = healthy[0]
-        if self.backend == "auto":
-            self.backend = await detect_backend(session, first, self._limits)
-        if self._model_id is None or self.backend == "vllm":
-            self._model_id = await discover_model(session, first, self.backend, self._model_id, self._limits)
+        if self._protocol is None:
+            name = await detect_backend(session, first, self._limits)
+            self._protocol = select(name, sglang_flat=self.config.sglang_flat)
+        proto = self._protocol
+        if self._model_id is None or proto.strict_model:
+            self._model_id = await discover_model(session, first, proto, self._model_id, self._limits)
         alive = [e for e in self.endpoints.endpoints if e.url in healthy]
-        if self.backend == "vllm" and self.config.binary:
+        if proto.offers_binary and self.config.binary:
             await binary_endpoints(session, alive, self._limits)
         for ep in alive:
             await self._probe_k(ep)
@@ -195,7 +200,7 @@ class TeacherClient:
         self._started = True
         log.info(
             "teacher client ready: backend=%s model=%s k=%d endpoints=%s (healthy %d)",
-            self.backend,
+            proto.name,
             self._model_id,
             self.config.k,
             [e.url for e in self.endpoints.endpoints],
@@ -211,11 +216,7 @@ class TeacherClient:
         try:
             raw, content_type = await self._post(ep, req)
         except TeacherBadRequest as exc:
-            hint = (
-                "restart vLLM with --max-logprobs >= {k} (gkd teacher: --max-logprobs {k})"
-                if self.backend == "vllm"
-                else "check the server's top_logprobs_num limit"
-            )
+            hint = self.protocol.k_limit_hint
             raise TeacherBadRequest(
                 f"teacher {url} refused top-k={self.config.k}: {exc}. Fix: {hint.format(k=self.config.k)}, "
                 f"or lower --k"
@@ -227,6 +228,18 @@ class TeacherClient:
         if self._session is not None and not self._session.closed:
             await self._session.close()
         self._session = None
+
+    @property
+    def protocol(self) -> TeacherProtocol:
+        """The protocol spoken with the teacher (given, or detected by `start()`)."""
+        if self._protocol is None:
+            raise RuntimeError("protocol: expected start() to have detected it, got none yet")
+        return self._protocol
+
+    @property
+    def backend(self) -> str:
+        """The protocol's name ("auto" until `start()` has detected it)."""
+        return self._protocol.name if self._protocol is not None else "auto"
 
     @property
     def model_id(self) -> str:
@@ -242,32 +255,27 @@ class TeacherClient:
     # -------------------------------------------------------------------------------------- scoring
 
     def _json_payload(self, ids: list[int], prompt_len: int) -> bytes:
-        if self.backend == "sglang":
-            return orjson.dumps(
-                sglang.build_request(ids, prompt_len, self.config.k, flat=self.config.sglang_flat)
-            )
-        return orjson.dumps(vllm.build_request(ids, self.config.k, self.model_id))
+        return orjson.dumps(self.protocol.request(ids, prompt_len, self.config.k, self.model_id))
 
     def _parse(self, raw: bytes, content_type: str, req: _Request) -> tuple[np.ndarray, np.ndarray]:
-        T, P, k = len(req.ids), req.prompt_len, self.config.k
-        if content_type.startswith(binary.MEDIA_TYPE):
-            return binary.parse_response(raw, T, P, k)
-        if self.backend == "sglang":
-            return sglang.parse_response(raw, T, P, k)
-        return vllm.parse_response(raw, T, P, k)
+        # The answer's content type says which parser applies: an endpoint may answer JSON although
+        # binary was asked for (a proxy, a server restarted without the extension).
+        proto = BINARY if content_type.startswith(BINARY.media_type) else self.protocol
+        return proto.parse(raw, len(req.ids), req.prompt_len, self.config.k)
 
     async def _post(self, ep: Endpoint, req: _Request) -> tuple[bytes, str]:
         """(body, content type) of `ep`'s answer to `req` (binary when `ep` offers it)."""
-        path = sglang.GENERATE_PATH if self.backend == "sglang" else vllm.COMPLETIONS_PATH
-        payload, accept = req.payload, "application/json"
+        proto = self.protocol
+        payload, accept = req.payload, proto.media_type
         if ep.binary:
+            proto = BINARY
             if req.binary_payload is None:
-                body = binary.build_request(req.ids, self.config.k, self.model_id, req.prompt_len)
+                body = BINARY.request(req.ids, req.prompt_len, self.config.k, self.model_id)
                 req.binary_payload = orjson.dumps(body)
-            payload, accept = req.binary_payload, binary.MEDIA_TYPE
+            payload, accept = req.binary_payload, BINARY.media_type
         session = self._ensure_session()
         raw, headers = await request(
-            session, "POST", ep.url + path, data=payload, limits=self._limits, accept=accept
+            session, "POST", ep.url + proto.score_path, data=payload, limits=self._limits, accept=accept
         )
         return raw, headers.get("Content-Type", "")
 

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import orjson
 
 from pipeline.errors import MalformedResponse
 from pipeline.teacher import rows
+from pipeline.teacher.protocol import TeacherProtocol
 from pipeline.teacher.vllm import loads
 
 GENERATE_PATH = "/generate"
@@ -216,3 +217,29 @@ def build_generate_body(
 def render_generate_body(ids_TK: np.ndarray, logprobs_TK: np.ndarray, prompt_len: int, **kw: Any) -> bytes:
     """`build_generate_body` serialized with orjson."""
     return orjson.dumps(build_generate_body(ids_TK, logprobs_TK, prompt_len, **kw))
+
+
+# ------------------------------------------------------------------------------------------ protocol
+
+
+class SglangProtocol(TeacherProtocol):
+    """SGLang's `/generate` with input top logprobs; `flat` asks for the base64 arrays (no nested JSON)."""
+
+    name: ClassVar[str] = "sglang"
+    score_path: ClassVar[str] = GENERATE_PATH
+    k_limit_hint: ClassVar[str] = "check the server's top_logprobs_num limit"
+    models_path: ClassVar[str] = MODEL_INFO_PATH
+    strict_model: ClassVar[bool] = False  # SGLang ignores the model field of /generate
+
+    def served_models(self, body: Any) -> list[str]:
+        path = body.get("model_path") if isinstance(body, dict) else None
+        return [path] if isinstance(path, str) else []
+
+    def __init__(self, *, flat: bool = True) -> None:
+        self.flat = flat
+
+    def request(self, input_ids: list[int], prompt_len: int, k: int, model: str) -> dict[str, Any]:
+        return build_request(input_ids, prompt_len, k, flat=self.flat)
+
+    def parse(self, raw: bytes, num_tokens: int, prompt_len: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return parse_response(raw, num_tokens, prompt_len, k)

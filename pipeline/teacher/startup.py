@@ -19,9 +19,11 @@ from pipeline.errors import (
     TeacherConnectionError,
     TeacherIncompatible,
 )
-from pipeline.teacher import binary, sglang, vllm
+from pipeline.teacher import sglang, vllm
+from pipeline.teacher.binary import BINARY
 from pipeline.teacher.endpoints import Endpoint
 from pipeline.teacher.http import HttpLimits, request, status_of
+from pipeline.teacher.protocol import TeacherProtocol
 
 HEALTH_PATH = "/health"
 TOKENIZE_PATH = "/tokenize"
@@ -68,45 +70,37 @@ async def _get_json(session: aiohttp.ClientSession, url: str, limits: HttpLimits
 async def detect_backend(session: aiohttp.ClientSession, url: str, limits: HttpLimits) -> str:
     """ "sglang" when GET /get_model_info answers a model_path (SGLang also serves /v1/models, so that
     alone proves nothing), else "vllm" when /v1/models answers; raises when neither does."""
+    sg = sglang.SglangProtocol()
     try:
-        info = await _get_json(session, url + sglang.MODEL_INFO_PATH, limits)
-        if isinstance(info, dict) and "model_path" in info:
-            return "sglang"
+        if sg.served_models(await _get_json(session, url + sg.models_path, limits)):
+            return sg.name
     except TeacherBadRequest as exc:
         if status_of(exc) in (401, 403):
             raise
     except MalformedResponse:
         pass
-    await _get_json(session, url + vllm.MODELS_PATH, limits)
-    return "vllm"
+    await _get_json(session, url + vllm.VLLM.models_path, limits)
+    return vllm.VLLM.name
 
 
 async def discover_model(
-    session: aiohttp.ClientSession, url: str, backend: str, wanted: str | None, limits: HttpLimits
+    session: aiohttp.ClientSession, url: str, proto: TeacherProtocol, wanted: str | None, limits: HttpLimits
 ) -> str:
     """The model id to send: `wanted` if the server serves it, else the server's first model.
 
-    vLLM: from GET /v1/models (a wanted id it does not list is an error naming the ids it serves).
-    SGLang: `model_path` of GET /get_model_info.
+    Asks the protocol's models path (vLLM: GET /v1/models; SGLang: `model_path` of GET /get_model_info).
+    A wanted id the server does not list is an error naming the ids it serves, where the protocol's
+    server refuses unknown ids (`strict_model`).
     """
-    if backend == "sglang":
-        info = await _get_json(session, url + sglang.MODEL_INFO_PATH, limits)
-        path = info.get("model_path") if isinstance(info, dict) else None
-        if not isinstance(path, str):
-            raise MalformedResponse(
-                f"GET {url}{sglang.MODEL_INFO_PATH}: expected model_path, got {str(info)[:120]}"
-            )
-        return wanted or path
-    body = await _get_json(session, url + vllm.MODELS_PATH, limits)
-    data = body.get("data") if isinstance(body, dict) else None
-    ids = [m.get("id") for m in data if isinstance(m, dict)] if isinstance(data, list) else []
+    body = await _get_json(session, url + proto.models_path, limits)
+    ids = proto.served_models(body)
     if not ids:
         raise MalformedResponse(
-            f"GET {url}{vllm.MODELS_PATH}: expected a list of models in data, got {str(body)[:120]}"
+            f"GET {url}{proto.models_path}: expected the served model's id, got {str(body)[:120]}"
         )
     if wanted is None:
-        return str(ids[0])
-    if wanted not in ids:
+        return ids[0]
+    if proto.strict_model and wanted not in ids:
         raise TeacherIncompatible(f"teacher {url}: expected it to serve model {wanted!r}, got models {ids}")
     return wanted
 
@@ -121,7 +115,7 @@ async def binary_endpoints(
             body = await _get_json(session, ep.url + vllm.MODELS_PATH, limits)
         except GKDError:
             continue
-        ep.binary = binary.advertised(body)
+        ep.binary = BINARY.advertised(body)
         if ep.binary:
             found.append(ep.url)
     return found

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 from itertools import chain
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import orjson
 
 from pipeline.errors import MalformedResponse
 from pipeline.teacher import rows
+from pipeline.teacher.protocol import TeacherProtocol
 
 COMPLETIONS_PATH = "/v1/completions"
 MODELS_PATH = "/v1/models"
@@ -53,6 +54,12 @@ def loads(raw: bytes, what: str) -> Any:
                 f"{what}: expected a JSON body, got {len(raw)} bytes that do not decode ({exc}); "
                 f"truncated? body ends with {tail!r}"
             ) from None
+
+
+def model_cards(body: Any) -> list[dict[str, Any]]:
+    """The model cards (dicts) of a decoded `/v1/models` body; [] when it has none."""
+    data = body.get("data") if isinstance(body, dict) else None
+    return [c for c in data if isinstance(c, dict)] if isinstance(data, list) else []
 
 
 def prompt_logprobs_of(body: Any, what: str) -> list[Any]:
@@ -107,7 +114,134 @@ def parse_rows(rows_R: list[Any], k: int, what: str, *, row_offset: int = 0) -> 
     return rows.finalize(ids_N, lp_N, lens, k, what, row_offset=row_offset)
 
 
+# ------------------------------------------------------------------------------ rendering (servers)
+
+
+class TokenTexts(Protocol):
+    """Anything indexable by token id that gives the token's text or decimal string (a list, a table)."""
+
+    def __getitem__(self, tid: int, /) -> str: ...
+
+
+def wire_logprobs(logprobs: np.ndarray) -> list[Any]:
+    """Logprobs as vLLM writes them: float64 Python numbers with -inf as -9999.0 (`rows.NEG_INF_SENTINEL`)."""
+    return np.maximum(np.asarray(logprobs, dtype=np.float64), rows.NEG_INF_SENTINEL).tolist()
+
+
+def prompt_logprobs_rows(
+    top_ids_NK: np.ndarray,
+    top_logprobs_NK: np.ndarray,
+    actual_ids_N: np.ndarray,
+    actual_logprobs_N: np.ndarray | None = None,
+    actual_ranks_N: np.ndarray | None = None,
+    *,
+    decoded: TokenTexts | None = None,
+    id_strs: TokenTexts | None = None,
+    shuffle_seed: int | None = None,
+) -> list[Any]:
+    """vLLM's `prompt_logprobs` list for a prompt of N + 1 tokens: [null, row 1, ..., row N].
+
+    Row n + 1 is the distribution over token n + 1 (`actual_ids_N[n]`): the actual token first, then the
+    top-k by rank, each ``{"logprob", "rank", "decoded_token"}`` keyed by the id as a decimal string, so
+    a row has k entries, or k + 1 when the actual token is outside the top-k (as vLLM sends them).
+    `actual_logprobs_N`/`actual_ranks_N` default to 1.0 below the row's k-th and rank k + 1 (used only
+    where the actual token is outside the top-k). `decoded[id]` is the token's text (None: no
+    "decoded_token"); `id_strs[id]` its decimal string (precomputed by servers: this loop is their
+    per-position Python cost). `shuffle_seed` shuffles each row's keys (parsers must not rely on order).
+    """
+    N, k = top_ids_NK.shape
+    top_ids, top_lp = top_ids_NK.tolist(), wire_logprobs(top_logprobs_NK)
+    actual = [int(x) for x in actual_ids_N]
+    if actual_logprobs_N is None:
+        act_lp = [max(row[-1] - 1.0, rows.NEG_INF_SENTINEL) if row else 0.0 for row in top_lp]
+    else:
+        act_lp = wire_logprobs(actual_logprobs_N)
+    act_rank = [k + 1] * N if actual_ranks_N is None else [int(r) for r in actual_ranks_N]
+    key: Any = id_strs.__getitem__ if id_strs is not None else str
+    rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
+    ranks = range(1, k + 1)
+
+    def entry(lp: float, rank: int, tid: int) -> dict[str, Any]:
+        if decoded is None:
+            return {"logprob": lp, "rank": rank}
+        return {"logprob": lp, "rank": rank, "decoded_token": decoded[tid]}
+
+    out: list[Any] = [None]
+    for n in range(N):
+        a = actual[n]
+        row = {key(a): entry(act_lp[n], act_rank[n], a)}
+        row.update({key(t): entry(lp, r, t) for t, lp, r in zip(top_ids[n], top_lp[n], ranks, strict=True)})
+        if rng is not None:
+            items = list(row.items())
+            row = dict(items[i] for i in rng.permutation(len(items)))
+        out.append(row)
+    return out
+
+
+def choice(
+    index: int, text: str, prompt_logprobs: list[Any] | None, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """One `choices[i]` of a completions body."""
+    return {
+        "index": index,
+        "text": text,
+        "logprobs": logprobs,
+        "finish_reason": "length",
+        "stop_reason": None,
+        "prompt_logprobs": prompt_logprobs,
+    }
+
+
+def completion_body(
+    choices: list[dict[str, Any]], model: str, prompt_tokens: int, *, id: str = "cmpl-test", created: int = 0
+) -> dict[str, Any]:
+    """A `/v1/completions` response body around `choices` (one generated token each)."""
+    completion = len(choices)
+    return {
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        },
+    }
+
+
+def models_body(
+    model: str, *, max_model_len: int | None = None, owned_by: str = "vllm", **card: Any
+) -> dict[str, Any]:
+    """A `/v1/models` body listing one model; `card` adds fields (root, created, extensions)."""
+    entry: dict[str, Any] = {"id": model, "object": "model", "owned_by": owned_by, **card}
+    if max_model_len is not None:
+        entry["max_model_len"] = max_model_len
+    return {"object": "list", "data": [entry]}
+
+
+#: vLLM's answer to a /v1 request without the right API key (HTTP 401).
+UNAUTHORIZED_BODY = {"error": "Unauthorized"}
+
+
+def error_body(
+    status: int, message: str, type: str = "BadRequestError", param: str | None = None, *, flat: bool = False
+) -> dict[str, Any]:
+    """vLLM's error body: nested ``{"error": {...}}`` (current), or the older flat schema (`flat`)."""
+    if flat:
+        return {"object": "error", "message": message, "type": type, "param": param, "code": status}
+    return {"error": {"message": message, "type": type, "param": param, "code": status}}
+
+
 # -------------------------------------------------------------------------------------- test vectors
+
+
+class _AngleText:
+    """decoded_token text "<id>" for any id (test vectors)."""
+
+    def __getitem__(self, tid: int, /) -> str:
+        return f"<{tid}>"
 
 
 def build_prompt_logprobs_body(
@@ -123,50 +257,20 @@ def build_prompt_logprobs_body(
     """A vLLM `/v1/completions` response body (as a dict) for given top-k arrays: real format test vectors.
 
     Row t (t >= 1) of `ids_TK`/`logprobs_TK` is the distribution over token t (row 0 is ignored: vLLM
-    sends null). `actual_ids_T` is the prompt. Where the actual token is not in row t's top-k, the row
-    gets a (k+1)-th entry for it with logprob `actual_logprobs_T[t]` (default: 1.0 below the row's
-    k-th) and rank k+1, like vLLM. -inf is written as -9999.0. `shuffle_seed` shuffles each row's key
-    order (parsers must not rely on it). `decoded=False` leaves out "decoded_token" (smaller bodies).
+    sends null). `actual_ids_T` is the prompt; where token t is outside row t's top-k the row gets a
+    (k+1)-th entry for it with logprob `actual_logprobs_T[t]` (default: 1.0 below the row's k-th).
+    `decoded=False` leaves out "decoded_token" (smaller bodies). See `prompt_logprobs_rows`.
     """
-    T, k = ids_TK.shape
-    rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
-    lp_TK = np.where(np.isneginf(logprobs_TK), rows.NEG_INF_SENTINEL, logprobs_TK).astype(np.float64)
-    ids_l, lp_l, actual_l = ids_TK.tolist(), lp_TK.tolist(), [int(x) for x in actual_ids_T]
-    extra_lp = None if actual_logprobs_T is None else np.asarray(actual_logprobs_T, np.float64).tolist()
-    prompt_logprobs: list[Any] = [None]
-    for t in range(1, T):
-        entries = [
-            (tid, {"logprob": lp, "rank": r + 1, **({"decoded_token": f"<{tid}>"} if decoded else {})})
-            for r, (tid, lp) in enumerate(zip(ids_l[t], lp_l[t], strict=False))
-        ]
-        if actual_l[t] not in ids_l[t]:
-            lp = extra_lp[t] if extra_lp is not None else max(lp_l[t][-1] - 1.0, rows.NEG_INF_SENTINEL)
-            extra = {
-                "logprob": lp,
-                "rank": k + 1,
-                **({"decoded_token": f"<{actual_l[t]}>"} if decoded else {}),
-            }
-            entries.append((actual_l[t], extra))
-        if rng is not None:
-            entries = [entries[i] for i in rng.permutation(len(entries))]
-        prompt_logprobs.append({str(tid): e for tid, e in entries})
-    return {
-        "id": "cmpl-test",
-        "object": "text_completion",
-        "created": 0,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "text": "",
-                "logprobs": None,
-                "finish_reason": "length",
-                "stop_reason": None,
-                "prompt_logprobs": prompt_logprobs,
-            }
-        ],
-        "usage": {"prompt_tokens": T, "completion_tokens": 1, "total_tokens": T + 1},
-    }
+    T = ids_TK.shape[0]
+    pl = prompt_logprobs_rows(
+        ids_TK[1:],
+        logprobs_TK[1:],
+        np.asarray(actual_ids_T)[1:],
+        None if actual_logprobs_T is None else np.asarray(actual_logprobs_T)[1:],
+        decoded=_AngleText() if decoded else None,
+        shuffle_seed=shuffle_seed,
+    )
+    return completion_body([choice(0, "", pl)], model, T)
 
 
 def render_prompt_logprobs_body(
@@ -174,3 +278,28 @@ def render_prompt_logprobs_body(
 ) -> bytes:
     """`build_prompt_logprobs_body` serialized with orjson (what a vLLM server puts on the wire)."""
     return orjson.dumps(build_prompt_logprobs_body(ids_TK, logprobs_TK, actual_ids_T, **kwargs))
+
+
+# ------------------------------------------------------------------------------------------ protocol
+
+
+class VllmProtocol(TeacherProtocol):
+    """vLLM's `/v1/completions` with `prompt_logprobs` (also spoken by the reference server)."""
+
+    name: ClassVar[str] = "vllm"
+    score_path: ClassVar[str] = COMPLETIONS_PATH
+    k_limit_hint: ClassVar[str] = "restart vLLM with --max-logprobs >= {k} (gkd teacher: --max-logprobs {k})"
+    models_path: ClassVar[str] = MODELS_PATH
+    offers_binary: ClassVar[bool] = True
+
+    def served_models(self, body: Any) -> list[str]:
+        return [str(card["id"]) for card in model_cards(body) if "id" in card]
+
+    def request(self, input_ids: list[int], prompt_len: int, k: int, model: str) -> dict[str, Any]:
+        return build_request(input_ids, k, model)
+
+    def parse(self, raw: bytes, num_tokens: int, prompt_len: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return parse_response(raw, num_tokens, prompt_len, k)
+
+
+VLLM = VllmProtocol()

@@ -102,7 +102,9 @@ def run_vllm_app(port: int, completions: Any, model: str, max_body: int = 64 * 1
     from aiohttp import web
 
     async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": model, "object": "model"}]})
+        from pipeline.teacher.vllm import models_body
+
+        return web.json_response(models_body(model))
 
     async def health(request: web.Request) -> web.Response:
         return web.Response()

@@ -64,12 +64,13 @@ class FakeTeacher:
         sglang_flat: bool = True,
         slow_s: float = 5.0,
         delay_s: float = 0.0,
+        max_model_len: int = 4096,
     ) -> None:
         if backend not in ("vllm", "sglang"):
             raise ValueError(f"backend: expected vllm or sglang, got {backend!r}")
         self.backend, self.model, self.vocab, self.k_max = backend, model, vocab, k_max
         self.api_key, self.shuffle, self.sglang_flat = api_key, shuffle, sglang_flat
-        self.slow_s, self.delay_s = slow_s, delay_s
+        self.slow_s, self.delay_s, self.max_model_len = slow_s, delay_s, max_model_len
         rng = np.random.default_rng(seed)
         logits_VV = rng.normal(0.0, 3.0, (vocab, vocab))
         if neg_inf:  # a few impossible tokens per row, so -inf / -9999.0 shows up in top-k at large k
@@ -153,7 +154,9 @@ class FakeTeacher:
         return web.Response(status=200)
 
     async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response(vllm.models_body(self.model, max_model_len=4096, owned_by="fake"))
+        return web.json_response(
+            vllm.models_body(self.model, max_model_len=self.max_model_len, owned_by="fake")
+        )
 
     async def _model_info(self, request: web.Request) -> web.Response:
         return web.json_response(

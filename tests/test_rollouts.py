@@ -22,6 +22,7 @@ from pipeline.produce.prompts import PromptFileError, load_prompts
 from pipeline.queue.runstate import publish_policy
 from pipeline.queue.schema import RunKeys
 from pipeline.queue.streams import StreamConsumer, ensure_groups
+from pipeline.teacher import vllm
 from pipeline.wire.codec import Rollout, decode_rollout
 
 
@@ -338,6 +339,9 @@ async def student_server(student: str) -> AsyncIterator[dict[str, Any]]:
 
     async def completions(req: web.Request) -> web.Response:
         body = await req.json()
+        if body.get("model") != "served-student":  # what vLLM does with an id it does not serve
+            error = vllm.error_body(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
+            return web.json_response(error, status=404)
         choices = []
         for i, prompt in enumerate(body["prompt"]):
             ids = await asyncio.to_thread(greedy, state["model"], prompt, body["max_tokens"], 2)
@@ -351,7 +355,11 @@ async def student_server(student: str) -> AsyncIterator[dict[str, Any]]:
         state["loaded"].append(path)
         return web.json_response({"success": True})
 
+    async def models(req: web.Request) -> web.Response:  # served under another id than --student
+        return web.json_response(vllm.models_body("served-student"))
+
     app = web.Application()
+    app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/update_weights_from_disk", update)
     runner = web.AppRunner(app)

@@ -4,6 +4,7 @@ failover, circuit breakers, balancing, start-up checks."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -184,9 +185,10 @@ async def test_bad_request_in_both_error_schemas(fakes: Any, fault: str) -> None
             await c.score(IDS, 3)
 
 
-async def test_circuit_breaker_opens_and_reprobes(fakes: Any) -> None:
+async def test_circuit_breaker_opens_and_reprobes(fakes: Any, caplog: pytest.LogCaptureFixture) -> None:
     bad, good = await fakes(), await fakes()
     events = Events()
+    caplog.set_level(logging.INFO, "gkd.teacher")
     async with client([bad.url, good.url], events, k=4, breaker_failures=2, breaker_reset_s=0.3) as c:
         bad.mode = "500"
         bad.scored = 0  # forget start()'s probe
@@ -203,6 +205,13 @@ async def test_circuit_breaker_opens_and_reprobes(fakes: Any) -> None:
         for _ in range(6):
             await c.score(IDS, 3)
         assert bad.scored > 4  # the probe succeeded and the endpoint is back in rotation
+    # one line when the outage starts and one when it ends (with its counts), not one per failed probe
+    breaker_lines = [r.getMessage() for r in caplog.records if "circuit breaker" in r.getMessage()]
+    assert len(breaker_lines) == 2, breaker_lines
+    assert "open after 2 consecutive failures" in breaker_lines[0]
+    assert "closed after" in breaker_lines[1] and "(1 failed probes, 3 failures in all)" in breaker_lines[1]
+    assert [e["endpoint"] for e in events.names("breaker_open")] == [bad.url]
+    assert [e["endpoint"] for e in events.names("breaker_closed")] == [bad.url]
 
 
 async def test_all_breakers_open_fails_after_retries(fakes: Any) -> None:
@@ -268,3 +277,16 @@ async def test_bad_prompt_len_and_events(fakes: Any) -> None:
             await c.score(IDS, len(IDS))
         await c.score(IDS, 1)
     assert events.names("request")[-1]["ok"] is True and events.names("request")[-1]["endpoint"] == fake.url
+
+
+async def test_rollout_longer_than_max_model_len_fails_before_any_request(fakes: Any) -> None:
+    """vLLM refuses T = max_model_len with a confusing "max_tokens must be at least 1, got 0": the
+    client reads max_model_len from /v1/models and names the limit and the fix instead."""
+    fake = await fakes(max_model_len=10)
+    async with client([fake.url], k=4) as c:
+        assert c.max_tokens == 9
+        assert (await c.score(np.arange(9), 3)).ids_RK.shape == (6, 4)
+        sent = fake.scored
+        with pytest.raises(TeacherBadRequest, match=r"T=10 tokens .* max_model_len - 1 = 9.* >= 11"):
+            await c.score(np.arange(10), 3)
+        assert fake.scored == sent

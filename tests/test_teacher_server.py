@@ -279,3 +279,34 @@ async def test_binary_extension_is_opt_in(server: RunningServer) -> None:
         np.testing.assert_allclose([v for _, _, v in row], lp_RK[r], atol=1e-6)
     status, err = await post(server.url + "/v1/completions", {**body, binary.ROWS_FROM_FIELD: 25})
     assert status == 400 and binary.ROWS_FROM_FIELD in err["error"]["message"]
+
+
+async def test_echo_with_max_tokens_0_scores_the_prompt_like_vllm(
+    server: RunningServer, loaded: tuple[Any, Any]
+) -> None:
+    """lm-eval-harness scores a text with `echo: true, max_tokens: 0, logprobs: n`: vLLM answers 200
+    with the prompt as the text and the logprobs of the prompt's own tokens (the first null)."""
+    tok = loaded[1]
+    ids = prompts(tok)[0]
+    body = {"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 2}
+    status, got = await post(server.url + "/v1/completions", body)
+    assert status == 200, got
+    choice = got["choices"][0]
+    assert choice["text"] == tok.decode(ids)
+    lp = choice["logprobs"]
+    assert lp["tokens"] == [tok.decode([t]) for t in ids]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    rows = choice["prompt_logprobs"]  # asked implicitly at the width of `logprobs`, like vLLM
+    assert len(rows) == len(ids) and all(len(r) in (2, 3) for r in rows[1:])
+    for i in range(1, len(ids)):
+        assert lp["token_logprobs"][i] == rows[i][str(ids[i])]["logprob"]
+        assert 1 <= len(lp["top_logprobs"][i]) <= 3
+    offsets = [0]
+    for t in lp["tokens"][:-1]:
+        offsets.append(offsets[-1] + len(t))
+    assert lp["text_offset"] == offsets
+    status, err = await post(server.url + "/v1/completions", {"prompt": ids, "max_tokens": 0})
+    assert status == 400 and "max_tokens must be at least 1, got 0." in err["error"]["message"]
+    status, got = await post(server.url + "/v1/completions", {**body, "max_tokens": 1})
+    assert status == 200 and got["choices"][0]["text"].startswith(tok.decode(ids))
+    assert len(got["choices"][0]["logprobs"]["tokens"]) == len(ids) + 1

@@ -4,6 +4,10 @@ No model hub is needed: a byte-level BPE tokenizer is trained on an embedded, ge
 Llama teacher is trained briefly on the same corpus (so its next-token distribution is peaked and worth
 distilling), and a smaller, untrained Llama student shares the tokenizer. Both are saved with
 `save_pretrained` under ``<cache>/<version>/{teacher,student}`` and reused by every later call.
+
+`tiny_models(servable=True)` builds the same pair with attention heads of 32 dimensions (fewer, wider
+heads) under ``<cache>/<version>-vllm/``: vLLM's CPU attention serves head sizes 32, 64, 80 and up only,
+while the default pair (head size 16) is the smallest that trains and serves fast with transformers.
 """
 
 from __future__ import annotations
@@ -144,10 +148,16 @@ def _train_teacher(model, tok, steps: int, seed: int) -> None:  # type: ignore[n
     model.eval()
 
 
-def tiny_models(cache_dir: str | os.PathLike[str] | None = None, *, teacher_steps: int = 300) -> TinyModels:
-    """Build (once) and return the tiny teacher and student. Safe to call from several processes."""
+def tiny_models(
+    cache_dir: str | os.PathLike[str] | None = None, *, teacher_steps: int = 300, servable: bool = False
+) -> TinyModels:
+    """Build (once) and return the tiny teacher and student. Safe to call from several processes.
+
+    `servable`: head size 32 instead of 16 (teacher 2 heads, student 1), so vLLM's CPU backend serves them.
+    """
     root = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE
-    root = root / VERSION
+    root = root / (f"{VERSION}-vllm" if servable else VERSION)
+    teacher_heads, student_heads = (2, 1) if servable else (4, 2)
     out = TinyModels(teacher=root / "teacher", student=root / "student")
     if (out.student / "config.json").exists() and (out.teacher / "config.json").exists():
         return out
@@ -160,9 +170,9 @@ def tiny_models(cache_dir: str | os.PathLike[str] | None = None, *, teacher_step
 
         with torch.random.fork_rng():
             tok = _build_tokenizer(root / "tokenizer", vocab_size=320)
-            teacher = _llama(len(tok), hidden=64, layers=2, heads=4, tok=tok, seed=0)
+            teacher = _llama(len(tok), hidden=64, layers=2, heads=teacher_heads, tok=tok, seed=0)
             _train_teacher(teacher, tok, steps=teacher_steps, seed=0)
-            student = _llama(len(tok), hidden=32, layers=1, heads=2, tok=tok, seed=1)
+            student = _llama(len(tok), hidden=32, layers=1, heads=student_heads, tok=tok, seed=1)
             for model, path in ((teacher, out.teacher), (student, out.student)):
                 tmp = path.with_name(path.name + ".tmp")
                 model.save_pretrained(tmp)
@@ -172,4 +182,6 @@ def tiny_models(cache_dir: str | os.PathLike[str] | None = None, *, teacher_step
 
 
 if __name__ == "__main__":
-    print(tiny_models())
+    import sys
+
+    print(tiny_models(servable="--servable" in sys.argv[1:]))

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from pipeline.errors import MalformedResponse, PermanentError, RetryableError
+from pipeline.teacher import vllm
 
 log = logging.getLogger("gkd.rollouts")
 
@@ -109,6 +110,9 @@ class ServerGenerator:
     Completion ids come from ``choices[i].token_ids`` (vLLM's ``return_token_ids``), else from
     ``logprobs.tokens`` in the ``token_id:<n>`` form, else by tokenizing ``text`` (logged once: the ids
     may then differ from what the server sampled).
+
+    The model id sent is the one the server lists in ``GET /v1/models``: `model` when it is listed, else
+    the first listed (a server started from the same folder often serves it under another name).
     """
 
     def __init__(
@@ -129,15 +133,35 @@ class ServerGenerator:
         self.reload_path = reload_path
         self._session: aiohttp.ClientSession | None = None
         self._warned = False
+        self._model_checked = False
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self.timeout)
         return self._session
 
-    async def _post(self, path: str, body: dict[str, Any]) -> Any:
+    async def _served_model(self) -> str:
+        """`self.model` if the server lists it in /v1/models, else the first listed id (asked once)."""
+        if self._model_checked:
+            return self.model
         try:
-            async with self._http().post(self.url + path, json=body) as resp:
+            body = await self._request("GET", vllm.MODELS_PATH, None)
+        except PermanentError:  # a server without /v1/models: send the configured name
+            body = None
+        served = vllm.VLLM.served_models(body)
+        if served and self.model not in served:
+            log.info("student server %s serves %s, not %r: generating with %r", self.url, served, self.model,
+                     served[0])  # fmt: skip
+            self.model = served[0]
+        self._model_checked = True
+        return self.model
+
+    async def _post(self, path: str, body: dict[str, Any]) -> Any:
+        return await self._request("POST", path, body)
+
+    async def _request(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
+        try:
+            async with self._http().request(method, self.url + path, json=body) as resp:
                 text = await resp.text()
                 if resp.status >= 500 or resp.status == 429:
                     raise RetryableError(
@@ -156,7 +180,7 @@ class ServerGenerator:
     async def generate(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
         s = self.sampling
         body = {
-            "model": self.model,
+            "model": await self._served_model(),
             "prompt": prompts,
             "max_tokens": s.max_new_tokens,
             "temperature": s.temperature,

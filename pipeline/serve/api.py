@@ -34,6 +34,10 @@ class CompletionRequest:
     """Top-n logprobs of the generated token (None: not asked, `logprobs` is null)."""
     rows_from: int | None = None
     """Binary extension: the first token whose distribution is returned (pipeline/teacher/binary.py)."""
+    echo: bool = False
+    """Return the prompt as part of the completion: text and, with `logprobs`, its tokens' logprobs."""
+    generate: bool = True
+    """False for `echo` with `max_tokens` 0: the completion is the prompt alone (lm-eval-harness style)."""
 
     @property
     def job_k(self) -> int:
@@ -119,12 +123,17 @@ def validate_completion(body: dict[str, Any], server: TeacherServer) -> Completi
         raise ApiError(400, "stream=true is not supported by the gkd reference teacher", param="stream")
     if body.get("n", 1) != 1:
         raise ApiError(400, f"n must be 1 on the gkd reference teacher, got {body.get('n')}", param="n")
+    echo = bool(body.get("echo"))
     max_tokens = body.get("max_tokens", 16)
-    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+    if max_tokens is not None and (
+        not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < (0 if echo else 1)
+    ):
         raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}.", param="max_tokens")
     prompt_k = _k(body, "prompt_logprobs", "prompt", server)
     sample_k = _k(body, "logprobs", "sample", server)
-    req = CompletionRequest(_prompts(body, server), prompt_k, sample_k)
+    if echo and prompt_k is None:
+        prompt_k = sample_k  # vLLM: echo asks for the prompt's logprobs at the width of `logprobs`
+    req = CompletionRequest(_prompts(body, server), prompt_k, sample_k, echo=echo, generate=max_tokens != 0)
     rows_from = body.get(binary.ROWS_FROM_FIELD)
     if rows_from is not None:
         T = len(req.prompts[0])
@@ -154,21 +163,11 @@ def render_binary(ids: list[int], res: ScoreResult, req: CompletionRequest, mode
 def render_choice(
     index: int, ids: list[int], res: ScoreResult, req: CompletionRequest, server: TeacherServer
 ) -> dict[str, Any]:
-    """One `choices[i]`: the greedy next token as text, its logprobs and the prompt logprobs if asked."""
+    """One `choices[i]`: the greedy next token as text, its logprobs and the prompt logprobs if asked.
+    With `echo` the text starts with the prompt, and `logprobs` covers the prompt's tokens too (vLLM)."""
     decoded = server.decoded()
     T = len(ids)
     next_id = int(res.topk_ids_TK[T - 1, 0])
-    logprobs = None
-    if req.sample_k is not None:
-        n = req.sample_k
-        top_lp = vllm.wire_logprobs(res.topk_logprobs_TK[T - 1, :n])
-        top = {decoded[int(t)]: lp for t, lp in zip(res.topk_ids_TK[T - 1, :n], top_lp, strict=True)}
-        logprobs = {
-            "text_offset": [0],
-            "token_logprobs": vllm.wire_logprobs(res.topk_logprobs_TK[T - 1, :1]),
-            "tokens": [decoded[next_id]],
-            "top_logprobs": [top] if n > 0 else None,
-        }
     prompt_logprobs = None
     if req.prompt_k is not None:
         # row p of `res` (the distribution at position p) is vLLM's row p + 1, over token p + 1
@@ -182,4 +181,51 @@ def render_choice(
             decoded=decoded,
             id_strs=server.id_strs,
         )
-    return vllm.choice(index, server.tokenizer.decode([next_id]), prompt_logprobs, logprobs)
+    text = server.tokenizer.decode([next_id]) if req.generate else ""
+    if req.echo:
+        text = server.tokenizer.decode(ids) + text
+    logprobs = None
+    if req.sample_k is not None:
+        logprobs = _completion_logprobs(ids, res, req, decoded, prompt_logprobs)
+    return vllm.choice(index, text, prompt_logprobs, logprobs)
+
+
+def _completion_logprobs(
+    ids: list[int],
+    res: ScoreResult,
+    req: CompletionRequest,
+    decoded: list[str],
+    prompt_rows: list[Any] | None,
+) -> dict[str, Any]:
+    """The OpenAI `logprobs` object (vLLM's `_create_completion_logprobs`): per token its text, logprob
+    and a dict of the top `logprobs` + 1 entries keyed by text; the first prompt token has nulls."""
+    assert req.sample_k is not None
+    n, T = req.sample_k, len(ids)
+    tokens: list[str] = []
+    token_lps: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    if req.echo:
+        assert prompt_rows is not None  # echo implies prompt logprobs
+        for tid, row in zip(ids, prompt_rows, strict=True):
+            tokens.append(decoded[tid])
+            token_lps.append(None if row is None else row[str(tid)]["logprob"])
+            tops.append(
+                None
+                if row is None
+                else {e["decoded_token"]: e["logprob"] for e in list(row.values())[: n + 1]}
+            )
+    if req.generate:
+        next_id = int(res.topk_ids_TK[T - 1, 0])
+        top_lp = vllm.wire_logprobs(res.topk_logprobs_TK[T - 1, :n])
+        tokens.append(decoded[next_id])
+        token_lps += vllm.wire_logprobs(res.topk_logprobs_TK[T - 1, :1])
+        tops.append({decoded[int(t)]: lp for t, lp in zip(res.topk_ids_TK[T - 1, :n], top_lp, strict=True)})
+    offsets = [0]
+    for tok in tokens[:-1]:
+        offsets.append(offsets[-1] + len(tok))
+    return {
+        "text_offset": offsets[: len(tokens)],
+        "token_logprobs": token_lps,
+        "tokens": tokens,
+        "top_logprobs": tops if n > 0 else None,
+    }

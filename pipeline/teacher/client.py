@@ -40,11 +40,11 @@ from pipeline.teacher.endpoints import Endpoint, EndpointSet
 from pipeline.teacher.http import HttpLimits, make_session, request, status_of
 from pipeline.teacher.protocol import PROTOCOL_NAMES, TeacherProtocol, select
 from pipeline.teacher.startup import (
-    binary_endpoints,
     check_tokenizer,
     detect_backend,
     discover_model,
     probe_health,
+    read_model_cards,
 )
 
 log = logging.getLogger("gkd.teacher")
@@ -143,6 +143,9 @@ class TeacherClient:
         )
         self._session: Any = None
         self._started = False
+        self.max_tokens: int | None = None
+        """Longest rollout (T) the teachers accept: max_model_len - 1, as one token is generated (None:
+        unknown). Read at start; a longer rollout fails at once with TeacherBadRequest."""
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -191,8 +194,10 @@ class TeacherClient:
         if self._model_id is None or proto.strict_model:
             self._model_id = await discover_model(session, first, proto, self._model_id, self._limits)
         alive = [e for e in self.endpoints.endpoints if e.url in healthy]
-        if proto.offers_binary and self.config.binary:
-            await binary_endpoints(session, alive, self._limits)
+        if proto.offers_binary:  # a vLLM-style card: max_model_len, maybe the binary extension
+            await read_model_cards(session, alive, self._limits, binary=self.config.binary)
+        limits = [ep.max_model_len for ep in alive if ep.max_model_len is not None]
+        self.max_tokens = min(limits) - 1 if limits else None
         for ep in alive:
             await self._probe_k(ep)
         if self.config.student_tokenizer:
@@ -291,6 +296,12 @@ class TeacherClient:
         T = int(ids.shape[0])
         if not 1 <= prompt_len < T:
             raise WireFormatError("prompt_len", f"expected 1 <= prompt_len < T={T}, got {prompt_len}")
+        if self.max_tokens is not None and self.max_tokens < T:
+            raise TeacherBadRequest(
+                f"rollout of T={T} tokens does not fit the teacher's context: expected T <= "
+                f"max_model_len - 1 = {self.max_tokens} (one token is generated after the prompt). Fix: "
+                f"serve the teacher with --max-model-len >= {T + 1}, or produce shorter rollouts"
+            )
         ids_list = ids.tolist()
         req = _Request(ids_list, prompt_len, self._json_payload(ids_list, prompt_len))
         attempts = 0
@@ -337,7 +348,7 @@ class TeacherClient:
             raise
         except PermanentError as exc:
             verdict = True
-            self.endpoints.success(ep)  # it answered: the endpoint is up, the request is wrong
+            self._succeeded(ep)  # it answered: the endpoint is up, the request is wrong
             self._emit("request", {"endpoint": ep.url, "latency_s": time.perf_counter() - t0, "ok": False})
             self._emit("error", {"endpoint": ep.url, "error": type(exc).__name__})
             raise
@@ -345,7 +356,7 @@ class TeacherClient:
             if not verdict:  # cancelled or an unexpected exception: free a half-open probe slot
                 self.endpoints.release_probe(ep)
         latency = time.perf_counter() - t0
-        self.endpoints.success(ep)
+        self._succeeded(ep)
         self._emit("request", {"endpoint": ep.url, "latency_s": latency, "ok": True})
         return TeacherScores(ids_RK, lp_RK, ep.url, latency, attempt)
 
@@ -353,16 +364,30 @@ class TeacherClient:
         _tag(exc, ep.url)
         req.last_error = exc
         req.tried.add(ep.url)
-        opened = self.endpoints.failure(ep)
+        opened = self.endpoints.failure(ep) is not None
         self._emit("request", {"endpoint": ep.url, "latency_s": latency, "ok": False})
-        if opened:
+        if opened:  # once per outage; failed re-probes are counted and reported when it closes
             log.warning(
-                "teacher %s: circuit breaker open after %d consecutive failures (last: %s)",
+                "teacher %s: circuit breaker open after %d consecutive failures (last: %s); "
+                "re-probing every %gs",
                 ep.url,
                 ep.consecutive_failures,
                 exc,
+                self.endpoints.breaker_reset_s,
             )
             self._emit("breaker_open", {"endpoint": ep.url})
+
+    def _succeeded(self, ep: Endpoint) -> None:
+        outage_s = self.endpoints.success(ep)
+        if outage_s is not None:
+            log.warning(
+                "teacher %s: circuit breaker closed after %.1fs open (%d failed probes, %d failures in all)",
+                ep.url,
+                outage_s,
+                ep.failed_probes,
+                ep.failures,
+            )
+            self._emit("breaker_closed", {"endpoint": ep.url, "outage_s": outage_s})
 
     def _emit(self, name: str, data: dict[str, Any]) -> None:
         if self._on_event is None:

@@ -7,6 +7,8 @@ fewest outstanding, ties broken by rotation so equal endpoints share load evenly
 Circuit breaker per endpoint: `breaker_failures` consecutive retryable failures open it; while open the
 endpoint gets no requests. After `breaker_reset_s` it is half-open: exactly one request (a probe) is let
 through; success closes the breaker, failure opens it again for another `breaker_reset_s`.
+`failure` and `success` report state changes (not every failed probe), so a caller logs an outage once
+when it starts and once when it ends, with its length and counts.
 """
 
 from __future__ import annotations
@@ -35,6 +37,12 @@ class Endpoint:
     failures: int = 0
     binary: bool = False
     """The endpoint advertised the binary top-k response (pipeline/teacher/binary.py)."""
+    max_model_len: int | None = None
+    """Longest sequence the server accepts, prompt plus generated tokens (from /v1/models; None: unknown)."""
+    outage_since: float = 0.0
+    """When the breaker last opened from closed (the start of the current outage)."""
+    failed_probes: int = 0
+    """Half-open probes that failed during the current outage."""
     semaphore: asyncio.Semaphore = field(init=False)
 
     def __post_init__(self) -> None:
@@ -105,25 +113,34 @@ class EndpointSet:
         finally:
             ep.outstanding -= 1
 
-    def success(self, ep: Endpoint) -> None:
-        """The endpoint answered (any HTTP answer that is not a retryable failure): close its breaker."""
+    def success(self, ep: Endpoint) -> float | None:
+        """The endpoint answered (any HTTP answer that is not a retryable failure): close its breaker.
+        Returns the outage's length in seconds when this closed an open breaker, else None."""
         ep.requests += 1
         ep.consecutive_failures = 0
         ep.probing = False
+        if ep.state == CLOSED:
+            return None
         ep.state = CLOSED
+        return self._now() - ep.outage_since
 
-    def failure(self, ep: Endpoint) -> bool:
-        """A retryable failure on `ep`; returns True when this opened (or re-opened) its breaker."""
+    def failure(self, ep: Endpoint) -> str | None:
+        """A retryable failure on `ep`. Returns OPEN when this opened a closed breaker (an outage starts),
+        else None (a failed half-open probe re-opens the breaker silently, counted in `failed_probes`)."""
         ep.requests += 1
         ep.failures += 1
         ep.consecutive_failures += 1
         was_probe = ep.probing
         ep.probing = False
-        if was_probe or (ep.state == CLOSED and ep.consecutive_failures >= self.breaker_failures):
+        if was_probe:
+            ep.failed_probes += 1
             ep.state = OPEN
             ep.opened_at = self._now()
-            return True
-        return False
+            return None
+        if ep.state == CLOSED and ep.consecutive_failures >= self.breaker_failures:
+            self.force_open(ep)
+            return OPEN
+        return None
 
     def release_probe(self, ep: Endpoint) -> None:
         """A probe ended without a verdict (cancelled): let another request probe."""
@@ -135,5 +152,6 @@ class EndpointSet:
     def force_open(self, ep: Endpoint) -> None:
         """Open `ep`'s breaker now (e.g. it failed its start-up health check); it is re-probed later."""
         ep.state = OPEN
-        ep.opened_at = self._now()
+        ep.opened_at = ep.outage_since = self._now()
+        ep.failed_probes = 0
         ep.probing = False

@@ -105,20 +105,20 @@ async def discover_model(
     return wanted
 
 
-async def binary_endpoints(
-    session: aiohttp.ClientSession, endpoints: Sequence[Endpoint], limits: HttpLimits
-) -> list[str]:
-    """URLs (of `endpoints`) whose /v1/models card advertises the binary top-k response; marks them."""
-    found = []
+async def read_model_cards(
+    session: aiohttp.ClientSession, endpoints: Sequence[Endpoint], limits: HttpLimits, *, binary: bool
+) -> None:
+    """Read each endpoint's `/v1/models` card: its `max_model_len`, and (with `binary`) whether it
+    advertises the binary top-k response. An endpoint whose card cannot be read keeps the defaults."""
     for ep in endpoints:
         try:
             body = await _get_json(session, ep.url + vllm.MODELS_PATH, limits)
         except GKDError:
             continue
-        ep.binary = BINARY.advertised(body)
-        if ep.binary:
-            found.append(ep.url)
-    return found
+        cards = vllm.model_cards(body)
+        limit = cards[0].get("max_model_len") if cards else None
+        ep.max_model_len = limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+        ep.binary = binary and BINARY.advertised(body)
 
 
 async def check_tokenizer(

@@ -7,16 +7,22 @@ Retry and dead-letter logic branch on the class, never on message text:
     │   ├── TeacherConnectionError
     │   ├── TeacherTimeout
     │   ├── TeacherOverloaded  (HTTP 429)
-    │   └── TeacherServerError (HTTP 5xx)
+    │   ├── TeacherServerError (HTTP 5xx)
+    │   └── RedisUnavailable  Redis unreachable, timing out, loading, out of memory or read-only for now
     ├── PermanentError        the same input will fail again; the rollout goes to `dead`
     │   ├── WireFormatError    a msgpack record or tensor is invalid (names the field)
     │   ├── TeacherBadRequest  (HTTP 4xx other than 429)
     │   ├── TeacherIncompatible the teacher serves another model or tokenizer than this run needs
-    │   └── MalformedResponse  a teacher body that does not parse or fails validation
+    │   ├── MalformedResponse  a teacher body that does not parse or fails validation
+    │   ├── RedisAuthError     Redis refused the credentials of the URL
+    │   └── RedisCommandError  Redis refused a command (a bug or an incompatible server); `code` says why
     ├── ApiError              the reference teacher server refuses a request (HTTP status, vLLM's type)
     ├── LeaseLost             this consumer no longer owns a stream entry; it must not publish
+    ├── StreamGroupMissing    a stream's consumer group is gone (Redis lost its data): recreate it
     ├── ConfigMismatch        a process joins a run whose fixed settings differ from its own
     └── SettingsError         a flag, environment variable or TOML value is invalid
+
+redis-py's exceptions never leave `pipeline.queue.connection`: its clients raise the classes above.
 """
 
 from __future__ import annotations
@@ -79,6 +85,27 @@ class ApiError(GKDError):
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param = status, message, type, param
+
+
+class RedisUnavailable(RetryableError):
+    """Redis did not answer, or answered that it cannot serve right now (loading, OOM, read-only)."""
+
+
+class RedisAuthError(PermanentError):
+    """Redis refused the password or user of the URL; retrying with the same URL cannot help."""
+
+
+class RedisCommandError(PermanentError):
+    """Redis refused a command. `code` is Redis's error code (the reply's first word, e.g. WRONGTYPE)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class StreamGroupMissing(GKDError):
+    """A stream or its consumer group is missing (NOGROUP): Redis restarted without its data. Nobody
+    owns the entries read from it any more; readers recreate the groups."""
 
 
 class LeaseLost(GKDError):

@@ -21,8 +21,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from pipeline.queue.backpressure import WaterMarks
+from pipeline.queue.lease import StreamConsumer
 from pipeline.queue.schema import RunKeys
-from pipeline.queue.streams import StreamConsumer, add_rollouts, ensure_groups
+from pipeline.queue.streams import add_rollouts, ensure_groups
 from pipeline.wire.codec import Rollout, ScoredSample, encode_scored
 from tests.faults_harness import (
     FaultyTeacher,

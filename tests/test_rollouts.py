@@ -10,18 +10,19 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-import redis.exceptions
 import torch
 from aiohttp import web
 
+from pipeline.errors import RedisUnavailable
 from pipeline.local.redis_server import free_port
 from pipeline.local.tiny_models import prompts as tiny_prompts
 from pipeline.local.tiny_models import tiny_models
 from pipeline.produce.producer import RolloutSettings, produce
 from pipeline.produce.prompts import PromptFileError, load_prompts
+from pipeline.queue.lease import StreamConsumer
 from pipeline.queue.runstate import publish_policy
 from pipeline.queue.schema import RunKeys
-from pipeline.queue.streams import StreamConsumer, ensure_groups
+from pipeline.queue.streams import ensure_groups
 from pipeline.teacher import vllm
 from pipeline.wire.codec import Rollout, decode_rollout
 
@@ -263,7 +264,7 @@ async def test_producer_carries_on_through_a_redis_restart(
         try:
             await r.ping()
             break
-        except redis.exceptions.ConnectionError:
+        except RedisUnavailable:
             pass
     await ensure_groups(r, keys)
     teachers = StreamConsumer(r, keys, "rollouts", "teacher")

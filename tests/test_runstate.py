@@ -8,10 +8,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from pipeline.errors import ConfigMismatch
+from pipeline.queue import schema as K
 from pipeline.queue.backpressure import Backpressure, WaterMarks
+from pipeline.queue.lease import StreamConsumer
 from pipeline.queue.runstate import (
+    Heartbeat,
     check_run_config,
-    heartbeat,
     incr_stats,
     live_workers,
     publish_policy,
@@ -20,7 +22,7 @@ from pipeline.queue.runstate import (
     read_stats,
 )
 from pipeline.queue.schema import RunKeys, Stat
-from pipeline.queue.streams import StreamConsumer, add_rollouts, ensure_groups
+from pipeline.queue.streams import add_rollouts, ensure_groups
 
 
 async def test_backpressure_blocks_above_high_and_releases_below_low(
@@ -86,8 +88,10 @@ def test_water_marks_validate() -> None:
 
 
 async def test_heartbeats_are_listed_then_expire(r: aioredis.Redis, keys: RunKeys) -> None:
-    await heartbeat(r, keys, "w1", role="worker", in_flight=3, ttl_ms=200, extra={"positions": 10})
-    await heartbeat(r, keys, "t0", role="trainer", in_flight=0, ttl_ms=5000)
+    await Heartbeat(
+        r, keys, "w1", "worker", ttl_ms=200, fields=lambda: {K.HB_IN_FLIGHT: 3, "positions": 10}
+    ).beat()
+    await Heartbeat(r, keys, "t0", "trainer", ttl_ms=5000, fields=lambda: {K.HB_IN_FLIGHT: 0}).beat()
     live = await live_workers(r, keys)
     assert set(live) == {"w1", "t0"}
     assert (
@@ -100,7 +104,7 @@ async def test_heartbeats_are_listed_then_expire(r: aioredis.Redis, keys: RunKey
 
 async def test_heartbeats_of_other_runs_are_not_listed(r: aioredis.Redis, keys: RunKeys) -> None:
     other = RunKeys.for_run("other")
-    await heartbeat(r, other, "w9", role="worker", in_flight=0, ttl_ms=5000)
+    await Heartbeat(r, other, "w9", "worker", ttl_ms=5000, fields=lambda: {K.HB_IN_FLIGHT: 0}).beat()
     assert await live_workers(r, keys) == {}
 
 

@@ -13,11 +13,13 @@ import pytest
 import redis.asyncio as aioredis
 
 from pipeline.local.redis_server import RedisServer, env_without_proxy, free_port
+from pipeline.queue import schema as K
 from pipeline.queue.connection import connect_sync
+from pipeline.queue.lease import StreamConsumer
 from pipeline.queue.report import build_report, take_sample
-from pipeline.queue.runstate import check_run_config, heartbeat, incr_stats, publish_policy
+from pipeline.queue.runstate import Heartbeat, check_run_config, incr_stats, publish_policy
 from pipeline.queue.schema import RunKeys, Stat
-from pipeline.queue.streams import StreamConsumer, add_rollouts, ensure_groups
+from pipeline.queue.streams import add_rollouts, ensure_groups
 from workers import status
 
 ROLLOUT_BYTES = 100
@@ -47,10 +49,12 @@ async def populate(r: aioredis.Redis, keys: RunKeys) -> None:
     assert len(await t0.read(count=1, block_ms=100)) == 1
     await incr_stats(r, keys, COUNTERS)
     lat1 = {"latency_p50_ms": 40.0, "latency_p95_ms": 90.0, "paused": 0}
-    await heartbeat(r, keys, "w1", role="worker", in_flight=3, ttl_ms=60_000, extra=lat1)
+    await Heartbeat(r, keys, "w1", "worker", ttl_ms=60_000, fields=lambda: {K.HB_IN_FLIGHT: 3, **lat1}).beat()
     lat2 = {"latency_p50_ms": 60.0, "latency_p95_ms": 80, "paused": 1}  # an int parses too
-    await heartbeat(r, keys, "w2", role="worker", in_flight=0, ttl_ms=60_000, extra=lat2)
-    await heartbeat(r, keys, "t0", role="trainer", in_flight=1, ttl_ms=60_000, extra={"step": 4})
+    await Heartbeat(r, keys, "w2", "worker", ttl_ms=60_000, fields=lambda: {K.HB_IN_FLIGHT: 0, **lat2}).beat()
+    await Heartbeat(
+        r, keys, "t0", "trainer", ttl_ms=60_000, fields=lambda: {K.HB_IN_FLIGHT: 1, "step": 4}
+    ).beat()
     await publish_policy(r, keys, 3, "/ckpt/step-3")
     await check_run_config(r, keys, {"k": 20, "loss": "tail"})
 

@@ -8,9 +8,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from pipeline.queue import schema as K
+from pipeline.queue.lease import StreamConsumer
 from pipeline.queue.runstate import read_stats
 from pipeline.queue.schema import RunKeys, Stat
-from pipeline.queue.streams import StreamConsumer, add_rollouts, ensure_groups
+from pipeline.queue.streams import add_rollouts, ensure_groups
 
 
 async def produce(r: aioredis.Redis, keys: RunKeys, n: int, prefix: str = "r") -> list[str]:
@@ -140,8 +141,12 @@ async def test_restarted_consumer_sees_its_own_pending(r: aioredis.Redis, keys: 
     first = StreamConsumer(r, keys, "rollouts", "trainer-0")
     await first.read(count=3, block_ms=100)
     again = StreamConsumer(r, keys, "rollouts", "trainer-0")
-    pending = await again.read_own_pending(count=10)
-    assert [e.id for e in pending] == ["r0", "r1", "r2"]
+    pending, cursor = await again.read_own_pending(count=2)
+    assert [e.id for e in pending] == ["r0", "r1"]
+    assert cursor is not None
+    rest, cursor = await again.read_own_pending(count=2, after=cursor)
+    assert [e.id for e in rest] == ["r2"]
+    assert await again.read_own_pending(count=2, after=cursor) == ([], None)
     assert await again.read(count=10, block_ms=50) == []
 
 

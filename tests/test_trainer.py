@@ -30,9 +30,10 @@ from pipeline.errors import ConfigMismatch, SettingsError
 from pipeline.local.redis_server import RedisServer, env_without_proxy, free_port
 from pipeline.local.tiny_models import corpus, tiny_models
 from pipeline.queue.connection import connect
+from pipeline.queue.lease import StreamConsumer
 from pipeline.queue.runstate import check_run_config
 from pipeline.queue.schema import TRAINERS_GROUP, RunKeys, Stat
-from pipeline.queue.streams import StreamConsumer, add_rollouts, ensure_groups
+from pipeline.queue.streams import add_rollouts, ensure_groups
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.batching import pack
 from pipeline.train.optim import build_optimizer, build_scheduler

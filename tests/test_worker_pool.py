@@ -26,9 +26,10 @@ from pipeline.errors import ConfigMismatch
 from pipeline.local.redis_server import env_without_proxy, free_port
 from pipeline.queue.backpressure import WaterMarks
 from pipeline.queue.connection import connect
+from pipeline.queue.lease import StreamConsumer
 from pipeline.queue.runstate import check_run_config, read_stats
 from pipeline.queue.schema import RunKeys, Stat
-from pipeline.queue.streams import StreamConsumer, add_rollouts, ensure_groups
+from pipeline.queue.streams import add_rollouts, ensure_groups
 from pipeline.score import TeacherWorker, WorkerOptions
 from pipeline.teacher.client import TeacherConfig
 from pipeline.teacher.vllm import render_prompt_logprobs_body

@@ -21,9 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import RedisError
-
-from pipeline.errors import SettingsError
+from pipeline.errors import GKDError, RedisUnavailable, SettingsError
 from pipeline.queue import schema as K
 from pipeline.queue.connection import connect_sync
 from pipeline.queue.report import (
@@ -225,7 +223,7 @@ def run(r: Any, keys: RunKeys, s: StatusSettings) -> int:
         time.sleep(max(s.interval_s, 0.1))
         try:
             prev, rep = _report(r, keys, s, prev)
-        except RedisError as exc:
+        except RedisUnavailable as exc:
             # A monitor outlives a Redis restart: say so, drop the old sample (its rates would mix).
             print(f"gkd status: Redis at {mask_url(s.redis_url)} failed ({exc}); retrying", file=sys.stderr)
             prev = None
@@ -250,7 +248,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         try:
             r.ping()
-        except (RedisError, OSError) as exc:
+        except GKDError as exc:
             print(
                 f"gkd status: cannot reach Redis at {mask_url(s.redis_url)} ({exc}); expected a Redis server "
                 "there: start one, or pass --redis URL (or set GKD_REDIS_URL)",
@@ -260,7 +258,7 @@ def main(argv: Sequence[str]) -> int:
         return run(r, keys, s)
     except KeyboardInterrupt:
         return 0
-    except RedisError as exc:
+    except GKDError as exc:
         print(f"gkd status: Redis at {mask_url(s.redis_url)} failed: {exc}", file=sys.stderr)
         return 2
     finally:

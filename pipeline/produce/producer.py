@@ -21,28 +21,24 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
-import redis.exceptions
 
-from pipeline.errors import RetryableError, SettingsError, WireFormatError
+from pipeline.errors import RedisUnavailable, RetryableError, SettingsError, WireFormatError
 from pipeline.produce.prompts import PromptItem, load_prompts
 from pipeline.produce.student_gen import Generator, LocalGenerator, Sampling, ServerGenerator
 from pipeline.queue import schema as K
 from pipeline.queue.backpressure import Backpressure, WaterMarks
-from pipeline.queue.connection import connect
-from pipeline.queue.runstate import heartbeat, now_ms, read_policy
+from pipeline.queue.connection import RedisRetry, connect
+from pipeline.queue.runstate import Heartbeat, now_ms, read_policy
 from pipeline.queue.schema import RunKeys
 from pipeline.queue.streams import add_rollouts, ensure_groups
 from pipeline.settings import CommonSettings, setting
 from pipeline.wire.codec import Rollout, encode_rollout
 
 log = logging.getLogger("gkd.rollouts")
-T = TypeVar("T")
-REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 _FIELD_ID = K.FIELD_ID.encode()
 _CLOCK_SLACK_MS = 60_000  # how far before the failed attempt (by Redis's clock) to look for its batch
 
@@ -115,6 +111,7 @@ class Producer:
         self.checkpoint: str | None = None
         self.gen: Generator | None = None
         self._batches = 0
+        self.retry = RedisRetry(f"rollouts {s.name}", first_s=0.2)
 
     async def run(self) -> ProducerSummary:
         from transformers import AutoTokenizer
@@ -130,9 +127,10 @@ class Producer:
         )
         self.r = connect(s.redis_url)
         self.bp = Backpressure(self.r, self.keys, "rollouts", self.marks)
-        hb = asyncio.create_task(self._heartbeat_loop())
+        heartbeat = Heartbeat(self.r, self.keys, s.name, "rollouts", fields=self._heartbeat_fields)
+        hb = asyncio.create_task(heartbeat.run())
         try:
-            await self._retry(lambda: ensure_groups(self.r, self.keys), "create groups")
+            await self.retry.call("create groups", lambda: ensure_groups(self.r, self.keys), stop=self.stop)
             await self._follow_policy(force=True)
             await self._loop(items)
         finally:
@@ -177,9 +175,10 @@ class Producer:
             self._batches += 1
             seed = self.s.seed * 1_000_003 + self._batches
             gen = await self._generator()
-            outs = await self._retry(
-                lambda: gen.generate([i.prompt_ids for i in wanted], seed),
+            outs = await self.retry.call(
                 "generate",
+                lambda: gen.generate([i.prompt_ids for i in wanted], seed),
+                stop=self.stop,
                 errors=(RetryableError,),
             )
             generated = {item.index: ids for item, ids in zip(wanted, outs, strict=True)}
@@ -213,7 +212,7 @@ class Producer:
                 log.warning("prompt %s: rollout not written: %s", ro.meta.get("prompt_index"), exc)
         if not payloads:
             return
-        await self._retry(lambda: self.bp.wait_for_room(self.stop), "wait for room")
+        await self.retry.call("wait for room", lambda: self.bp.wait_for_room(self.stop), stop=self.stop)
         if self.stop.is_set():
             return  # stopped while paused: nothing written, nothing lost (prompts are re-read next run)
         await self._add_once(payloads)
@@ -228,18 +227,17 @@ class Producer:
         (in rollouts, or already moved on to ready or dead): the transaction is all or nothing, so one
         id tells. Only a batch trained and acknowledged within that moment would escape the check.
         """
-        delay = 0.2
+        delay = 0.0
         while True:
             started = time.monotonic()
             try:
                 await add_rollouts(self.r, self.keys, payloads)
+                self.retry.recovered()
                 return
-            except REDIS_ERRORS as exc:
-                log.warning("add rollouts failed (%r); retrying in %.1f s", exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            except RedisUnavailable as exc:
+                delay = await self.retry.backoff("add rollouts", exc, delay)
             check = functools.partial(self._landed, payloads[0][0], started)
-            if await self._retry(check, "check the last batch"):
+            if await self.retry.call("check the last batch", check):
                 log.warning("batch of %s: written before its reply was lost; not added again", payloads[0][0])
                 return
 
@@ -276,7 +274,9 @@ class Producer:
                 )
                 ckpt = self.checkpoint
                 if ckpt is not None:  # a policy was published before this server was first used
-                    await self._retry(lambda: server.load(ckpt), "load policy", errors=(RetryableError,))
+                    await self.retry.call(
+                        "load policy", lambda: server.load(ckpt), stop=self.stop, errors=(RetryableError,)
+                    )
                 self.gen = server
             else:
                 path = self.checkpoint or s.student
@@ -287,7 +287,7 @@ class Producer:
         """Switch to the latest published policy when its version differs from the one in use."""
         try:
             version, path = await read_policy(self.r, self.keys)
-        except REDIS_ERRORS as exc:
+        except RedisUnavailable as exc:
             log.warning("reading the policy failed (%r); keeping version %d", exc, self.version)
             return
         if version == self.version and not force:
@@ -309,43 +309,13 @@ class Producer:
         self.summary.versions.append(version)
         log.info("policy version %d in use (%s)", version, path or self.s.student)
 
-    async def _retry(
-        self,
-        fn: Callable[[], Awaitable[T]],
-        what: str,
-        errors: tuple[type[BaseException], ...] = REDIS_ERRORS,
-    ) -> T:
-        """`fn()` until it succeeds, backing off on `errors` (0.2 s doubling to 5 s)."""
-        delay = 0.2
-        while True:
-            try:
-                return await fn()
-            except errors as exc:
-                if self.stop.is_set():
-                    raise
-                log.warning("%s failed (%r); retrying in %.1f s", what, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            try:
-                await heartbeat(
-                    self.r,
-                    self.keys,
-                    self.s.name,
-                    role="rollouts",
-                    in_flight=0,
-                    ttl_ms=10_000,
-                    extra={
-                        "policy_version": self.version,
-                        "produced": self.summary.produced,
-                        "paused": int(self.bp.paused),
-                    },
-                )
-            except REDIS_ERRORS as exc:
-                log.debug("heartbeat failed: %r", exc)
-            await asyncio.sleep(1.0)
+    def _heartbeat_fields(self) -> dict[str, object]:
+        return {
+            K.HB_IN_FLIGHT: 0,
+            "policy_version": self.version,
+            "produced": self.summary.produced,
+            "paused": int(self.bp.paused),
+        }
 
 
 async def produce(s: RolloutSettings, stop: asyncio.Event | None = None) -> ProducerSummary:

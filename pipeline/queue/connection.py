@@ -1,18 +1,136 @@
-"""Redis connections with finite timeouts.
+"""Redis connections: finite timeouts, redis-py's errors mapped to the project's, one retry policy.
 
-Every process uses `connect()`. Retries are off (``retry=None``-style: a dead server is noticed at once)
-because every long-running loop in `workers/` handles `redis.exceptions.ConnectionError` itself, backs
-off and reconnects; a hidden 4-second retry inside the client would only hide outages from the metrics.
+Every process uses `connect()` (or `connect_sync()` for `gkd status`, the demo and tests). The clients
+they return raise only `pipeline.errors` classes; this module is the one place that knows redis-py's
+exceptions and Redis's error codes:
+
+    connection refused or reset, timeout, LOADING, OOM, READONLY, ...  -> RedisUnavailable (retryable)
+    NOGROUP (a stream or group vanished: Redis lost its data)          -> StreamGroupMissing
+    wrong password or user                                             -> RedisAuthError
+    anything else Redis refuses (WRONGTYPE, a script error, ...)       -> RedisCommandError(code)
+
+The clients do no retries of their own (a dead server is noticed at once): every long-running loop
+retries through `RedisRetry`, which backs off with capped, jittered delays and logs an outage once when
+it begins and once when it ends.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+import redis
 import redis.asyncio as aioredis
+import redis.asyncio.client as aioclient
+import redis.client
+import redis.exceptions as rex
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from pipeline.errors import (
+    GKDError,
+    RedisAuthError,
+    RedisCommandError,
+    RedisUnavailable,
+    StreamGroupMissing,
+)
+
+log = logging.getLogger("gkd.redis")
+T = TypeVar("T")
+
 #: Longest a blocking XREADGROUP may wait; socket timeouts are set above it.
 MAX_BLOCK_MS = 2000
+
+#: Error codes with which Redis says "not now" rather than "never": waited out like an outage.
+_TRANSIENT_CODES = frozenset(
+    {"LOADING", "OOM", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY", "MISCONF", "NOREPLICAS"}
+)
+_AUTH_CODES = frozenset({"NOAUTH", "WRONGPASS", "NOPERM"})
+#: redis-py strips the code of the errors it knows from the message; these are the classes it uses.
+_CLASS_CODES: dict[type[BaseException], str] = {
+    rex.OutOfMemoryError: "OOM",
+    rex.ReadOnlyError: "READONLY",
+    rex.NoPermissionError: "NOPERM",
+    rex.ExecAbortError: "EXECABORT",
+}
+_FAILURES = (rex.RedisError, OSError)
+
+
+def translate(exc: BaseException) -> GKDError:
+    """The project's error for a redis-py (or socket) failure; see the module docstring."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, rex.AuthenticationError | rex.AuthorizationError):
+        return RedisAuthError(f"Redis refused the credentials of the URL ({text})")
+    if isinstance(exc, rex.ConnectionError | rex.TimeoutError | OSError):
+        return RedisUnavailable(text)  # BusyLoadingError (LOADING) is a ConnectionError too
+    code = _code(exc)
+    if code == "NOGROUP":
+        return StreamGroupMissing(f"stream or consumer group missing (Redis lost its data?): {exc}")
+    if code in _TRANSIENT_CODES:
+        return RedisUnavailable(text)
+    if code in _AUTH_CODES:
+        return RedisAuthError(f"Redis refused the credentials of the URL ({text})")
+    return RedisCommandError(code, text)
+
+
+def _code(exc: BaseException) -> str:
+    for cls, code in _CLASS_CODES.items():
+        if isinstance(exc, cls):
+            return code
+    first = str(exc).split(" ", 1)[0]
+    return first if first.isupper() and first.isalpha() else "ERR"
+
+
+def _translated(results: list[Any]) -> list[Any]:
+    """A pipeline's results with redis-py's exception objects replaced (raise_on_error=False)."""
+    return [translate(x) if isinstance(x, _FAILURES) else x for x in results]
+
+
+class _Pipeline(aioclient.Pipeline):
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        try:
+            return _translated(await super().execute(raise_on_error))
+        except _FAILURES as exc:
+            raise translate(exc) from exc
+
+
+class _Client(aioredis.Redis):
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **options)
+        except rex.NoScriptError:
+            raise  # redis-py's Script loads the script and calls again
+        except _FAILURES as exc:
+            raise translate(exc) from exc
+
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> _Pipeline:
+        return _Pipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+
+class _SyncPipeline(redis.client.Pipeline):
+    def execute(self, raise_on_error: bool = True) -> list[Any]:
+        try:
+            return _translated(super().execute(raise_on_error))
+        except _FAILURES as exc:
+            raise translate(exc) from exc
+
+
+class _SyncClient(redis.Redis):
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        try:
+            return super().execute_command(*args, **options)
+        except rex.NoScriptError:
+            raise
+        except _FAILURES as exc:
+            raise translate(exc) from exc
+
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> _SyncPipeline:
+        return _SyncPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
 
 
 def connect(url: str, *, socket_timeout_s: float = 10.0, connect_timeout_s: float = 5.0) -> aioredis.Redis:
@@ -20,7 +138,7 @@ def connect(url: str, *, socket_timeout_s: float = 10.0, connect_timeout_s: floa
 
     Responses are bytes (payloads are binary). Every command has a finite socket timeout.
     """
-    return aioredis.Redis.from_url(
+    client: aioredis.Redis = _Client.from_url(
         url,
         decode_responses=False,
         socket_timeout=max(socket_timeout_s, MAX_BLOCK_MS / 1000 + 5),
@@ -28,16 +146,111 @@ def connect(url: str, *, socket_timeout_s: float = 10.0, connect_timeout_s: floa
         retry=Retry(NoBackoff(), 0),
         health_check_interval=30,
     )
+    return client
 
 
-def connect_sync(url: str, *, socket_timeout_s: float = 10.0):  # type: ignore[no-untyped-def]
-    """A blocking Redis client (for `gkd status` and tests), same timeouts and no hidden retries."""
-    import redis
-
-    return redis.Redis.from_url(
+def connect_sync(url: str, *, socket_timeout_s: float = 10.0) -> redis.Redis:
+    """A blocking Redis client (for `gkd status`, the demo and tests), same timeouts and errors."""
+    client: redis.Redis = _SyncClient.from_url(
         url,
         decode_responses=False,
         socket_timeout=socket_timeout_s,
         socket_connect_timeout=5.0,
         retry=Retry(NoBackoff(), 0),
     )
+    return client
+
+
+class Stop(Protocol):
+    """A stop flag: an `asyncio.Event`, or a `threading.Event` set from another thread."""
+
+    def is_set(self) -> bool: ...
+
+
+async def wait_event(event: Stop, timeout_s: float) -> bool:
+    """Wait up to `timeout_s` for `event`; True if it is set."""
+    if event.is_set():
+        return True
+    if isinstance(event, asyncio.Event):
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout_s)
+    else:  # set from another thread: poll
+        deadline = time.monotonic() + timeout_s
+        while not event.is_set() and (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, 0.05))
+    return event.is_set()
+
+
+class RedisRetry:
+    """The retry policy of every loop that talks to Redis: capped, doubling, jittered backoff.
+
+    An outage is logged once when it begins and once when it ends (not once per failed call);
+    `on_failure` is called on every failed attempt (a metrics counter).
+    """
+
+    def __init__(
+        self,
+        who: str,
+        *,
+        first_s: float = 0.1,
+        max_s: float = 5.0,
+        on_failure: Callable[[], None] | None = None,
+    ) -> None:
+        self.who = who
+        self.first_s = first_s
+        self.max_s = max_s
+        self.on_failure = on_failure
+        self._down_since: float | None = None
+
+    @property
+    def down(self) -> bool:
+        """The last attempt failed and none has succeeded since."""
+        return self._down_since is not None
+
+    async def call(
+        self,
+        what: str,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        stop: Stop | None = None,
+        attempts: int | None = None,
+        errors: tuple[type[BaseException], ...] = (RedisUnavailable,),
+    ) -> T:
+        """`await fn()` until it succeeds. Raises the last of `errors` once `stop` is set or after
+        `attempts` failures; other errors (e.g. StreamGroupMissing) at once."""
+        delay, failures = 0.0, 0
+        while True:
+            try:
+                out = await fn()
+            except errors as exc:
+                failures += 1
+                if (stop is not None and stop.is_set()) or (attempts is not None and failures >= attempts):
+                    raise
+                delay = await self.backoff(what, exc, delay, stop)
+                continue
+            self.recovered()
+            return out
+
+    async def backoff(self, what: str, exc: BaseException, delay: float, stop: Stop | None = None) -> float:
+        """Note the failure, wait the next delay (ending early once `stop` is set); return that delay."""
+        self.failed(what, exc)
+        delay = min(max(delay * 2, self.first_s), self.max_s)
+        wait_s = delay * random.uniform(0.5, 1.0)
+        if stop is not None:
+            await wait_event(stop, wait_s)
+        else:
+            await asyncio.sleep(wait_s)
+        return delay
+
+    def failed(self, what: str, exc: BaseException) -> None:
+        if self.on_failure is not None:
+            self.on_failure()
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning("%s: %s failed (%s); retrying", self.who, what, exc)
+
+    def recovered(self) -> None:
+        if self._down_since is not None:
+            down_s = time.monotonic() - self._down_since
+            self._down_since = None
+            log.info("%s: Redis answers again after %.1fs", self.who, down_s)

@@ -25,8 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.exceptions import ResponseError
-
+from pipeline.errors import GKDError, RedisCommandError, StreamGroupMissing
 from pipeline.queue import schema as K
 from pipeline.queue.schema import RunKeys, Stat
 from pipeline.settings import mask_url
@@ -110,7 +109,7 @@ def _dead_entry(sid: Any, fields: dict[Any, Any]) -> dict[str, Any]:
 def take_sample(r: Any, keys: RunKeys, dead_n: int = 5) -> Sample:
     """Read one consistent-enough picture of the run (one pipelined round trip + heartbeats).
 
-    Raises redis.exceptions.RedisError when Redis cannot be reached.
+    Raises RedisUnavailable when Redis cannot be reached.
     """
     pipe = r.pipeline(transaction=False)
     pipe.time()
@@ -125,11 +124,11 @@ def take_sample(r: Any, keys: RunKeys, dead_n: int = 5) -> Sample:
     pipe.hgetall(keys.policy)
     res = list(pipe.execute(raise_on_error=False))
     t_s = time.monotonic()
-    # XINFO/XPENDING fail with ResponseError only for a missing stream or group: that is "absent".
+    # XINFO/XPENDING fail (no such key, NOGROUP) only for a missing stream or group: that is "absent".
     for i, v in enumerate(res):
-        if isinstance(v, ResponseError) and 4 <= i < 8:
+        if isinstance(v, RedisCommandError | StreamGroupMissing) and 4 <= i < 8:
             res[i] = None
-        elif isinstance(v, Exception):
+        elif isinstance(v, GKDError):
             raise v
     secs, micros = res[0]
     lengths = {kind: int(n) for kind, n in zip(STREAMS, res[1:4], strict=True)}

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import socket
+import threading
 import time
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping
 
 import redis.asyncio as aioredis
 
-from pipeline.errors import ConfigMismatch
+from pipeline.errors import ConfigMismatch, RedisUnavailable, StreamGroupMissing
 from pipeline.queue import schema as K
 from pipeline.queue.schema import RunKeys
+
+log = logging.getLogger("gkd.runstate")
 
 # KEYS: config. ARGV: field, value pairs. Writes missing fields; returns [field, stored, ours] for
 # each field whose stored value differs. Atomic, so two processes racing to create a run agree.
@@ -83,30 +89,87 @@ async def read_stats(r: aioredis.Redis, keys: RunKeys) -> dict[str, int]:
     return {_s(k): int(v) for k, v in raw.items()}
 
 
-async def heartbeat(
-    r: aioredis.Redis,
-    keys: RunKeys,
-    name: str,
-    *,
-    role: str,
-    in_flight: int,
-    ttl_ms: int,
-    extra: Mapping[str, object] | None = None,
-) -> None:
-    """Write this process's heartbeat hash; it expires `ttl_ms` after the last beat."""
-    fields: dict[str, object] = {
-        K.HB_HOST: socket.gethostname(),
-        K.HB_PID: os.getpid(),
-        K.HB_ROLE: role,
-        K.HB_IN_FLIGHT: in_flight,
-        K.HB_LAST_SEEN_MS: now_ms(),
-        **(extra or {}),
-    }
-    key = keys.worker(name)
-    async with r.pipeline(transaction=True) as pipe:
-        pipe.hset(key, mapping={k: str(v) for k, v in fields.items()})
-        pipe.pexpire(key, ttl_ms)
-        await pipe.execute()
+#: How long a heartbeat outlives its process's last beat; a process beats every third of it.
+HEARTBEAT_TTL_MS = 5000
+
+
+class Counts:
+    """`stats` counters gathered in memory and added to Redis in one round trip per flush, so a hot
+    loop never waits on Redis for bookkeeping. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
+
+    def update(self, counts: Mapping[str, int]) -> None:
+        with self._lock:
+            self._counts.update(counts)
+
+    async def flush(self, r: aioredis.Redis, keys: RunKeys) -> None:
+        """Add what was counted since the last flush to `stats`; kept for the next flush on failure."""
+        with self._lock:
+            counts, self._counts = self._counts, Counter()
+        try:
+            await incr_stats(r, keys, counts)
+        except BaseException:
+            self.update(counts)
+            raise
+
+
+class Heartbeat:
+    """The heartbeat hash of one process (role, host, pid, last seen, plus `fields()`), expiring
+    `ttl_ms` after the last beat. `gkd status` lists live processes from these hashes."""
+
+    def __init__(
+        self,
+        r: aioredis.Redis,
+        keys: RunKeys,
+        name: str,
+        role: str,
+        *,
+        ttl_ms: int = HEARTBEAT_TTL_MS,
+        fields: Callable[[], Mapping[str, object]] = dict,
+        counts: Counts | None = None,
+    ) -> None:
+        self.r, self.keys, self.name, self.role = r, keys, name, role
+        self.ttl_ms = ttl_ms
+        self.fields = fields
+        self.counts = counts
+        """Flushed to `stats` after every beat."""
+
+    async def beat(self) -> None:
+        """Write the hash now (and flush the counts)."""
+        values: dict[str, object] = {
+            K.HB_HOST: socket.gethostname(),
+            K.HB_PID: os.getpid(),
+            K.HB_ROLE: self.role,
+            K.HB_LAST_SEEN_MS: now_ms(),
+            **self.fields(),
+        }
+        key = self.keys.worker(self.name)
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={k: str(v) for k, v in values.items()})
+            pipe.pexpire(key, self.ttl_ms)
+            await pipe.execute()
+        if self.counts is not None:
+            await self.counts.flush(self.r, self.keys)
+
+    async def run(self) -> None:
+        """Beat every third of the TTL until cancelled; a failed beat waits for the next."""
+        while True:
+            try:
+                await self.beat()
+            except (RedisUnavailable, StreamGroupMissing) as exc:
+                log.debug("%s: heartbeat failed (%s)", self.name, exc)
+            await asyncio.sleep(self.ttl_ms / 3000)
+
+    async def remove(self) -> None:
+        """Delete the hash (a clean exit): the process leaves `gkd status` at once."""
+        await self.r.delete(self.keys.worker(self.name))
 
 
 async def live_workers(r: aioredis.Redis, keys: RunKeys) -> dict[str, dict[str, str]]:

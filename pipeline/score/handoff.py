@@ -12,8 +12,9 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeline.queue.streams import Entry, StreamConsumer
-from pipeline.score.telemetry import Telemetry
+from pipeline.errors import StreamGroupMissing
+from pipeline.queue.connection import RedisRetry
+from pipeline.queue.lease import Entry, StreamConsumer
 
 #: Called once per result after its batch was published: (entry, positions, published?).
 OnPublished = Callable[[Entry, int, bool], None]
@@ -34,7 +35,7 @@ class HandoffBatcher:
         self,
         consumer: StreamConsumer,
         dest: str,
-        telemetry: Telemetry,
+        retry: RedisRetry,
         on_published: OnPublished,
         *,
         max_items: int = 32,
@@ -43,7 +44,7 @@ class HandoffBatcher:
     ) -> None:
         self.consumer = consumer
         self.dest = dest
-        self.telemetry = telemetry
+        self.retry = retry
         self.on_published = on_published
         self.max_items = max_items
         self.max_bytes = max_bytes
@@ -73,9 +74,10 @@ class HandoffBatcher:
         items = [(res.entry, res.payload, res.positions) for res in batch]
         # Cancelled mid-call at shutdown, the entries stay owned and get released; a release of an
         # entry the call did publish is refused by the ownership check, so nothing is duplicated.
-        flags = await self.telemetry.redis_retry(
-            "handoff", lambda: self.consumer.handoff(self.dest, items), lost=[False] * len(items)
-        )
+        try:
+            flags = await self.retry.call("handoff", lambda: self.consumer.handoff(self.dest, items))
+        except StreamGroupMissing:  # Redis lost its data: nobody owns these entries any more
+            flags = [False] * len(items)
         for res, ok in zip(batch, flags, strict=True):
             self.on_published(res.entry, res.positions, ok)
             if not res.done.done():

@@ -11,24 +11,24 @@ import logging
 import random
 import time
 
-from redis.exceptions import ResponseError
-
-from pipeline.errors import PermanentError, RetryableError, WireFormatError
+from pipeline.errors import (
+    PermanentError,
+    RedisUnavailable,
+    RetryableError,
+    StreamGroupMissing,
+    WireFormatError,
+)
+from pipeline.queue import schema as K
 from pipeline.queue.backpressure import Backpressure
-from pipeline.queue.connection import connect
-from pipeline.queue.runstate import check_run_config, now_ms
+from pipeline.queue.connection import RedisRetry, connect, wait_event
+from pipeline.queue.lease import Entry, Held, StreamConsumer
+from pipeline.queue.runstate import Heartbeat, check_run_config, now_ms
 from pipeline.queue.schema import RunKeys, Stat
-from pipeline.queue.streams import Entry, StreamConsumer, ensure_groups
+from pipeline.queue.streams import ensure_groups
 from pipeline.score.handoff import HandoffBatcher
 from pipeline.score.metrics import WorkerMetrics
 from pipeline.score.options import LOGPROB_DTYPES, WorkerOptions, WorkerReport
-from pipeline.score.telemetry import (
-    REDIS_ERRORS,
-    REDIS_OR_SERVER_ERRORS,
-    Telemetry,
-    is_nogroup,
-    wait_event,
-)
+from pipeline.score.telemetry import Telemetry
 from pipeline.teacher.client import TeacherClient, TeacherConfig, TeacherScores
 from pipeline.wire.codec import Rollout, ScoredSample, decode_rollout, encode_scored
 
@@ -54,13 +54,16 @@ class TeacherWorker:
         self.opts = options or WorkerOptions()
         self.metrics = metrics or WorkerMetrics()
         self.report = WorkerReport()
-        self.tel = Telemetry(name, self.metrics, self.report, self.opts.redis_backoff_max_s)
+        self.tel = Telemetry(name, self.metrics, self.report)
+        self.retry = RedisRetry(
+            f"worker {name}",
+            max_s=self.opts.redis_backoff_max_s,
+            on_failure=self.metrics.errors.labels(error="redis").inc,
+        )
         self.client = TeacherClient(teacher, on_event=self.tel.on_event)
         self.started = asyncio.Event()
         """Set once the start-up checks passed and reading begins."""
         self._dtype = LOGPROB_DTYPES[self.opts.logprob_dtype]
-        self._owned: dict[bytes, Entry] = {}  # owned entries, until published, dead-lettered or released
-        self._lost: set[bytes] = set()  # owned entries whose lease renewal was refused
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
         self._stop = asyncio.Event()
@@ -79,9 +82,14 @@ class TeacherWorker:
             self.r, self.keys, "rollouts", self.name,
             lease_ms=self.opts.lease_ms, max_deliveries=self.opts.max_deliveries,
         )  # fmt: skip
+        self._owned = Held(self.consumer)  # until published, dead-lettered or released
+        self._heartbeat = Heartbeat(
+            self.r, self.keys, self.name, "worker", ttl_ms=self.opts.heartbeat_ttl_ms,
+            fields=self._heartbeat_fields, counts=self.tel.stats,
+        )  # fmt: skip
         self._bp = Backpressure(self.r, self.keys, "ready", self.opts.marks)
         self._handoff = HandoffBatcher(
-            self.consumer, self.keys.ready, self.tel, self._published,
+            self.consumer, self.keys.ready, self.retry, self._published,
             max_items=self.opts.handoff_max_items, max_bytes=self.opts.handoff_max_bytes,
             linger_s=self.opts.handoff_linger_s,
         )  # fmt: skip
@@ -89,8 +97,8 @@ class TeacherWorker:
         try:
             if await self._start():
                 aux = [
-                    asyncio.create_task(self._beat_loop(), name="heartbeat"),
-                    asyncio.create_task(self._renew_loop(), name="renew"),
+                    asyncio.create_task(self._heartbeat.run(), name="heartbeat"),
+                    asyncio.create_task(self._owned.renew_forever(), name="renew"),
                     asyncio.create_task(self._handoff.run(), name="handoff"),
                 ]
                 self.started.set()
@@ -114,11 +122,14 @@ class TeacherWorker:
         await check_run_config(self.r, self.keys, fixed)
         self.metrics.serve(self.opts.metrics_port, self.opts.metrics_addr)
         # Entries an earlier process with this consumer name left pending: make them reclaimable now.
-        mine = await self.consumer.read_own_pending(count=100_000)
-        if mine:
-            await self.consumer.release(mine)
-            log.info("worker %s: released %d rollouts left pending by an earlier run", self.name, len(mine))
-        await self._beat()
+        released = 0
+        cursor: bytes | None = b"0"
+        while cursor is not None:
+            mine, cursor = await self.consumer.read_own_pending(1000, after=cursor)
+            released += sum(await self.consumer.release(mine))
+        if released:
+            log.info("worker %s: released %d rollouts left pending by an earlier run", self.name, released)
+        await self._heartbeat.beat()
         log.info(
             "worker %s: run %r, teacher %s, k=%d, %s, concurrency %d",
             self.name, self.keys.run, self.client.model_id, self.teacher.k, self.opts.logprob_dtype,
@@ -128,16 +139,11 @@ class TeacherWorker:
 
     async def _wait_for_redis(self) -> bool:
         """Create the consumer groups, waiting for a Redis that is not up yet; False if stopped first."""
-        delay = 0.0
-        while not self._stop.is_set():
-            try:
-                await ensure_groups(self.r, self.keys)
-            except REDIS_ERRORS as exc:
-                delay = await self.tel.redis_backoff("start", exc, delay, self._stop)
-                continue
-            self.tel.redis_ok()
-            return True
-        return False
+        try:
+            await self.retry.call("start", lambda: ensure_groups(self.r, self.keys), stop=self._stop)
+        except RedisUnavailable:
+            return False  # stopped while Redis was down
+        return not self._stop.is_set()
 
     async def _start_client(self) -> None:
         """The client's start-up checks, waiting out a teacher that is not up yet (still loading).
@@ -165,14 +171,14 @@ class TeacherWorker:
             await asyncio.wait(set(self._tasks), timeout=self.opts.grace_s)
 
     async def _shutdown(self) -> None:
-        left = list(self._owned.values())
-        with contextlib.suppress(*REDIS_OR_SERVER_ERRORS):
+        left = self._owned.entries()
+        with contextlib.suppress(RedisUnavailable, StreamGroupMissing):
             if left:
                 flags = await self.consumer.release(left)
                 self.report.released += sum(flags)
                 log.info("worker %s: released %d unfinished rollouts", self.name, sum(flags))
-            await self.tel.flush(self.r, self.keys)
-            await self.r.delete(self.keys.worker(self.name))
+            await self.tel.stats.flush(self.r, self.keys)
+            await self._heartbeat.remove()
         with contextlib.suppress(Exception):
             await self.client.close()
         with contextlib.suppress(Exception):
@@ -206,14 +212,12 @@ class TeacherWorker:
                 if free > 0:
                     for entry in await self.consumer.read(free, block_ms=self.opts.read_block_ms):
                         self._spawn(entry)
-                self.tel.redis_ok()
+                self.retry.recovered()
                 delay = 0.0
-            except REDIS_ERRORS as exc:
-                delay = await self.tel.redis_backoff("read", exc, delay, self._stop)
-            except ResponseError as exc:
+            except RedisUnavailable as exc:
+                delay = await self.retry.backoff("read", exc, delay, self._stop)
+            except StreamGroupMissing:
                 # A Redis restarted without persistence has lost the groups: recreate them.
-                if not is_nogroup(exc):
-                    raise
                 log.warning(
                     "worker %s: consumer groups missing (Redis lost its data?); recreating", self.name
                 )
@@ -234,7 +238,7 @@ class TeacherWorker:
         ok, over = await self.consumer.reclaim(count)
         for entry in over:
             if entry.sid not in self._owned:
-                self._owned[entry.sid] = entry
+                self._owned.add([entry])
                 reason = (
                     f"delivered {entry.deliveries} times (max_deliveries={self.opts.max_deliveries}); "
                     f"workers kept dying or stalling on it"
@@ -245,13 +249,13 @@ class TeacherWorker:
             self._spawn(entry)
         if fresh:
             self.report.reclaimed += len(fresh)
-            self.tel.stats[Stat.RECLAIMED] += len(fresh)
+            self.tel.stats.add(Stat.RECLAIMED, len(fresh))
             self.metrics.reclaimed.inc(len(fresh))
             log.info("worker %s: reclaimed %d stale rollouts", self.name, len(fresh))
         return len(fresh)
 
     def _spawn(self, entry: Entry) -> None:
-        self._owned[entry.sid] = entry
+        self._owned.add([entry])
         task = asyncio.create_task(self._process(entry))
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
@@ -307,7 +311,7 @@ class TeacherWorker:
                 delay = min(self.opts.outage_backoff_s * 2 ** (attempt - 1), self.opts.outage_backoff_max_s)
                 if await wait_event(self._stop, delay * random.uniform(0.5, 1.0)):
                     return None
-                if entry.sid in self._lost:
+                if entry.sid in self._owned.lost:
                     self._forget(entry)
                     self._count_lease_lost(1)
                     return None
@@ -328,9 +332,10 @@ class TeacherWorker:
 
     async def _dead_letter(self, entry: Entry, stage: str, reason: str) -> None:
         consumer = self.consumer
-        ok = await self.tel.redis_retry(
-            "dead-letter", lambda: consumer.dead_letter(entry, stage, reason), lost=False
-        )
+        try:
+            ok = await self.retry.call("dead-letter", lambda: consumer.dead_letter(entry, stage, reason))
+        except StreamGroupMissing:
+            ok = False  # Redis lost its data: nobody owns the entry any more
         self._forget(entry)
         if not ok:
             self._count_lease_lost(1)
@@ -353,8 +358,7 @@ class TeacherWorker:
             log.info("worker %s: result of %s dropped; another worker owns it now", self.name, entry.id)
 
     def _forget(self, entry: Entry) -> None:
-        self._owned.pop(entry.sid, None)
-        self._lost.discard(entry.sid)
+        self._owned.drop([entry])
         self.metrics.in_flight.set(len(self._owned))
 
     def _count_lease_lost(self, n: int) -> None:
@@ -362,36 +366,10 @@ class TeacherWorker:
         self.metrics.lease_lost.inc(n)
         self.metrics.errors.labels(error="LeaseLost").inc(n)
 
-    # ---------------------------------------------------------------------------------- periodic
+    # ---------------------------------------------------------------------------------- heartbeat
 
-    async def _renew_loop(self) -> None:
-        """Reset the idle time of every owned entry each third of the lease, so none is reclaimed."""
-        while True:
-            await asyncio.sleep(self.opts.lease_ms / 3000)
-            entries = list(self._owned.values())
-            try:
-                for i in range(0, len(entries), 1000):
-                    chunk = entries[i : i + 1000]
-                    flags = await self.consumer.renew(chunk)
-                    self._lost.update(
-                        e.sid for e, ok in zip(chunk, flags, strict=True) if not ok and e.sid in self._owned
-                    )
-            except REDIS_OR_SERVER_ERRORS as exc:
-                log.debug("worker %s: lease renewal failed (%s); next period", self.name, exc)
-
-    async def _beat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.opts.heartbeat_ttl_ms / 3000)
-            try:
-                await self._beat()
-            except REDIS_OR_SERVER_ERRORS as exc:
-                log.debug("worker %s: heartbeat failed (%s)", self.name, exc)
-
-    async def _beat(self) -> None:
-        await self.tel.beat(
-            self.r, self.keys, in_flight=len(self._owned), ttl_ms=self.opts.heartbeat_ttl_ms,
-            teacher=self.client.model_id,
-        )  # fmt: skip
+    def _heartbeat_fields(self) -> dict[str, object]:
+        return {K.HB_IN_FLIGHT: len(self._owned), **self.tel.heartbeat_fields(self.client.model_id)}
 
 
 def _reason(exc: BaseException) -> str:

@@ -37,9 +37,11 @@ from pipeline.settings import CommonSettings, setting
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.batching import Batch, BatchPacker
 from pipeline.train.distributed import Dist, init_distributed, shutdown
-from pipeline.train.ledger import Ledger, MetricsSink, ReadyLedger
+from pipeline.train.ioloop import IOLoop
+from pipeline.train.metrics import MetricsSink, SampleLog
 from pipeline.train.optim import SCHEDULES, build_optimizer, build_scheduler
-from pipeline.train.prefetch import TRAIN, IOLoop, Prefetcher, Verdict
+from pipeline.train.prefetch import TRAIN, Prefetcher, Verdict
+from pipeline.train.ready import ReadyLeases
 from pipeline.train.step import LossConfig, StepStats, supports_mask_logits, train_step
 from pipeline.wire.codec import ScoredSample
 
@@ -149,7 +151,9 @@ class Trainer:
         self.last_ckpt_step = -1
         try:
             self.io.run(check_run_config(self.r, self.keys, {"k": s.k, "loss_mode": s.loss_mode}))
-            self.ready = ReadyLedger(self.io, self.r, self.keys, self.consumer_name, s.lease_ms)
+            self.ready = ReadyLeases(
+                self.io, self.r, self.keys, self.consumer_name, lease_ms=s.lease_ms, stop=self.stop
+            )
             self._load_model()
         except BaseException:
             self._close_io()
@@ -160,7 +164,7 @@ class Trainer:
             if self.dist.is_main
             else None
         )
-        self.ledger = Ledger(s.sample_log, self.dist.rank) if s.sample_log else None
+        self.sample_log = SampleLog(s.sample_log, self.dist.rank) if s.sample_log else None
 
     # ------------------------------------------------------------------ setup
 
@@ -232,15 +236,12 @@ class Trainer:
         packer = BatchPacker(s.batch_tokens, pad_id=pad, pin=self.dist.device.type == "cuda")
         return Prefetcher(
             self.io,
-            self.ready.consumer,
+            self.ready,
             packer,
             check=self._check,
-            on_skip=self.ready.skip_stale,
             device=self.dist.device,
             depth=s.prefetch_depth or max(2, 2 * s.grad_accum),
             enabled=s.prefetch,
-            held=self.ready.held,
-            held_lock=self.ready.lock,
             stop=self.stop,
         )
 
@@ -249,7 +250,7 @@ class Trainer:
     def run(self) -> TrainSummary:
         s, d = self.s, self.dist
         pf = self._prefetcher()
-        self.ready.start_background(role_extra=lambda: {"step": self.step, "policy_version": self.version})
+        self.ready.start(fields=lambda: {"step": self.step, "policy_version": self.version})
         pf.start()
         cfg = LossConfig(s.beta, s.temperature, s.loss_mode)
         autocast = torch.bfloat16 if s.precision == "bf16" else None
@@ -330,8 +331,8 @@ class Trainer:
         self.ready.trained(entries)
         self.summary.steps = self.step
         self.summary.samples += len(entries)
-        if self.ledger is not None:
-            self.ledger.write(self.step, [b_id for b in micro for b_id in b.sample_ids])
+        if self.sample_log is not None:
+            self.sample_log.write(self.step, [b_id for b in micro for b_id in b.sample_ids])
         self.ready.count_step(
             samples=len(entries),
             tokens=int(sum(b.num_loss_tokens for b in micro)),
@@ -409,8 +410,8 @@ class Trainer:
         self.ready.close()
         if self.sink is not None:
             self.sink.close()
-        if self.ledger is not None:
-            self.ledger.close()
+        if self.sample_log is not None:
+            self.sample_log.close()
         self._close_io()
         shutdown()
 

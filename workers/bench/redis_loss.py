@@ -30,10 +30,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
-import redis.exceptions
-
+from pipeline.errors import RedisUnavailable
 from pipeline.local.redis_server import RedisServer
+from pipeline.queue.connection import connect
 from workers.bench.cli import result
 
 STREAM = "bench:aof"
@@ -142,7 +141,7 @@ class _Sampler(threading.Thread):
 
 
 async def _writer(url: str, counter: list[int], stop: asyncio.Event) -> None:
-    r = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+    r = connect(url, socket_timeout_s=5, connect_timeout_s=2)
     try:
         while not stop.is_set():
             pipe = r.pipeline(transaction=False)
@@ -150,7 +149,7 @@ async def _writer(url: str, counter: list[int], stop: asyncio.Event) -> None:
                 pipe.xadd(STREAM, {"data": PAYLOAD})
             try:
                 res = await pipe.execute()
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+            except RedisUnavailable:
                 return  # the server died: what was not acknowledged does not count
             counter[0] += len(res)
     finally:
@@ -185,7 +184,7 @@ async def _kill9_run(fsync: str, seconds: float, data_dir: str | None) -> Kill9R
         skip = int(0.2 / sampler.period_s)  # the first 0.2 s: AOF file creation, warm-up
         out.dirty_bytes = sampler.samples[skip:] if sampler.supported else []
         server.start()
-        r = aioredis.Redis.from_url(server.url)
+        r = connect(server.url)
         try:
             out.recovered = int(await r.xlen(STREAM))
         finally:

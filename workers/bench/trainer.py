@@ -24,8 +24,9 @@ import numpy as np
 from pipeline.local.redis_server import RedisServer
 from pipeline.local.tiny_models import tiny_models
 from pipeline.queue.connection import connect
+from pipeline.queue.lease import StreamConsumer
 from pipeline.queue.schema import RunKeys
-from pipeline.queue.streams import StreamConsumer, add_rollouts, ensure_groups
+from pipeline.queue.streams import add_rollouts, ensure_groups
 from pipeline.train.trainer import TrainSettings, train
 from pipeline.wire.codec import Rollout, ScoredSample, encode_rollout, encode_scored
 from workers.bench.cli import result

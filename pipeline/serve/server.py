@@ -29,6 +29,7 @@ from aiohttp import web
 from pipeline.errors import ApiError
 from pipeline.serve.api import render_binary, render_choice, validate_completion
 from pipeline.serve.batcher import Batcher, BatcherConfig
+from pipeline.serve.vllm_engine import VllmEngine, require_vllm
 from pipeline.settings import setting
 from pipeline.teacher import vllm
 from pipeline.teacher.binary import BINARY
@@ -41,6 +42,12 @@ class TeacherServerSettings:
     """Settings of `gkd teacher`."""
 
     model: str = setting("", "Hugging Face model path or id to serve (required).")
+    engine: str = setting(
+        "transformers",
+        "What runs the model: transformers (batched forward passes here) or vllm (vLLM's engine, "
+        "pip install 'gkd-pipeline[vllm]').",
+        choices=("transformers", "vllm"),
+    )
     device: str = setting("cpu", "Torch device: cpu, cuda or cuda:N.")
     dtype: str = setting("float32", "Model dtype.", choices=("float32", "bfloat16", "float16"))
     max_logprobs: int = setting(64, "Largest prompt_logprobs/logprobs k a request may ask for (like vLLM's).")
@@ -57,6 +64,10 @@ class TeacherServerSettings:
     max_body_bytes: int = setting(64 * 1024 * 1024, "Largest request body in bytes (413 above).")
     threads: int = setting(0, "Torch CPU threads (0: half the cores, at most 8; oversubscribed cores crawl).")
     log_level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
+    tensor_parallel_size: int = setting(1, "--engine vllm: GPUs to shard the model over.")
+    vllm_args: str = setting(
+        "", "--engine vllm: more engine arguments as a JSON object, e.g. '{\"enforce_eager\": true}'."
+    )
 
 
 def json_response(obj: Any, status: int = 200) -> web.Response:
@@ -72,18 +83,23 @@ class TeacherServer:
     """The model, tokenizer and batcher behind the routes."""
 
     def __init__(self, settings: TeacherServerSettings, model: Any, tokenizer: Any) -> None:
+        """`model`: a Hugging Face causal LM (batched here), or a started VllmEngine (--engine vllm)."""
         self.settings = settings
-        self.model = model
         self.tokenizer = tokenizer
         self.model_name = settings.served_model_name or settings.model
-        self.vocab_size = int(model.config.vocab_size)
-        self.max_model_len = settings.max_model_len or int(
-            getattr(model.config, "max_position_embeddings", 2048)
-        )
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.batcher = Batcher(
-            model, settings.device, BatcherConfig(settings.max_batch_tokens, settings.max_wait_ms, pad)
-        )
+        self.batcher: Batcher | VllmEngine
+        if isinstance(model, VllmEngine):
+            self.batcher = model
+            self.vocab_size, self.max_model_len = model.vocab_size, model.max_model_len
+        else:
+            self.vocab_size = int(model.config.vocab_size)
+            self.max_model_len = settings.max_model_len or int(
+                getattr(model.config, "max_position_embeddings", 2048)
+            )
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            self.batcher = Batcher(
+                model, settings.device, BatcherConfig(settings.max_batch_tokens, settings.max_wait_ms, pad)
+            )
         self.pending = 0
         self.created = int(time.time())
         self._decoded: list[str] | None = None
@@ -224,8 +240,10 @@ def load(settings: TeacherServerSettings) -> tuple[Any, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[settings.dtype]
     tokenizer = AutoTokenizer.from_pretrained(settings.model)
+    if settings.engine == "vllm":
+        return VllmEngine(settings), tokenizer
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[settings.dtype]
     model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=dtype)
     model = model.to(settings.device).eval()  # type: ignore[arg-type]
     return model, tokenizer
@@ -248,7 +266,10 @@ async def start_server(
 ) -> RunningServer:
     """Load (unless given) and serve in the running loop; port 0 picks a free port."""
     if model is None or tokenizer is None:
-        model, tokenizer = await asyncio.to_thread(load, settings)
+        if settings.engine == "vllm":  # vLLM's engine binds to the event loop it is built in
+            model, tokenizer = load(settings)
+        else:
+            model, tokenizer = await asyncio.to_thread(load, settings)
     server = TeacherServer(settings, model, tokenizer)
     runner = web.AppRunner(server.app(), access_log=None)
     await runner.setup()
@@ -269,7 +290,10 @@ def set_threads(settings: TeacherServerSettings) -> int:
 
 async def serve(settings: TeacherServerSettings) -> None:
     """Run until SIGINT/SIGTERM."""
-    set_threads(settings)
+    if settings.engine == "vllm":
+        require_vllm()  # a clear error before loading anything
+    else:
+        set_threads(settings)
     running = await start_server(settings)
     log.info(
         "gkd teacher serving %s on %s (max_logprobs=%d, device=%s, dtype=%s)",

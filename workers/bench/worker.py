@@ -16,8 +16,10 @@ after a fixed latency. A private redis-server holds the run.
 
 Reported per k: positions/s (worker vs baseline), process CPU microseconds per position (both), CPU
 us/position of the decode alone and the worker's CPU over it, and (to locate the cost) CPU us/position
-of the teacher client's parse alone (decode + validation + top-k arrays, no HTTP or Redis).
-Targets: >= 10x the baseline's positions/s; worker CPU per position <= 1.25x the decode alone.
+of the teacher client's parse alone (decode + validation + top-k arrays, no HTTP or Redis), of vLLM
+JSON and of the reference server's binary response with the same numbers.
+Targets: >= 10x the baseline's positions/s; worker CPU per position below the decode alone; client
+parse <= 8 us/position at k = 20 and <= 20 at k = 64 from vLLM JSON, <= 2 from the binary response.
 """
 
 from __future__ import annotations
@@ -159,9 +161,10 @@ def cpu_s() -> float:
 
 
 async def run_worker(
-    redis_url: str, url: str, ids_T: np.ndarray, n: int, k: int, concurrency: int
+    redis_url: str, url: str, ids_T: np.ndarray | list[np.ndarray], n: int, k: int, concurrency: int
 ) -> tuple[float, float]:
-    """(wall s, CPU s) for the worker to move `n` rollouts from Redis through the teacher to ready."""
+    """(wall s, CPU s) for the worker to move `n` rollouts from Redis through the teacher to ready.
+    `ids_T`: the tokens of every rollout, or a list of them (rollout i gets entry i modulo its length)."""
     from pipeline.queue.backpressure import WaterMarks
     from pipeline.queue.connection import connect
     from pipeline.queue.schema import RunKeys
@@ -173,7 +176,10 @@ async def run_worker(
     keys = RunKeys.for_run(f"bench-k{k}")
     r = connect(redis_url)
     await ensure_groups(r, keys)
-    payloads = [(f"b{i}", encode_rollout(Rollout(f"b{i}", ids_T, prompt_len=1))) for i in range(n)]
+    tokens = ids_T if isinstance(ids_T, list) else [ids_T]
+    payloads = [
+        (f"b{i}", encode_rollout(Rollout(f"b{i}", tokens[i % len(tokens)], prompt_len=1))) for i in range(n)
+    ]
     config = TeacherConfig(endpoints=[url], backend="vllm", k=k, per_endpoint_concurrency=concurrency)
     marks = WaterMarks(high_entries=n + 1, low_entries=n, high_bytes=1 << 40, low_bytes=1 << 39)
     options = WorkerOptions(concurrency=concurrency, marks=marks)
@@ -254,6 +260,24 @@ def parse_cpu_s(body: bytes, t: int, k: int, reps: int) -> float:
     return (cpu_s() - c0) / reps
 
 
+def binary_parse_cpu_s(body: bytes, t: int, k: int, reps: int) -> float:
+    """CPU seconds of the client's parse of the binary response carrying the top-k of the JSON `body`."""
+    from pipeline.teacher.binary import BINARY
+    from pipeline.teacher.vllm import parse_response
+
+    ids_RK, lp_RK = parse_response(body, t, 1, k)
+    raw = BINARY.render(ids_RK, lp_RK, MODEL)
+    c0 = cpu_s()
+    for _ in range(reps):
+        BINARY.parse(raw, t, 1, k)
+    return (cpu_s() - c0) / reps
+
+
+#: Client parse targets, CPU us per position: vLLM JSON by k, and the binary response.
+JSON_PARSE_TARGET_US = {20: 8.0, 64: 20.0}
+BINARY_PARSE_TARGET_US = 2.0
+
+
 # ---------------------------------------------------------------------------------------------- run
 
 
@@ -294,8 +318,10 @@ def run(args: list[str]) -> list[dict[str, Any]]:
                 b_wall, b_cpu = run_baseline(url, ids_T, a.baseline_rollouts, k, a.baseline_threads)
                 d_cpu.append(decode_cpu_s(body, 4))
                 p_cpu = parse_cpu_s(body, a.t, k, 4)
+                bin_cpu = binary_parse_cpu_s(body, a.t, k, 20)
+                parse = (p_cpu, bin_cpu)
                 rows += _rows(k, a.t - 1, a.rollouts, a.baseline_rollouts, len(body),
-                              (w_wall, w_cpu), (b_wall, b_cpu), sorted(d_cpu)[1], p_cpu)  # fmt: skip
+                              (w_wall, w_cpu), (b_wall, b_cpu), sorted(d_cpu)[1], parse)  # fmt: skip
         finally:
             teacher.terminate()
             teacher.wait(timeout=10)
@@ -307,21 +333,38 @@ def run(args: list[str]) -> list[dict[str, Any]]:
 
 def _rows(
     k: int, per_body: int, n_worker: int, n_baseline: int, body_bytes: int,
-    worker: tuple[float, float], baseline: tuple[float, float], d_cpu: float, p_cpu: float,
+    worker: tuple[float, float], baseline: tuple[float, float], d_cpu: float, parse: tuple[float, float],
 ) -> list[dict[str, Any]]:  # fmt: skip
-    """Result rows of one k; `worker`/`baseline` are (wall s, CPU s); `d_cpu`/`p_cpu` CPU s of one
-    decode / one client parse of a body."""
+    """Result rows of one k; `worker`/`baseline` are (wall s, CPU s); `d_cpu` CPU s of one decode of a
+    body; `parse` CPU s of one client parse of it (vLLM JSON) and of the same rows as a binary body."""
     w_pos, b_pos = n_worker * per_body, n_baseline * per_body
     w_pps, b_pps = w_pos / worker[0], b_pos / baseline[0]
     w_us, b_us, d_us = worker[1] / w_pos * 1e6, baseline[1] / b_pos * 1e6, d_cpu / per_body * 1e6
-    p_us = p_cpu / per_body * 1e6
+    p_us, bin_us = parse[0] / per_body * 1e6, parse[1] / per_body * 1e6
     over = w_us / d_us
+    target = JSON_PARSE_TARGET_US.get(k)
     return [
         result("worker", f"positions_per_s_k{k}", w_pps, "pos/s", baseline=b_pps, ratio=w_pps / b_pps),
         result("worker", f"cpu_us_per_position_k{k}", w_us, "us", baseline=b_us, ratio=b_us / w_us),
         result("worker", f"decode_only_cpu_us_per_position_k{k}", d_us, "us"),
-        result("worker", f"client_parse_cpu_us_per_position_k{k}", p_us, "us", baseline=d_us),
-        result("worker", f"cpu_over_decode_k{k}", over, "x", baseline=1.25, ratio=1.25 / over),
+        result(
+            "worker",
+            f"client_parse_cpu_us_per_position_k{k}",
+            p_us,
+            "us",
+            baseline=target,
+            ratio=target / p_us if target else None,
+        ),
+        result("worker", f"client_parse_over_decode_k{k}", p_us / d_us, "x", baseline=1.0, ratio=d_us / p_us),
+        result(
+            "worker",
+            f"binary_parse_cpu_us_per_position_k{k}",
+            bin_us,
+            "us",
+            baseline=BINARY_PARSE_TARGET_US,
+            ratio=BINARY_PARSE_TARGET_US / bin_us,
+        ),
+        result("worker", f"cpu_over_decode_k{k}", over, "x", baseline=1.0, ratio=1.0 / over),
         result("worker", f"body_bytes_k{k}", float(body_bytes), "B"),
     ]
 

@@ -4,6 +4,7 @@ directly in torch, batching, the official openai client, the TeacherClient, and 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import signal
 import subprocess
 import sys
@@ -310,3 +311,14 @@ async def test_echo_with_max_tokens_0_scores_the_prompt_like_vllm(
     status, got = await post(server.url + "/v1/completions", {**body, "max_tokens": 1})
     assert status == 200 and got["choices"][0]["text"].startswith(tok.decode(ids))
     assert len(got["choices"][0]["logprobs"]["tokens"]) == len(ids) + 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_engine_vllm_without_vllm_exits_2_naming_the_install(teacher_path: Path) -> None:
+    argv = ["teacher", "--engine", "vllm", "--model", str(teacher_path), "--port", str(free_port())]
+    proc = subprocess.run(
+        [sys.executable, "-m", "workers.cli", *argv], env=env_without_proxy(), capture_output=True, text=True,
+        cwd=Path(__file__).resolve().parents[1], timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "pip install 'gkd-pipeline[vllm]'" in proc.stderr and "Traceback" not in proc.stderr

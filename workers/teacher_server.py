@@ -6,7 +6,9 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
+from pipeline.errors import SettingsError
 from pipeline.serve.server import TeacherServerSettings, serve
+from pipeline.serve.vllm_engine import require_vllm
 from pipeline.settings import parse, redacted
 
 log = logging.getLogger("gkd.teacher.server")
@@ -17,7 +19,7 @@ def main(argv: Sequence[str]) -> int:
         TeacherServerSettings,
         argv,
         prog="gkd teacher",
-        description="Serve a Hugging Face causal LM with vLLM's prompt_logprobs API.",
+        description="Serve a causal LM with vLLM's prompt_logprobs API (on transformers or vLLM's engine).",
     )
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -25,6 +27,12 @@ def main(argv: Sequence[str]) -> int:
     if not settings.model:
         log.error("gkd teacher: expected --model PATH_OR_HF_ID (or GKD_MODEL), got none")
         return 2
+    if settings.engine == "vllm":
+        try:
+            require_vllm()
+        except SettingsError as exc:
+            log.error("gkd teacher: %s", exc)
+            return 2
     log.info("settings: %s", redacted(settings))
     asyncio.run(serve(settings))
     return 0

@@ -29,7 +29,7 @@ from aiohttp import web
 from pipeline.errors import ApiError
 from pipeline.serve.api import render_binary, render_choice, validate_completion
 from pipeline.serve.batcher import Batcher, BatcherConfig
-from pipeline.serve.vllm_engine import VllmEngine, require_vllm
+from pipeline.serve.vllm_engine import VllmEngine
 from pipeline.settings import setting
 from pipeline.teacher import vllm
 from pipeline.teacher.binary import BINARY
@@ -48,7 +48,9 @@ class TeacherServerSettings:
         "pip install 'gkd-pipeline[vllm]').",
         choices=("transformers", "vllm"),
     )
-    device: str = setting("cpu", "Torch device: cpu, cuda or cuda:N.")
+    device: str = setting(
+        "cpu", "Torch device: cpu, cuda or cuda:N (--engine vllm: vLLM picks its platform)."
+    )
     dtype: str = setting("float32", "Model dtype.", choices=("float32", "bfloat16", "float16"))
     max_logprobs: int = setting(64, "Largest prompt_logprobs/logprobs k a request may ask for (like vLLM's).")
     host: str = setting("127.0.0.1", "Address to bind (loopback unless told otherwise).")
@@ -290,9 +292,7 @@ def set_threads(settings: TeacherServerSettings) -> int:
 
 async def serve(settings: TeacherServerSettings) -> None:
     """Run until SIGINT/SIGTERM."""
-    if settings.engine == "vllm":
-        require_vllm()  # a clear error before loading anything
-    else:
+    if settings.engine != "vllm":  # vLLM's engine core sets its own threads
         set_threads(settings)
     running = await start_server(settings)
     log.info(

@@ -1,5 +1,7 @@
-"""Teacher clients: one module per protocol (vllm, sglang), transport (http), balancing and breakers
-(endpoints), start-up checks (startup), validation of returned rows (rows), and the client (client)."""
+"""Teacher clients: one object per protocol (vllm.VLLM, sglang.SglangProtocol, binary.BINARY; their base
+in protocol), shared by the client that parses with them and the servers and test doubles that render
+with them; transport (http), balancing and breakers (endpoints), start-up checks (startup), validation of
+returned rows (rows), and the client (client)."""
 
 from __future__ import annotations
 

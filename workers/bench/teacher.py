@@ -102,16 +102,19 @@ def _start(server: str, model: Path, log: Path) -> tuple[subprocess.Popen[bytes]
 def _measure(
     server: str, args: argparse.Namespace, redis_url: str, model: Path, log: Path
 ) -> list[dict[str, Any]]:
-    rng = np.random.default_rng(0)
-    tokens = [rng.integers(3, 320, size=args.t).astype(np.int32) for _ in range(args.rollouts)]
+    def tokens(seed: int, n: int) -> list[np.ndarray]:  # new sequences per run: nothing to find in a cache
+        rng = np.random.default_rng(seed)
+        return [rng.integers(3, 320, size=args.t).astype(np.int32) for _ in range(n)]
+
     proc, url = _start(server, model, log)
     rows = []
     try:
-        asyncio.run(run_worker(redis_url, url, tokens[:8], 8, 20, args.concurrency))  # warm-up
+        asyncio.run(run_worker(redis_url, url, tokens(0, 8), 8, 20, args.concurrency))  # warm-up
         for k in args.k:
             c0 = _tree_cpu_s(proc.pid)
+            batch = tokens(k, args.rollouts)
             wall, worker_cpu = asyncio.run(
-                run_worker(redis_url, url, tokens, args.rollouts, k, args.concurrency)
+                run_worker(redis_url, url, batch, args.rollouts, k, args.concurrency)
             )
             server_cpu = _tree_cpu_s(proc.pid) - c0
             positions = args.rollouts * (args.t - 1)

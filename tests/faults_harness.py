@@ -89,7 +89,7 @@ async def produce(
     """Add `items` to the rollouts stream in batches, waiting for room above the high-water mark like
     `gkd rollouts` does. Returns how many were acknowledged by Redis."""
     await ensure_groups(r, keys)
-    bp = Backpressure(r, keys, "rollouts", marks or WaterMarks())
+    bp = Backpressure(r, keys.rollouts, marks or WaterMarks())
     done = 0
     for i in range(0, len(items), batch):
         if stop is not None and stop.is_set():
@@ -441,13 +441,13 @@ async def stream_entries(r: aioredis.Redis, stream: str) -> list[dict[str, bytes
 async def dead_letters(r: aioredis.Redis, keys: RunKeys) -> dict[str, list[tuple[str, str]]]:
     """rollout id -> [(stage, reason)] of the dead stream."""
     out: dict[str, list[tuple[str, str]]] = collections.defaultdict(list)
-    for e in await stream_entries(r, keys.dead):
+    for e in await stream_entries(r, keys.dead.key):
         out[e["id"].decode()].append((e["stage"].decode(), e["reason"].decode(errors="replace")))
     return dict(out)
 
 
 async def ready_ids(r: aioredis.Redis, keys: RunKeys) -> collections.Counter[str]:
-    return collections.Counter(e["id"].decode() for e in await stream_entries(r, keys.ready))
+    return collections.Counter(e["id"].decode() for e in await stream_entries(r, keys.ready.key))
 
 
 def trained_steps(sample_log: Path) -> dict[tuple[int, int], list[str]]:

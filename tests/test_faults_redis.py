@@ -106,7 +106,7 @@ async def _run_pipeline_through_redis_crashes(
             for name in ("w0", "w1"):
                 codes[name] = await procs.wait(name, 60)
             seen, dead = await _ledger(r, keys, sample_log)
-            assert int(await r.xlen(keys.rollouts)) == 0 and int(await r.xlen(keys.ready)) == 0
+            assert int(await r.xlen(keys.rollouts.key)) == 0 and int(await r.xlen(keys.ready.key)) == 0
             return seen, dead, codes
         finally:
             await r.aclose()
@@ -227,7 +227,7 @@ async def test_producer_batch_whose_reply_was_lost_is_not_written_twice(
         assert proxy.dropped == 1, "the proxy never saw a rollout batch"
         r = connect(redis_url)
         try:
-            entries: Any = await r.xrange(keys.rollouts)
+            entries: Any = await r.xrange(keys.rollouts.key)
             ids = collections.Counter(e[1][b"id"] for e in entries)
         finally:
             await r.aclose()

@@ -51,8 +51,8 @@ PERMANENT = {
 
 
 async def _settled(r: aioredis.Redis, keys: RunKeys, n: int) -> bool:
-    done = int(await r.xlen(keys.ready)) + int(await r.xlen(keys.dead))
-    return done >= n and int(await r.xlen(keys.rollouts)) == 0
+    done = int(await r.xlen(keys.ready.key)) + int(await r.xlen(keys.dead.key))
+    return done >= n and int(await r.xlen(keys.rollouts.key)) == 0
 
 
 async def _stop(procs: Procs, *names: str) -> dict[str, int]:
@@ -95,7 +95,7 @@ async def test_transient_faults_retry_to_the_right_answer_and_permanent_ones_dea
                 assert stage == "teacher" and PERMANENT[fault] in reason, (fault, reason)
             elif fault in TRANSIENT:
                 assert fake.attempts[i] == TRANSIENT[fault] + 1, (fault, fake.attempts[i])
-        for e in await stream_entries(r, keys.ready):
+        for e in await stream_entries(r, keys.ready.key):
             assert check_scores(fake, e["data"]) == e["id"].decode()
     finally:
         await fake.stop()
@@ -114,8 +114,8 @@ async def test_k_above_the_teachers_maximum_refuses_to_start_and_touches_nothing
         log = procs.tail("w0")
         assert rc == 2, log
         assert "max-logprobs" in log and "greater than max allowed: 2" in log, log
-        assert int(await r.xlen(keys.rollouts)) == 5
-        pending: Any = await r.xpending(keys.rollouts, "teachers")
+        assert int(await r.xlen(keys.rollouts.key)) == 5
+        pending: Any = await r.xpending(keys.rollouts.key, "teachers")
         assert pending["pending"] == 0
     finally:
         await fake.stop()
@@ -153,7 +153,7 @@ async def test_one_of_two_teachers_down_fails_over_opens_its_breaker_and_recover
         result = await outcome(r, keys, [rid for rid, _ in items])
         result.assert_exactly_once("ready")
         assert not result.dead, result.dead
-        for e in await stream_entries(r, keys.ready):
+        for e in await stream_entries(r, keys.ready.key):
             assert check_scores(tb, e["data"]) == e["id"].decode()
     finally:
         await ta.stop()
@@ -175,7 +175,7 @@ async def test_all_teachers_down_keeps_rollouts_and_finishes_when_one_returns(
         items = rollouts(30, "out")
         await add_rollouts(r, keys, items)
         await asyncio.sleep(4.0)  # well past the 1.5 s lease: nothing may be lost or dead meanwhile
-        assert int(await r.xlen(keys.dead)) == 0 and int(await r.xlen(keys.ready)) == 0
+        assert int(await r.xlen(keys.dead.key)) == 0 and int(await r.xlen(keys.ready.key)) == 0
         await ta.start(ta.port)
         await wait_until(lambda: _settled(r, keys, len(items)), 60, "recovery", procs=procs, alive=["w0"])
         assert (await _stop(procs, "w0")) == {"w0": 0}
@@ -224,7 +224,7 @@ async def test_long_random_teacher_faults_and_flapping_endpoints(
         result = await outcome(r, keys, [rid for rid, _ in items])
         result.assert_exactly_once("ready")
         assert set(result.dead) == {items[i][0] for i in permanent}, result.summary("ready")
-        for e in await stream_entries(r, keys.ready):
+        for e in await stream_entries(r, keys.ready.key):
             assert check_scores(teachers[0], e["data"]) == e["id"].decode()
     finally:
         for t in teachers:

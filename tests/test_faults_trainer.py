@@ -54,7 +54,7 @@ async def teacher():  # type: ignore[no-untyped-def]
 
 
 async def _done(r: aioredis.Redis, keys: RunKeys, sample_log: Path, n: int) -> bool:
-    return sample_log_count(sample_log) + int(await r.xlen(keys.dead)) >= n
+    return sample_log_count(sample_log) + int(await r.xlen(keys.dead.key)) >= n
 
 
 async def _stop(procs: Procs, names: list[str]) -> dict[str, int]:
@@ -102,7 +102,7 @@ async def test_trainer_kill_9_and_resume_trains_every_sample_exactly_once(
     # The killed runs really lost steps past their checkpoints, which the resumed runs trained again.
     logged = len(sample_log.read_text().splitlines())
     assert logged > len(steps), f"{logged} step lines, {len(steps)} kept: no kill discarded a step"
-    assert int(await r.xlen(keys.ready)) == 0 and int(await r.xlen(keys.rollouts)) == 0
+    assert int(await r.xlen(keys.ready.key)) == 0 and int(await r.xlen(keys.rollouts.key)) == 0
 
 
 async def test_stalled_trainer_bounds_ready_and_redis_memory_then_everything_resumes(
@@ -128,8 +128,8 @@ async def test_stalled_trainer_bounds_ready_and_redis_memory_then_everything_res
 
     async def sampler() -> None:  # from the first rollout until the trainer resumes
         while sampling.is_set():
-            peak["ready"] = max(peak["ready"], int(await r.xlen(keys.ready)))
-            peak["rollouts"] = max(peak["rollouts"], int(await r.xlen(keys.rollouts)))
+            peak["ready"] = max(peak["ready"], int(await r.xlen(keys.ready.key)))
+            peak["rollouts"] = max(peak["rollouts"], int(await r.xlen(keys.rollouts.key)))
             peak["memory"] = max(peak["memory"], await used_memory(r))
             await asyncio.sleep(0.05)
 
@@ -147,7 +147,7 @@ async def test_stalled_trainer_bounds_ready_and_redis_memory_then_everything_res
 
     async def quiet() -> bool:
         nonlocal last, still_since
-        now = (int(await r.xlen(keys.ready)), int(await r.xlen(keys.rollouts)), teacher.scored)
+        now = (int(await r.xlen(keys.ready.key)), int(await r.xlen(keys.rollouts.key)), teacher.scored)
         if now != last:
             last, still_since = now, asyncio.get_running_loop().time()
         return asyncio.get_running_loop().time() - still_since > 3.0
@@ -204,7 +204,7 @@ async def test_malformed_ready_samples_go_to_dead_and_training_goes_on(
     # Put samples into ready the way workers do (add rollouts, hand off), bad ones in the middle.
     mixed = good[:30] + bad + good[30:]
     await add_rollouts(r, keys, [(rid, b"x") for rid, _ in mixed])
-    consumer = StreamConsumer(r, keys, "rollouts", "filler")
+    consumer = StreamConsumer(r, keys.rollouts, "filler")
     by_id = dict(mixed)
     got = await consumer.read(len(mixed), block_ms=100)
     await consumer.handoff(keys.ready, [(e, by_id[e.id], 1) for e in got])

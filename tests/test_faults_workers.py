@@ -50,13 +50,13 @@ STARTED = "concurrency "
 
 
 async def _pending(r: aioredis.Redis, keys: RunKeys, consumer: str) -> list[dict[str, Any]]:
-    return await r.xpending_range(keys.rollouts, TEACHERS_GROUP, "-", "+", 10_000, consumername=consumer)
+    return await r.xpending_range(keys.rollouts.key, TEACHERS_GROUP, "-", "+", 10_000, consumername=consumer)
 
 
 async def _settled(r: aioredis.Redis, keys: RunKeys, n: int) -> bool:
     """Every one of `n` produced rollouts is in ready or dead, and the rollouts stream is empty."""
-    done = int(await r.xlen(keys.ready)) + int(await r.xlen(keys.dead))
-    return done >= n and int(await r.xlen(keys.rollouts)) == 0
+    done = int(await r.xlen(keys.ready.key)) + int(await r.xlen(keys.dead.key))
+    return done >= n and int(await r.xlen(keys.rollouts.key)) == 0
 
 
 async def _stop_all(procs: Procs, names: list[str]) -> dict[str, int]:
@@ -74,7 +74,7 @@ async def _started(procs: Procs, names: list[str], timeout_s: float = 60) -> Non
 
 
 async def _verify_ready(r: aioredis.Redis, keys: RunKeys, fake: FaultyTeacher) -> None:
-    for e in await stream_entries(r, keys.ready):
+    for e in await stream_entries(r, keys.ready.key):
         assert check_scores(fake, e["data"]) == e["id"].decode()
 
 
@@ -165,7 +165,7 @@ async def test_kill_9_at_every_phase_and_a_lease_takeover_lose_and_duplicate_not
         async def unpause() -> None:
             await r.client_unpause()  # the new w0 needs writes to start
             # The dead w0's handoff never ran: what it held is still pending, unpublished.
-            pend: Any = await r.xpending_range(keys.rollouts, TEACHERS_GROUP, "-", "+", 10_000)
+            pend: Any = await r.xpending_range(keys.rollouts.key, TEACHERS_GROUP, "-", "+", 10_000)
             still_pending.update(p["message_id"] for p in pend)
 
         held = await restart_w0(then=unpause)
@@ -174,9 +174,9 @@ async def test_kill_9_at_every_phase_and_a_lease_takeover_lose_and_duplicate_not
         await r.client_unpause()
 
     # 4. Right after a handoff (publish + ack + delete are one script: nothing falls between them).
-    before = int(await r.xlen(keys.ready))
+    before = int(await r.xlen(keys.ready.key))
     await add(30)
-    await wait_until(lambda: _grew(r, keys.ready, before), 30, "a handoff")
+    await wait_until(lambda: _grew(r, keys.ready.key, before), 30, "a handoff")
     await restart_w0()
 
     # 5. Lease takeover: w0 stalls mid-call past its lease; w1 reclaims and publishes; w0 resumes and must
@@ -213,7 +213,7 @@ async def test_kill_9_at_every_phase_and_a_lease_takeover_lose_and_duplicate_not
     result.assert_exactly_once("ready")
     assert not result.dead, result.dead
     await _verify_ready(r, keys, ta)
-    assert int(await r.xlen(keys.rollouts)) == 0
+    assert int(await r.xlen(keys.rollouts.key)) == 0
 
 
 async def _grew(r: aioredis.Redis, stream: str, before: int) -> bool:
@@ -252,7 +252,7 @@ async def test_sigterm_mid_batch_exits_0_and_loses_nothing(
         assert released and int(released[-1]) == len(left) >= 4, (released, len(left), log[-2000:])
         assert all(int(p["time_since_delivered"]) >= 1500 and p["times_delivered"] == 0 for p in left), left
     else:
-        assert not left and int(await r.xlen(keys.ready)) >= held, (held, left)
+        assert not left and int(await r.xlen(keys.ready.key)) >= held, (held, left)
     ta.gate.set()
     procs.spawn("w1", worker_cmd(redis_url, keys.run, [tb.url], "w1"))
     await wait_until(lambda: _settled(r, keys, len(items)), 60, "w1 to finish", procs=procs, alive=["w1"])
@@ -291,7 +291,7 @@ async def test_poison_rollout_that_kills_its_worker_ends_in_dead_while_others_fl
 
         async def poison_dead() -> bool:
             nonlocal kills, calls_at_kill
-            if any(e["id"].decode() == poison_id for e in await stream_entries(r, keys.dead)):
+            if any(e["id"].decode() == poison_id for e in await stream_entries(r, keys.dead.key)):
                 return True
             if fake.attempts[poison] == calls_at_kill:
                 return False  # no worker is processing the poison right now
@@ -319,7 +319,7 @@ async def test_poison_rollout_that_kills_its_worker_ends_in_dead_while_others_fl
         ((stage, reason),) = result.dead[poison_id]
         assert stage == "teacher" and "max_deliveries=3" in reason, reason
         assert kills == 3, f"expected 3 crashes before the 4th delivery dead-letters it, got {kills}"
-        dead = (await stream_entries(r, keys.dead))[0]
+        dead = (await stream_entries(r, keys.dead.key))[0]
         assert dead["data"] == items[poison][1] and int(dead["deliveries"]) == 4
         await _verify_ready(r, keys, fake)
     finally:
@@ -327,7 +327,7 @@ async def test_poison_rollout_that_kills_its_worker_ends_in_dead_while_others_fl
 
 
 async def _is(r: aioredis.Redis, keys: RunKeys, sid: bytes, rid: str) -> bool:
-    got: Any = await r.xrange(keys.rollouts, min=sid, max=sid)
+    got: Any = await r.xrange(keys.rollouts.key, min=sid, max=sid)
     return bool(got) and got[0][1][b"id"].decode() == rid
 
 
@@ -386,7 +386,7 @@ async def test_malformed_rollouts_go_to_dead_and_no_process_crashes(
         for name, (_, field) in bad.items():
             ((stage, reason),) = result.dead[f"bad-{name}"]
             assert stage == "decode" and reason.startswith(f"{field}:"), (name, stage, reason)
-        originals = {e["id"].decode(): e["data"] for e in await stream_entries(r, keys.dead)}
+        originals = {e["id"].decode(): e["data"] for e in await stream_entries(r, keys.dead.key)}
         assert all(originals[f"bad-{n}"] == p for n, (p, _) in bad.items()), "dead keeps the original payload"
         await _verify_ready(r, keys, fake)
     finally:
@@ -415,7 +415,7 @@ async def test_rollout_with_a_huge_meta_map_is_scored_or_dead_never_held_forever
         result = await outcome(r, keys, [rid for rid, _ in items])
         result.assert_exactly_once("ready")
         assert not result.dead, result.dead
-        (big,) = [e for e in await stream_entries(r, keys.ready) if e["id"] == b"big-meta"]
+        (big,) = [e for e in await stream_entries(r, keys.ready.key) if e["id"] == b"big-meta"]
         assert decode_scored(big["data"]).rollout.meta == obj["meta"]
         await _verify_ready(r, keys, fake)
     finally:

@@ -61,7 +61,7 @@ def settings(url: str, run: str, prompts: str, student: str, **kw: Any) -> Rollo
 
 async def stream(r: aioredis.Redis, keys: RunKeys) -> list[Rollout]:
     out = []
-    entries: Any = await r.xrange(keys.rollouts)
+    entries: Any = await r.xrange(keys.rollouts.key)
     for _, fields in entries:
         ro = decode_rollout(fields[b"data"])
         assert fields[b"id"].decode() == ro.id
@@ -221,17 +221,17 @@ async def test_producer_pauses_at_the_high_water_mark(
         return await r.hget(keys.worker("rollouts"), "paused") == b"1"
 
     await until(paused, "the producer to pause")
-    assert 6 <= await r.xlen(keys.rollouts) <= 6 + 2 - 1  # overshoot below one batch
-    teachers = StreamConsumer(r, keys, "rollouts", "teacher")
+    assert 6 <= await r.xlen(keys.rollouts.key) <= 6 + 2 - 1  # overshoot below one batch
+    teachers = StreamConsumer(r, keys.rollouts, "teacher")
     consumed, highest = 0, 0
     while consumed < 20:
         got = await teachers.read(1, block_ms=2000)
         assert got, "the producer did not resume below the low-water mark"
         await teachers.ack(got)
         consumed += len(got)
-        highest = max(highest, await r.xlen(keys.rollouts))
+        highest = max(highest, await r.xlen(keys.rollouts.key))
     summary = await asyncio.wait_for(task, 60)
-    assert summary.produced == 20 and highest <= 7 and await r.xlen(keys.rollouts) == 0
+    assert summary.produced == 20 and highest <= 7 and await r.xlen(keys.rollouts.key) == 0
 
 
 async def test_producer_carries_on_through_a_redis_restart(
@@ -267,7 +267,7 @@ async def test_producer_carries_on_through_a_redis_restart(
         except RedisUnavailable:
             pass
     await ensure_groups(r, keys)
-    teachers = StreamConsumer(r, keys, "rollouts", "teacher")
+    teachers = StreamConsumer(r, keys.rollouts, "teacher")
     consumed = 0
     while not task.done():
         got = await teachers.read(10, block_ms=200)
@@ -302,7 +302,7 @@ async def test_reload_on_a_new_policy_version(
     new = perturbed_checkpoint(student, tmp_path / "step-7", seed=0)
     stop, task = running(s)
     await ensure_groups(r, keys)  # the test may read before the producer has started
-    teachers = StreamConsumer(r, keys, "rollouts", "teacher")
+    teachers = StreamConsumer(r, keys.rollouts, "teacher")
     seen: list[Rollout] = []
     while sum(ro.policy_version == 7 for ro in seen) < 4:
         got = await teachers.read(1, block_ms=5000)
@@ -399,7 +399,7 @@ async def test_student_server_generates_and_reloads(
     new = perturbed_checkpoint(student, tmp_path / "step-3", seed=1)
     stop, task = running(s)
     await ensure_groups(r, keys)  # the test may read before the producer has started
-    teachers = StreamConsumer(r, keys, "rollouts", "teacher")
+    teachers = StreamConsumer(r, keys.rollouts, "teacher")
     seen: list[Rollout] = []
     while sum(ro.policy_version == 3 for ro in seen) < 2:
         got = await teachers.read(2, block_ms=5000)

@@ -8,7 +8,6 @@ import pytest
 import redis.asyncio as aioredis
 
 from pipeline.errors import ConfigMismatch
-from pipeline.queue import schema as K
 from pipeline.queue.backpressure import Backpressure, WaterMarks
 from pipeline.queue.lease import StreamConsumer
 from pipeline.queue.runstate import (
@@ -21,7 +20,7 @@ from pipeline.queue.runstate import (
     read_policy,
     read_stats,
 )
-from pipeline.queue.schema import RunKeys, Stat
+from pipeline.queue.schema import HB, RunKeys, Stat
 from pipeline.queue.streams import add_rollouts, ensure_groups
 
 
@@ -30,14 +29,14 @@ async def test_backpressure_blocks_above_high_and_releases_below_low(
 ) -> None:
     await ensure_groups(r, keys)
     marks = WaterMarks(high_entries=10, low_entries=4, high_bytes=10**9, low_bytes=10**9)
-    bp = Backpressure(r, keys, "rollouts", marks, poll_s=0.01, max_poll_s=0.02)
+    bp = Backpressure(r, keys.rollouts, marks, poll_s=0.01, max_poll_s=0.02)
     await add_rollouts(r, keys, [(f"r{i}", b"x") for i in range(9)])
     assert await bp.wait_for_room() == 0.0  # 9 < high: no wait
     await add_rollouts(r, keys, [("r9", b"x")])
     waiter = asyncio.create_task(bp.wait_for_room())
     await asyncio.sleep(0.05)
     assert bp.paused and not waiter.done()
-    consumer = StreamConsumer(r, keys, "rollouts", "c")
+    consumer = StreamConsumer(r, keys.rollouts, "c")
     entries = await consumer.read(count=10, block_ms=100)
     for n_left in (8, 6, 5):
         await consumer.ack(entries[: 10 - n_left])
@@ -46,20 +45,20 @@ async def test_backpressure_blocks_above_high_and_releases_below_low(
         assert bp.paused
     await consumer.ack(entries[:6])  # 4 left = low mark
     waited = await asyncio.wait_for(waiter, timeout=5)
-    assert waited > 0 and not bp.paused and await r.xlen(keys.rollouts) == 4
+    assert waited > 0 and not bp.paused and await r.xlen(keys.rollouts.key) == 4
 
 
 async def test_backpressure_counts_bytes(r: aioredis.Redis, keys: RunKeys) -> None:
     await ensure_groups(r, keys)
     marks = WaterMarks(high_entries=1000, low_entries=500, high_bytes=1000, low_bytes=100)
-    bp = Backpressure(r, keys, "rollouts", marks, poll_s=0.01, max_poll_s=0.02)
+    bp = Backpressure(r, keys.rollouts, marks, poll_s=0.01, max_poll_s=0.02)
     await add_rollouts(r, keys, [("a", b"x" * 600), ("b", b"y" * 600)])
     assert await bp.level() == (2, 1200)
     stop = asyncio.Event()
     waiter = asyncio.create_task(bp.wait_for_room(stop))
     await asyncio.sleep(0.05)
     assert bp.paused
-    consumer = StreamConsumer(r, keys, "rollouts", "c")
+    consumer = StreamConsumer(r, keys.rollouts, "c")
     got = await consumer.read(count=2, block_ms=100)
     await consumer.ack(got[:1])  # 600 bytes left: still above low (100)
     await asyncio.sleep(0.08)
@@ -71,7 +70,7 @@ async def test_backpressure_counts_bytes(r: aioredis.Redis, keys: RunKeys) -> No
 
 async def test_backpressure_wait_ends_when_stopping(r: aioredis.Redis, keys: RunKeys) -> None:
     await ensure_groups(r, keys)
-    bp = Backpressure(r, keys, "rollouts", WaterMarks(high_entries=1, low_entries=0), poll_s=0.01)
+    bp = Backpressure(r, keys.rollouts, WaterMarks(high_entries=1, low_entries=0), poll_s=0.01)
     await add_rollouts(r, keys, [("a", b"x")])
     stop = asyncio.Event()
     waiter = asyncio.create_task(bp.wait_for_room(stop))
@@ -89,9 +88,9 @@ def test_water_marks_validate() -> None:
 
 async def test_heartbeats_are_listed_then_expire(r: aioredis.Redis, keys: RunKeys) -> None:
     await Heartbeat(
-        r, keys, "w1", "worker", ttl_ms=200, fields=lambda: {K.HB_IN_FLIGHT: 3, "positions": 10}
+        r, keys, "w1", "worker", ttl_ms=200, fields=lambda: {HB.IN_FLIGHT: 3, "positions": 10}
     ).beat()
-    await Heartbeat(r, keys, "t0", "trainer", ttl_ms=5000, fields=lambda: {K.HB_IN_FLIGHT: 0}).beat()
+    await Heartbeat(r, keys, "t0", "trainer", ttl_ms=5000, fields=lambda: {HB.IN_FLIGHT: 0}).beat()
     live = await live_workers(r, keys)
     assert set(live) == {"w1", "t0"}
     assert (
@@ -104,7 +103,7 @@ async def test_heartbeats_are_listed_then_expire(r: aioredis.Redis, keys: RunKey
 
 async def test_heartbeats_of_other_runs_are_not_listed(r: aioredis.Redis, keys: RunKeys) -> None:
     other = RunKeys.for_run("other")
-    await Heartbeat(r, other, "w9", "worker", ttl_ms=5000, fields=lambda: {K.HB_IN_FLIGHT: 0}).beat()
+    await Heartbeat(r, other, "w9", "worker", ttl_ms=5000, fields=lambda: {HB.IN_FLIGHT: 0}).beat()
     assert await live_workers(r, keys) == {}
 
 

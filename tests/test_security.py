@@ -188,7 +188,7 @@ async def _add_read_handoff(r: aioredis.Redis) -> None:
     """The streams core end to end over `r`: add, read, hand off to ready, read from ready."""
     await ensure_groups(r, RUN)
     await add_rollouts(r, RUN, [_rollout(i) for i in range(3)])
-    worker = StreamConsumer(r, RUN, "rollouts", "w1", lease_ms=10_000)
+    worker = StreamConsumer(r, RUN.rollouts, "w1", lease_ms=10_000)
     entries = await worker.read(10, block_ms=100)
     assert [e.id for e in entries] == ["r0", "r1", "r2"]
     results = []
@@ -198,10 +198,10 @@ async def _add_read_handoff(r: aioredis.Redis) -> None:
         s = ScoredSample(ro, np.zeros((rows, 2), np.int32), np.zeros((rows, 2), np.float16), "t", 2)
         results.append((e, encode_scored(s), rows))
     assert await worker.handoff(RUN.ready, results) == [True, True, True]
-    trainer = StreamConsumer(r, RUN, "ready", "t1")
+    trainer = StreamConsumer(r, RUN.ready, "t1")
     got = await trainer.read(10, block_ms=100)
     assert [decode_scored(e.data).rollout.id for e in got] == ["r0", "r1", "r2"]
-    assert await r.xlen(RUN.rollouts) == 0
+    assert await r.xlen(RUN.rollouts.key) == 0
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +225,7 @@ async def test_wrong_or_missing_redis_password_fails_clearly(password_redis: Red
     r = connect(f"redis://{auth}127.0.0.1:{password_redis.port}/0")
     try:
         with pytest.raises(RedisAuthError) as info:
-            await r.xlen(RUN.rollouts)
+            await r.xlen(RUN.rollouts.key)
         text = str(info.value).lower()
         assert "password" in text or "auth" in text, f"unclear error: {info.value}"
     finally:
@@ -349,7 +349,7 @@ async def test_api_key_and_redis_password_never_appear_in_logs_or_redis(
 
         async def all_scored() -> bool:
             assert proc.poll() is None, log_path.read_text()[-3000:]
-            return int(await r.xlen(RUN.ready)) == 5
+            return int(await r.xlen(RUN.ready.key)) == 5
 
         await _wait_for(all_scored, 60, "5 rollouts scored")
         proc.send_signal(signal.SIGTERM)

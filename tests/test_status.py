@@ -13,12 +13,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from pipeline.local.redis_server import RedisServer, env_without_proxy, free_port
-from pipeline.queue import schema as K
 from pipeline.queue.connection import connect_sync
 from pipeline.queue.lease import StreamConsumer
 from pipeline.queue.report import build_report, take_sample
 from pipeline.queue.runstate import Heartbeat, check_run_config, incr_stats, publish_policy
-from pipeline.queue.schema import RunKeys, Stat
+from pipeline.queue.schema import HB, RunKeys, Stat
 from pipeline.queue.streams import add_rollouts, ensure_groups
 from workers import status
 
@@ -40,20 +39,20 @@ async def populate(r: aioredis.Redis, keys: RunKeys) -> None:
     """10 rollouts: 2 scored, 2 dead, 1 pending with w1, 5 waiting; 1 of 2 ready samples read by t0."""
     await ensure_groups(r, keys)
     await add_rollouts(r, keys, [(f"r{i}", bytes([i]) * ROLLOUT_BYTES) for i in range(10)])
-    w1 = StreamConsumer(r, keys, "rollouts", "w1")
+    w1 = StreamConsumer(r, keys.rollouts, "w1")
     got = await w1.read(count=5, block_ms=100)
     assert await w1.handoff(keys.ready, [(e, b"s" * SCORED_BYTES, 7) for e in got[:2]]) == [True, True]
     assert await w1.dead_letter(got[2], "teacher", "HTTP 400: first reason")
     assert await w1.dead_letter(got[3], "decode", "latest reason: bad\ntensor")
-    t0 = StreamConsumer(r, keys, "ready", "t0")
+    t0 = StreamConsumer(r, keys.ready, "t0")
     assert len(await t0.read(count=1, block_ms=100)) == 1
     await incr_stats(r, keys, COUNTERS)
     lat1 = {"latency_p50_ms": 40.0, "latency_p95_ms": 90.0, "paused": 0}
-    await Heartbeat(r, keys, "w1", "worker", ttl_ms=60_000, fields=lambda: {K.HB_IN_FLIGHT: 3, **lat1}).beat()
+    await Heartbeat(r, keys, "w1", "worker", ttl_ms=60_000, fields=lambda: {HB.IN_FLIGHT: 3, **lat1}).beat()
     lat2 = {"latency_p50_ms": 60.0, "latency_p95_ms": 80, "paused": 1}  # an int parses too
-    await Heartbeat(r, keys, "w2", "worker", ttl_ms=60_000, fields=lambda: {K.HB_IN_FLIGHT: 0, **lat2}).beat()
+    await Heartbeat(r, keys, "w2", "worker", ttl_ms=60_000, fields=lambda: {HB.IN_FLIGHT: 0, **lat2}).beat()
     await Heartbeat(
-        r, keys, "t0", "trainer", ttl_ms=60_000, fields=lambda: {K.HB_IN_FLIGHT: 1, "step": 4}
+        r, keys, "t0", "trainer", ttl_ms=60_000, fields=lambda: {HB.IN_FLIGHT: 1, "step": 4}
     ).beat()
     await publish_policy(r, keys, 3, "/ckpt/step-3")
     await check_run_config(r, keys, {"k": 20, "loss": "tail"})

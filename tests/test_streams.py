@@ -23,37 +23,37 @@ async def produce(r: aioredis.Redis, keys: RunKeys, n: int, prefix: str = "r") -
 async def test_groups_are_created_idempotently(r: aioredis.Redis, keys: RunKeys) -> None:
     await ensure_groups(r, keys)
     await ensure_groups(r, keys)
-    groups = {g["name"] for g in await r.xinfo_groups(keys.rollouts)}
+    groups = {g["name"] for g in await r.xinfo_groups(keys.rollouts.key)}
     assert groups == {K.TEACHERS_GROUP.encode()}
-    assert {g["name"] for g in await r.xinfo_groups(keys.ready)} == {K.TRAINERS_GROUP.encode()}
+    assert {g["name"] for g in await r.xinfo_groups(keys.ready.key)} == {K.TRAINERS_GROUP.encode()}
 
 
 async def test_read_handoff_moves_and_deletes(r: aioredis.Redis, keys: RunKeys) -> None:
     await ensure_groups(r, keys)
     await produce(r, keys, 5)
-    c = StreamConsumer(r, keys, "rollouts", "w1")
+    c = StreamConsumer(r, keys.rollouts, "w1")
     got = await c.read(count=10, block_ms=100)
     assert [e.id for e in got] == [f"r{i}" for i in range(5)]
     assert got[0].data == b"payload-r0" and got[0].deliveries == 1
     flags = await c.handoff(keys.ready, [(e, b"scored-" + e.id.encode(), 7) for e in got])
     assert flags == [True] * 5
-    assert await r.xlen(keys.rollouts) == 0  # acknowledged entries are deleted
-    assert (await r.xpending(keys.rollouts, K.TEACHERS_GROUP))["pending"] == 0
-    ready = await r.xrange(keys.ready)
+    assert await r.xlen(keys.rollouts.key) == 0  # acknowledged entries are deleted
+    assert (await r.xpending(keys.rollouts.key, K.TEACHERS_GROUP))["pending"] == 0
+    ready = await r.xrange(keys.ready.key)
     assert [f[b"id"] for _, f in ready] == [f"r{i}".encode() for i in range(5)]
     assert ready[0][1][b"data"] == b"scored-r0"
     stats = await read_stats(r, keys)
     assert stats[Stat.SCORED] == 5 and stats[Stat.SCORED_POSITIONS] == 35
     assert stats[Stat.ROLLOUTS_PRODUCED] == 5
-    assert stats[Stat.bytes_in("rollouts")] == stats[Stat.bytes_out("rollouts")]
-    assert stats[Stat.bytes_in("ready")] == sum(len(b"scored-r0") for _ in range(5))
+    assert stats[keys.rollouts.bytes_in] == stats[keys.rollouts.bytes_out]
+    assert stats[keys.ready.bytes_in] == sum(len(b"scored-r0") for _ in range(5))
 
 
 async def test_consumer_whose_lease_was_taken_cannot_publish(r: aioredis.Redis, keys: RunKeys) -> None:
     await ensure_groups(r, keys)
     await produce(r, keys, 3)
-    slow = StreamConsumer(r, keys, "rollouts", "slow", lease_ms=50)
-    fast = StreamConsumer(r, keys, "rollouts", "fast", lease_ms=50)
+    slow = StreamConsumer(r, keys.rollouts, "slow", lease_ms=50)
+    fast = StreamConsumer(r, keys.rollouts, "fast", lease_ms=50)
     mine = await slow.read(count=3, block_ms=100)
     await asyncio.sleep(0.1)
     taken, over = await fast.reclaim(count=10)
@@ -64,17 +64,17 @@ async def test_consumer_whose_lease_was_taken_cannot_publish(r: aioredis.Redis, 
     assert await slow.ack(mine) == [False] * 3
     assert await slow.renew(mine) == [False] * 3
     assert await slow.dead_letter(mine[0], "teacher", "x") is False
-    assert await r.xlen(keys.ready) == 0 and await r.xlen(keys.dead) == 0
+    assert await r.xlen(keys.ready.key) == 0 and await r.xlen(keys.dead.key) == 0
     assert await fast.handoff(keys.ready, [(e, b"ok", 1) for e in taken]) == [True] * 3
-    assert await r.xlen(keys.ready) == 3  # exactly once
-    assert await r.xlen(keys.rollouts) == 0
+    assert await r.xlen(keys.ready.key) == 3  # exactly once
+    assert await r.xlen(keys.rollouts.key) == 0
 
 
 async def test_crashed_consumers_entries_are_reclaimed(r: aioredis.Redis, keys: RunKeys) -> None:
     await ensure_groups(r, keys)
     await produce(r, keys, 4)
-    crashed = StreamConsumer(r, keys, "rollouts", "crashed", lease_ms=100)
-    other = StreamConsumer(r, keys, "rollouts", "other", lease_ms=100)
+    crashed = StreamConsumer(r, keys.rollouts, "crashed", lease_ms=100)
+    other = StreamConsumer(r, keys.rollouts, "other", lease_ms=100)
     assert len(await crashed.read(count=4, block_ms=100)) == 4
     early, _ = await other.reclaim(count=10)
     assert early == []  # still within the lease
@@ -87,8 +87,8 @@ async def test_crashed_consumers_entries_are_reclaimed(r: aioredis.Redis, keys: 
 async def test_renew_keeps_a_lease_alive(r: aioredis.Redis, keys: RunKeys) -> None:
     await ensure_groups(r, keys)
     await produce(r, keys, 1)
-    a = StreamConsumer(r, keys, "rollouts", "a", lease_ms=150)
-    b = StreamConsumer(r, keys, "rollouts", "b", lease_ms=150)
+    a = StreamConsumer(r, keys.rollouts, "a", lease_ms=150)
+    b = StreamConsumer(r, keys.rollouts, "b", lease_ms=150)
     mine = await a.read(count=1, block_ms=100)
     for _ in range(4):
         await asyncio.sleep(0.08)
@@ -100,7 +100,7 @@ async def test_renew_keeps_a_lease_alive(r: aioredis.Redis, keys: RunKeys) -> No
 async def test_entry_over_delivery_limit_goes_to_dead(r: aioredis.Redis, keys: RunKeys) -> None:
     await ensure_groups(r, keys)
     await produce(r, keys, 1)
-    c = StreamConsumer(r, keys, "rollouts", "c", lease_ms=10, max_deliveries=2)
+    c = StreamConsumer(r, keys.rollouts, "c", lease_ms=10, max_deliveries=2)
     await c.read(count=1, block_ms=100)  # delivery 1, then "crash"
     await asyncio.sleep(0.03)
     ok, over = await c.reclaim(count=10)  # delivery 2: still allowed
@@ -109,38 +109,38 @@ async def test_entry_over_delivery_limit_goes_to_dead(r: aioredis.Redis, keys: R
     ok, over = await c.reclaim(count=10)
     assert ok == [] and [e.deliveries for e in over] == [3]
     assert await c.dead_letter(over[0], "teacher", "delivered 3 times (max_deliveries=2)") is True
-    dead = await r.xrange(keys.dead)
+    dead = await r.xrange(keys.dead.key)
     assert len(dead) == 1
     fields = dead[0][1]
     assert fields[b"id"] == b"r0" and fields[b"stage"] == b"teacher"
     assert fields[b"reason"].startswith(b"delivered 3 times") and fields[b"deliveries"] == b"3"
     assert fields[b"data"] == b"payload-r0"
-    assert await r.xlen(keys.rollouts) == 0
+    assert await r.xlen(keys.rollouts.key) == 0
     stats = await read_stats(r, keys)
-    assert stats[Stat.DEAD] == 1 and stats[Stat.dead_stage("rollouts")] == 1
+    assert stats[Stat.DEAD] == 1 and stats[keys.rollouts.dead_counter] == 1
 
 
 async def test_trainer_ack_deletes_only_owned(r: aioredis.Redis, keys: RunKeys) -> None:
     await ensure_groups(r, keys)
     await produce(r, keys, 2)
-    w = StreamConsumer(r, keys, "rollouts", "w")
+    w = StreamConsumer(r, keys.rollouts, "w")
     got = await w.read(count=2, block_ms=100)
     await w.handoff(keys.ready, [(e, b"s" * 10, 1) for e in got])
-    t = StreamConsumer(r, keys, "ready", "trainer-0")
+    t = StreamConsumer(r, keys.ready, "trainer-0")
     samples = await t.read(count=5, block_ms=100)
     assert len(samples) == 2 and samples[0].data == b"s" * 10
     assert await t.ack(samples) == [True, True]
-    assert await r.xlen(keys.ready) == 0
+    assert await r.xlen(keys.ready.key) == 0
     stats = await read_stats(r, keys)
-    assert stats[Stat.bytes_out("ready")] == 20
+    assert stats[keys.ready.bytes_out] == 20
 
 
 async def test_restarted_consumer_sees_its_own_pending(r: aioredis.Redis, keys: RunKeys) -> None:
     await ensure_groups(r, keys)
     await produce(r, keys, 3)
-    first = StreamConsumer(r, keys, "rollouts", "trainer-0")
+    first = StreamConsumer(r, keys.rollouts, "trainer-0")
     await first.read(count=3, block_ms=100)
-    again = StreamConsumer(r, keys, "rollouts", "trainer-0")
+    again = StreamConsumer(r, keys.rollouts, "trainer-0")
     pending, cursor = await again.read_own_pending(count=2)
     assert [e.id for e in pending] == ["r0", "r1"]
     assert cursor is not None
@@ -152,8 +152,8 @@ async def test_restarted_consumer_sees_its_own_pending(r: aioredis.Redis, keys: 
 
 def test_keys_carry_the_hash_tag() -> None:
     k = RunKeys.for_run("demo")
-    assert k.rollouts == "gkd:{demo}:rollouts" and k.ready == "gkd:{demo}:ready"
-    assert k.dead == "gkd:{demo}:dead" and k.stats == "gkd:{demo}:stats"
+    assert k.rollouts.key == "gkd:{demo}:rollouts" and k.ready.key == "gkd:{demo}:ready"
+    assert k.dead.key == "gkd:{demo}:dead" and k.stats == "gkd:{demo}:stats"
     assert k.worker("w1") == "gkd:{demo}:worker:w1" and k.policy == "gkd:{demo}:policy"
     assert k.config == "gkd:{demo}:config"
     assert k.worker_name(k.worker("a:b")) == "a:b"
@@ -172,8 +172,8 @@ async def test_released_entries_are_reclaimable_at_once_without_a_new_delivery(
 ) -> None:
     await ensure_groups(r, keys)
     await produce(r, keys, 2)
-    leaving = StreamConsumer(r, keys, "rollouts", "leaving", lease_ms=60_000)
-    staying = StreamConsumer(r, keys, "rollouts", "staying", lease_ms=60_000)
+    leaving = StreamConsumer(r, keys.rollouts, "leaving", lease_ms=60_000)
+    staying = StreamConsumer(r, keys.rollouts, "staying", lease_ms=60_000)
     mine = await leaving.read(count=2, block_ms=100)
     assert await leaving.release(mine) == [True, True]
     got, over = await staying.reclaim(count=10)

@@ -78,7 +78,7 @@ async def _fill(url: str, keys: RunKeys, samples: Sequence[ScoredSample]) -> Non
     try:
         await ensure_groups(r, keys)
         await add_rollouts(r, keys, [(s.rollout.id, encode_rollout(s.rollout)) for s in samples])
-        c = StreamConsumer(r, keys, "rollouts", "filler")
+        c = StreamConsumer(r, keys.rollouts, "filler")
         by_id = {s.rollout.id: s for s in samples}
         left = len(samples)
         while left:
@@ -225,8 +225,8 @@ def test_training_lowers_kl_to_the_teacher(
     stats = read_stats(r, keys)
     assert stats[Stat.TRAINER_STEPS] == 80 and stats[Stat.TRAINED_SAMPLES] == summary.samples
     # Trained samples were acknowledged (deleted) at the final checkpoint; the rest still wait.
-    assert r.xlen(keys.ready) == 480 - summary.samples
-    assert r.xpending(keys.ready, TRAINERS_GROUP)["pending"] <= r.xlen(keys.ready)  # read ahead, held
+    assert r.xlen(keys.ready.key) == 480 - summary.samples
+    assert r.xpending(keys.ready.key, TRAINERS_GROUP)["pending"] <= r.xlen(keys.ready.key)  # read ahead, held
     version, path = r.hget(keys.policy, "version"), r.hget(keys.policy, "checkpoint")
     assert version == b"80" and isinstance(path, bytes) and Path(path.decode()).name == "step-00000080"
 
@@ -294,7 +294,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(
     assert [x["step"] for x in kept] == list(range(1, 13))
     assert [x["ids"] for x in kept] == steps
     r = redis.Redis.from_url(redis_url)
-    assert r.xlen(keys.ready) == 0 and r.xpending(keys.ready, TRAINERS_GROUP)["pending"] == 0
+    assert r.xlen(keys.ready.key) == 0 and r.xpending(keys.ready.key, TRAINERS_GROUP)["pending"] == 0
 
 
 def test_resume_acknowledges_what_the_checkpoint_includes(
@@ -307,7 +307,7 @@ def test_resume_acknowledges_what_the_checkpoint_includes(
 
     async def read_as_trainer(n: int) -> list[tuple[str, int, str]]:
         r = connect(redis_url)
-        got = await StreamConsumer(r, keys, "ready", "trainer-0").read(n, block_ms=100)
+        got = await StreamConsumer(r, keys.ready, "trainer-0").read(n, block_ms=100)
         await r.aclose()
         return [(e.sid.decode(), len(e.data), e.id) for e in got]
 
@@ -319,9 +319,9 @@ def test_resume_acknowledges_what_the_checkpoint_includes(
     assert sorted(trained) == sorted(s.rollout.id for s in samples[15:])
     assert summary.steps > 5 and min(int(x["step"]) for x in read_log(ledger)) == 6
     r = redis.Redis.from_url(redis_url)
-    assert r.xlen(keys.ready) == 0
+    assert r.xlen(keys.ready.key) == 0
     stats = read_stats(r, keys)
-    assert stats[Stat.bytes_out("ready")] == stats[Stat.bytes_in("ready")]
+    assert stats[keys.ready.bytes_out] == stats[keys.ready.bytes_in]
 
 
 def test_stale_samples_are_skipped_and_unusable_ones_dead_lettered(
@@ -350,10 +350,10 @@ def test_stale_samples_are_skipped_and_unusable_ones_dead_lettered(
     assert sorted(trained) == sorted(s.rollout.id for s in samples[:24] if s.rollout.id not in stale)
     r = redis.Redis.from_url(redis_url)
     assert read_stats(r, keys)[Stat.STALE_SKIPPED] == len(stale) == 12
-    dead: Any = r.xrange(keys.dead)
+    dead: Any = r.xrange(keys.dead.key)
     assert [f[b"id"].decode() for _, f in dead] == [s.rollout.id for s in samples[24:]]
     assert all(f[b"stage"] == b"trainer" and b"k mismatch" in f[b"reason"] for _, f in dead)
-    assert r.xlen(keys.ready) == 0
+    assert r.xlen(keys.ready.key) == 0
 
 
 def test_a_trainer_with_another_k_is_refused(redis_url: str, models: tuple[str, str], tmp_path: Path) -> None:
@@ -401,7 +401,7 @@ def test_sigterm_checkpoints_acknowledges_and_exits_0(
     assert latest is not None and ckpt.read_state(latest).step == log[-1]["step"]
     trained = sum(len(x["ids"]) for x in log)
     r = redis.Redis.from_url(redis_url)
-    assert r.xlen(keys.ready) == 60 - trained  # trained ones acknowledged (deleted), the rest wait
+    assert r.xlen(keys.ready.key) == 60 - trained  # trained ones acknowledged (deleted), the rest wait
     assert r.hget(keys.policy, "version") == str(log[-1]["step"]).encode()
 
 
@@ -419,7 +419,9 @@ def test_a_starved_trainer_checkpoints_and_acknowledges_without_stopping(
     r = redis.Redis.from_url(redis_url)
     try:
         # Acknowledged after the checkpoint is written, then the policy is published.
-        wait_for(lambda: r.xlen(keys.ready) == 0 and r.exists(keys.policy) == 1, 60, "acks and the policy")
+        wait_for(
+            lambda: r.xlen(keys.ready.key) == 0 and r.exists(keys.policy) == 1, 60, "acks and the policy"
+        )
         assert thread.is_alive() and not done  # still running, waiting for data
         latest = ckpt.latest_checkpoint(tmp_path)
         assert latest is not None and r.hget(keys.policy, "checkpoint") == str(latest).encode()
@@ -460,7 +462,7 @@ def test_trainer_carries_on_through_a_redis_outage(
         assert done and not thread.is_alive()
         assert sorted(trained()) == sorted(x.rollout.id for x in scored[:80])
         r = redis.Redis.from_url(server.url)
-        assert r.xlen(keys.ready) == 0 and read_stats(r, keys)[Stat.TRAINED_SAMPLES] == 80
+        assert r.xlen(keys.ready.key) == 0 and read_stats(r, keys)[Stat.TRAINED_SAMPLES] == 80
     finally:
         server.cleanup()
 
@@ -514,6 +516,6 @@ def test_two_torchrun_ranks_train_on_disjoint_samples(
     assert latest is not None and ckpt.read_state(latest).step == last
     assert set(ckpt.read_state(latest).entries) == {"trainer-0", "trainer-1"}
     r = redis.Redis.from_url(redis_url)
-    assert r.xlen(keys.ready) == 0
+    assert r.xlen(keys.ready.key) == 0
     assert int(r.hget(keys.stats, Stat.TRAINED_SAMPLES) or 0) == 200
     assert int(r.hget(keys.stats, Stat.TRAINER_STEPS) or 0) == last

@@ -181,11 +181,11 @@ async def running(
 
 
 async def ready_ids(r: aioredis.Redis, keys: RunKeys) -> list[str]:
-    return [f[b"id"].decode() for f in await fields(r, keys.ready)]
+    return [f[b"id"].decode() for f in await fields(r, keys.ready.key)]
 
 
 async def dead_entries(r: aioredis.Redis, keys: RunKeys) -> list[dict[bytes, bytes]]:
-    return await fields(r, keys.dead)
+    return await fields(r, keys.dead.key)
 
 
 async def fields(r: aioredis.Redis, stream: str) -> list[dict[bytes, bytes]]:
@@ -217,16 +217,16 @@ async def test_scores_flow_and_malformed_rollout_goes_to_dead(
     await add_rollouts(r, keys, [("bad", b"\x93not a rollout")])
     await produce(r, keys, rollouts[4:])
     async with running(redis_url, keys, teacher.url, concurrency=3):
-        await wait_until(lambda: _count(r.xlen(keys.ready), 8), what="8 ready samples")
+        await wait_until(lambda: _count(r.xlen(keys.ready.key), 8), what="8 ready samples")
     by_id = {ro.id: ro for ro in rollouts}
-    ready = await fields(r, keys.ready)
+    ready = await fields(r, keys.ready.key)
     assert sorted(f[b"id"].decode() for f in ready) == sorted(by_id)
     for f in ready:
         check_sample(f[b"data"], by_id[f[b"id"].decode()])
     (dead,) = await dead_entries(r, keys)
     assert dead[b"id"] == b"bad" and dead[b"stage"] == b"decode"
     assert b"msgpack" in dead[b"reason"] and dead[b"data"] == b"\x93not a rollout"
-    assert await r.xlen(keys.rollouts) == 0
+    assert await r.xlen(keys.rollouts.key) == 0
     stats = await read_stats(r, keys)
     assert stats[Stat.SCORED] == 8 and stats[Stat.SCORED_POSITIONS] == 8 * 8
     assert stats[Stat.TEACHER_REQUESTS] >= 8 and stats[Stat.DEAD] == 1
@@ -245,14 +245,14 @@ async def test_rollout_that_cannot_be_re_encoded_is_never_held_forever(
     await produce(r, keys, [good])
     await add_rollouts(r, keys, [("r1", msgpack.packb(obj, use_bin_type=True))])
     async with running(redis_url, keys, teacher.url):
-        await wait_until(lambda: _count(r.xlen(keys.ready), 1), what="the good sample")
+        await wait_until(lambda: _count(r.xlen(keys.ready.key), 1), what="the good sample")
         await wait_until(
-            lambda: _count(_sum(r.xlen(keys.ready), r.xlen(keys.dead)), 2), what="the big one settled"
+            lambda: _count(_sum(r.xlen(keys.ready.key), r.xlen(keys.dead.key)), 2), what="the big one settled"
         )
     dead = await dead_entries(r, keys)
     assert sorted(await ready_ids(r, keys) + [d[b"id"].decode() for d in dead]) == ["r0", "r1"]
     assert all(d[b"stage"] == b"encode" and b"cannot encode" in d[b"reason"] for d in dead)
-    assert await r.xlen(keys.rollouts) == 0
+    assert await r.xlen(keys.rollouts.key) == 0
 
 
 async def _sum(*counts: Any) -> int:
@@ -266,12 +266,12 @@ async def test_permanent_teacher_error_goes_to_dead_with_reason(
     bad = make_rollout(50, poison=True)
     await produce(r, keys, [*good, bad])
     async with running(redis_url, keys, teacher.url, logprob_dtype="float32"):
-        await wait_until(lambda: _count(r.xlen(keys.dead), 1), what="a dead letter")
-        await wait_until(lambda: _count(r.xlen(keys.ready), 3), what="3 ready samples")
+        await wait_until(lambda: _count(r.xlen(keys.dead.key), 1), what="a dead letter")
+        await wait_until(lambda: _count(r.xlen(keys.ready.key), 3), what="3 ready samples")
     (dead,) = await dead_entries(r, keys)
     assert dead[b"id"] == bad.id.encode() and dead[b"stage"] == b"teacher"
     assert b"TeacherBadRequest" in dead[b"reason"] and b"out of vocabulary" in dead[b"reason"]
-    for f in await fields(r, keys.ready):
+    for f in await fields(r, keys.ready.key):
         check_sample(f[b"data"], good[int(f[b"id"][1:])], dtype=np.float32)
     assert teacher.requests == 1 + 4  # the start-up probe, then one request per rollout: no retries
 
@@ -290,11 +290,11 @@ async def test_teacher_outage_keeps_rollouts_and_completes_when_back(
         await produce(r, keys, rollouts)
         await wait_until(lambda: teacher.failed >= 30, what="30 failed teacher requests")
         await asyncio.sleep(1.0)  # > 3 leases
-        assert await r.xlen(keys.dead) == 0 and await r.xlen(keys.ready) == 0
+        assert await r.xlen(keys.dead.key) == 0 and await r.xlen(keys.ready.key) == 0
         teacher.mode = "ok"
-        await wait_until(lambda: _count(r.xlen(keys.ready), 6), what="6 ready samples after the outage")
+        await wait_until(lambda: _count(r.xlen(keys.ready.key), 6), what="6 ready samples after the outage")
     assert sorted(await ready_ids(r, keys)) == sorted(ro.id for ro in rollouts)
-    assert await r.xlen(keys.dead) == 0 and await r.xlen(keys.rollouts) == 0
+    assert await r.xlen(keys.dead.key) == 0 and await r.xlen(keys.rollouts.key) == 0
     stats = await read_stats(r, keys)
     assert stats.get(Stat.RECLAIMED, 0) == 0 and stats[Stat.TEACHER_ERRORS] > 0
 
@@ -304,16 +304,16 @@ async def test_backpressure_bounds_the_ready_stream(
 ) -> None:
     high, concurrency, n = 3, 2, 24
     await produce(r, keys, [make_rollout(i) for i in range(n)])
-    trainer = StreamConsumer(r, keys, "ready", "trainer")
+    trainer = StreamConsumer(r, keys.ready, "trainer")
     marks = WaterMarks(high_entries=high, low_entries=1)
     levels: list[int] = []
     consumed: list[str] = []
     async with running(redis_url, keys, teacher.url, concurrency=concurrency, marks=marks):
         while len(consumed) < n:  # a slow trainer: one sample at a time
-            levels.append(await r.xlen(keys.ready))
+            levels.append(await r.xlen(keys.ready.key))
             got = await trainer.read(1, block_ms=50)
             await asyncio.sleep(0.02)
-            levels.append(await r.xlen(keys.ready))
+            levels.append(await r.xlen(keys.ready.key))
             assert await trainer.ack(got) == [True] * len(got)
             consumed += [e.id for e in got]
     assert sorted(consumed) == sorted(f"r{i}" for i in range(n))
@@ -328,7 +328,7 @@ async def test_config_mismatch_refuses_to_start_naming_k(
     with pytest.raises(ConfigMismatch, match=r"k: run has '4', this process has '5'"):
         async with running(redis_url, keys, teacher.url, k=5):
             pass
-    assert await r.xlen(keys.rollouts) == 0  # nothing was read
+    assert await r.xlen(keys.rollouts.key) == 0  # nothing was read
 
 
 async def test_heartbeat_and_metrics_while_running(
@@ -337,7 +337,7 @@ async def test_heartbeat_and_metrics_while_running(
     port = free_port()
     await produce(r, keys, [make_rollout(i) for i in range(3)])
     async with running(redis_url, keys, teacher.url, "hb", metrics_port=port, heartbeat_ttl_ms=3000):
-        await wait_until(lambda: _count(r.xlen(keys.ready), 3), what="3 ready samples")
+        await wait_until(lambda: _count(r.xlen(keys.ready.key), 3), what="3 ready samples")
         beat = await r.hgetall(keys.worker("hb"))
         assert beat[b"role"] == b"worker" and b"in_flight" in beat and b"pid" in beat
         assert 0 < await r.pttl(keys.worker("hb")) <= 3000
@@ -424,24 +424,24 @@ async def test_sigterm_mid_run_loses_and_duplicates_nothing(
         await produce(r, keys, rollouts)
         cmd = worker_cmd(redis_url, slow.url, "--procs", "2", "--concurrency", "4", "--grace-s", "0.1")
         async with process([*cmd, "--api-key", secret, "--log-level", "debug"]) as proc:
-            await wait_until(lambda: _count(r.xlen(keys.ready), 6), 60, what="6 ready samples")
+            await wait_until(lambda: _count(r.xlen(keys.ready.key), 6), 60, what="6 ready samples")
             proc.send_signal(signal.SIGTERM)
             out, _ = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode == 0, out.decode()[-3000:]
         assert secret.encode() not in out and b"released" in out
         done = await ready_ids(r, keys)
-        left = [f[b"id"].decode() for f in await fields(r, keys.rollouts)]
+        left = [f[b"id"].decode() for f in await fields(r, keys.rollouts.key)]
         assert len(done) == len(set(done)) and not set(done) & set(left)
         assert sorted(done + left) == sorted(ro.id for ro in rollouts) and left  # stopped mid-run
-        assert await r.xlen(keys.dead) == 0 and not await r.keys(keys.worker("*"))
+        assert await r.xlen(keys.dead.key) == 0 and not await r.keys(keys.worker("*"))
         # What the stopped pool held was released: a new worker (same 60 s lease) takes it over at
         # once, not after the lease.
         slow.api_key = None
         async with running(redis_url, keys, slow.url, "after", concurrency=16):
-            await wait_until(lambda: _count(r.xlen(keys.ready), 60), 30, what="all 60 samples")
+            await wait_until(lambda: _count(r.xlen(keys.ready.key), 60), 30, what="all 60 samples")
         done = await ready_ids(r, keys)
         assert sorted(done) == sorted(ro.id for ro in rollouts)
-        assert await r.xlen(keys.rollouts) == 0
+        assert await r.xlen(keys.rollouts.key) == 0
     finally:
         await slow.stop()
 
@@ -494,13 +494,13 @@ async def test_end_to_end_gkd_workers_against_reference_teacher(
     # Both start at once: the pool waits for a teacher that is still loading, as in a deployment.
     async with process(server_cmd) as server, process(cmd) as pool:
         await wait_http(url + "/health", server)
-        await wait_until(lambda: _count(r.xlen(keys.ready), len(rollouts)), 120, what="all samples")
+        await wait_until(lambda: _count(r.xlen(keys.ready.key), len(rollouts)), 120, what="all samples")
         pool.send_signal(signal.SIGTERM)
         out, _ = await asyncio.wait_for(pool.communicate(), 60)
         assert pool.returncode == 0, out.decode()[-3000:]
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     by_id = {ro.id: ro for ro in rollouts}
-    for f in await fields(r, keys.ready):
+    for f in await fields(r, keys.ready.key):
         s = decode_scored(f[b"data"])
         ro = by_id[s.rollout.id]
         P, T = ro.prompt_len, ro.num_tokens
@@ -517,14 +517,14 @@ async def test_end_to_end_gkd_workers_against_reference_teacher(
         np.testing.assert_allclose(s.topk_logprobs, at_ids_RK, atol=1e-4)
         np.testing.assert_allclose(s.topk_logprobs, top_RK.values.numpy(), atol=1e-4)
         assert (got_ids == top_RK.indices).float().mean() > 0.95
-    assert await r.xlen(keys.dead) == 0 and await r.xlen(keys.rollouts) == 0
+    assert await r.xlen(keys.dead.key) == 0 and await r.xlen(keys.rollouts.key) == 0
 
 
 async def test_stale_rollouts_of_a_dead_worker_are_reclaimed_or_dead_lettered(
     r: aioredis.Redis, keys: RunKeys, redis_url: str, teacher: FakeTeacher
 ) -> None:
     await produce(r, keys, [make_rollout(i) for i in range(4)])
-    ghost = StreamConsumer(r, keys, "rollouts", "ghost", lease_ms=100)
+    ghost = StreamConsumer(r, keys.rollouts, "ghost", lease_ms=100)
     taken = await ghost.read(4, block_ms=100)  # a worker that reads, then dies
     assert len(taken) == 4
     await asyncio.sleep(0.15)
@@ -532,8 +532,8 @@ async def test_stale_rollouts_of_a_dead_worker_are_reclaimed_or_dead_lettered(
     assert [e.deliveries for e in again] == [2, 2]
     await asyncio.sleep(0.15)
     async with running(redis_url, keys, teacher.url, lease_ms=100, max_deliveries=2):
-        await wait_until(lambda: _count(r.xlen(keys.ready), 2), what="2 reclaimed samples")
-        await wait_until(lambda: _count(r.xlen(keys.dead), 2), what="2 dead letters")
+        await wait_until(lambda: _count(r.xlen(keys.ready.key), 2), what="2 reclaimed samples")
+        await wait_until(lambda: _count(r.xlen(keys.dead.key), 2), what="2 dead letters")
     dead = await dead_entries(r, keys)
     assert {d[b"stage"] for d in dead} == {b"teacher"}
     assert all(b"delivered 3 times (max_deliveries=2)" in d[b"reason"] for d in dead)
@@ -562,7 +562,7 @@ async def test_worker_waits_for_redis_and_survives_its_restart(
         await asyncio.sleep(0.5)  # the worker meets the dead and then the empty server
         client = connect(redis_url)
         await produce(client, keys, [make_rollout(i) for i in range(3, 6)])
-        await wait_until(lambda: _count(client.xlen(keys.ready), 3), what="3 samples after the restart")
+        await wait_until(lambda: _count(client.xlen(keys.ready.key), 3), what="3 samples after the restart")
         assert sorted(await ready_ids(client, keys)) == ["r3", "r4", "r5"]
         await client.aclose()
     finally:

@@ -108,9 +108,9 @@ def read_ledger(client: Any, keys: RunKeys, metrics: Path, window: int = 5) -> L
         produced=stats.get(Stat.ROLLOUTS_PRODUCED, 0),
         scored=stats.get(Stat.SCORED, 0),
         trained=stats.get(Stat.TRAINED_SAMPLES, 0),
-        dead=int(client.xlen(keys.dead)),
-        rollouts_queued=int(client.xlen(keys.rollouts)),
-        ready_queued=int(client.xlen(keys.ready)),
+        dead=int(client.xlen(keys.dead.key)),
+        rollouts_queued=int(client.xlen(keys.rollouts.key)),
+        ready_queued=int(client.xlen(keys.ready.key)),
         steps=len(steps),
         kl_first=_mean(kls[:window]),
         kl_last=_mean(kls[-window:]),
@@ -226,7 +226,7 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
     keys = RunKeys.for_run(s.run)
     client = connect_sync(url)
     if not s.keep:
-        for key in client.scan_iter(match=f"gkd:\\{{{s.run}\\}}:*"):
+        for key in client.scan_iter(match=keys.pattern):
             client.delete(key)
     models = tiny_models() if not (s.teacher and s.student) else None
     teacher = s.teacher or str(models.teacher)  # type: ignore[union-attr]
@@ -385,5 +385,5 @@ def main(argv: list[str]) -> int:
                 if kl_last < kl_first
                 else f"KL to the teacher did not fall ({kl_first:.3f} -> {kl_last:.3f})"
             )
-        print(f"inspect: gkd status --run {s.run}   |   redis-cli XLEN 'gkd:{{{s.run}}}:ready'")
+        print(f"inspect: gkd status --run {s.run}   |   redis-cli XLEN '{RunKeys(s.run).ready.key}'")
     return 0 if summary["lost"] == 0 else 1

@@ -25,15 +25,12 @@ from pipeline.errors import GKDError, RedisUnavailable, SettingsError
 from pipeline.queue import schema as K
 from pipeline.queue.connection import connect_sync
 from pipeline.queue.report import (
-    HB_LATENCY_P50_MS,
-    HB_LATENCY_P95_MS,
-    HB_PAUSED,
     Sample,
     build_report,
     other_runs,
     take_sample,
 )
-from pipeline.queue.schema import RunKeys
+from pipeline.queue.schema import HB, RunKeys, Stat
 from pipeline.settings import CommonSettings, mask_url, parse, setting
 
 _NUMERIC = re.compile(r"^-?[0-9.]+~?$")
@@ -90,7 +87,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "
 def _oldest(o: dict[str, Any] | None) -> str:
     if not o:
         return "-"
-    return f"{o['age_s']:.1f} s old, idle {o['idle_s']:.1f} s, {o['deliveries']}x, {o['consumer']}"
+    return f"{o['age_s']:.1f} s old, idle {o['idle_s']:.1f} s, {o[K.FIELD_DELIVERIES]}x, {o['consumer']}"
 
 
 def render_text(rep: dict[str, Any]) -> str:
@@ -107,7 +104,7 @@ def _header(rep: dict[str, Any]) -> list[str]:
     cfg = " ".join(f"{k}={v}" for k, v in rep["config"].items())
     return [
         f"run {rep['run']!r}  redis {rep['redis']}  " + (f"rates over {iv:.2f} s" if iv else "no rates"),
-        f"policy version {pol['version']} (checkpoint {pol['checkpoint'] or '-'}{age})",
+        f"policy version {pol[K.POLICY_VERSION]} (checkpoint {pol[K.POLICY_CHECKPOINT] or '-'}{age})",
         f"config {cfg or '- (no process has joined yet)'}",
     ]
 
@@ -127,23 +124,23 @@ def _rates(rep: dict[str, Any]) -> list[str]:
     tp = rep["throughput"]
     names = ["rollouts_produced_per_s", "scored_per_s", "scored_positions_per_s", "trained_samples_per_s",
              "trained_tokens_per_s", "trainer_steps_per_s", "dead_per_s", "teacher_errors_per_s"]  # fmt: skip
-    headers = ["per second", "produced", "scored", "positions", "trained", "tokens", "steps", "dead"]
+    headers = ["per second", "rollouts", "scored", "scored pos", "trained", "tokens", "steps", "dead"]
     return table([*headers, "errors"], [["last interval", *(tp[n] for n in names)]])
 
 
 def _teacher_trainer(rep: dict[str, Any]) -> list[str]:
     t, tr = rep["teacher"], rep["trainer"]
-    pct = f"p50 {_ms(t['latency_p50_ms'])}, p95 {_ms(t['latency_p95_ms'])} (max over workers)"
+    pct = f"p50 {_ms(t[HB.LATENCY_P50_MS])}, p95 {_ms(t[HB.LATENCY_P95_MS])} (max over workers)"
     if t["latency_source"] != "heartbeats":
         pct = "p50/p95 not published by workers"
     return [
         f"teacher  latency mean {_ms(t['latency_mean_ms'])} (interval), "
         f"{_ms(t['latency_mean_ms_total'])} (run); {pct}",
         f"         requests {t['requests']}, errors {t['errors']}, retries {t['retries']}, "
-        f"reclaimed {t['reclaimed']}",
+        f"reclaimed {t[Stat.RECLAIMED]}",
         f"trainer  steps {tr['steps']}, {_fmt(tr['steps_per_s'])} steps/s, data-wait "
         f"{_pct(tr['data_wait_fraction'])} (interval), {_pct(tr['data_wait_fraction_total'])} (run), "
-        f"stale skipped {tr['stale_skipped']}",
+        f"stale skipped {tr[Stat.STALE_SKIPPED]}",
     ]
 
 
@@ -151,11 +148,12 @@ def _workers(rep: dict[str, Any]) -> list[str]:
     ws = rep["workers"]
     lines = [f"workers: {len(ws)} live"]
     if ws:
-        headers = ["name", "role", "host", "pid", "in_flight", "seen_s_ago", "p50_ms", "p95_ms", "paused"]
-        fixed = ("name", "role", "host", "pid", "in_flight", "last_seen_age_s")
-        extra = (HB_LATENCY_P50_MS, HB_LATENCY_P95_MS, HB_PAUSED)
+        # Columns are the report's keys (heartbeat fields), with short headers for the long ones.
+        fixed = ("name", HB.ROLE, HB.HOST, HB.PID, HB.IN_FLIGHT, "last_seen_age_s")
+        extra = (HB.LATENCY_P50_MS, HB.LATENCY_P95_MS, HB.PAUSED)
+        short = {"last_seen_age_s": "seen_s_ago", HB.LATENCY_P50_MS: "p50_ms", HB.LATENCY_P95_MS: "p95_ms"}
         rows = [[w[k] for k in fixed] + [w.get(k) for k in extra] for w in ws]
-        lines += table(headers, rows)
+        lines += table([short.get(k, k) for k in (*fixed, *extra)], rows)
     return lines
 
 
@@ -165,7 +163,7 @@ def _dead(rep: dict[str, Any]) -> list[str]:
     if d["latest"]:
         rows = [[x["sid"], x.get(K.FIELD_ID), x.get(K.FIELD_STAGE), x.get(K.FIELD_DELIVERIES),
                  _clip(x.get(K.FIELD_REASON, ""), 100)] for x in d["latest"]]  # fmt: skip
-        lines += table(["sid", "id", "stage", "deliveries", "reason"], rows)
+        lines += table(["sid", K.FIELD_ID, K.FIELD_STAGE, K.FIELD_DELIVERIES, K.FIELD_REASON], rows)
     return lines
 
 
@@ -187,7 +185,7 @@ def no_data_message(rep: dict[str, Any]) -> str:
     hint = f"; runs with data there: {', '.join(others)}" if others else "; no run has data there yet"
     return (
         f"run {rep['run']!r} has no data yet in Redis at {rep['redis']} (no streams, counters, config, "
-        f"policy or heartbeats under {K.PREFIX}:{{{rep['run']}}}:*){hint}"
+        f"policy or heartbeats under {RunKeys(rep['run']).key('*')}){hint}"
     )
 
 

@@ -33,7 +33,7 @@ from pipeline.queue import schema as K
 from pipeline.queue.backpressure import Backpressure, WaterMarks
 from pipeline.queue.connection import RedisRetry, connect
 from pipeline.queue.runstate import Heartbeat, now_ms, read_policy
-from pipeline.queue.schema import RunKeys
+from pipeline.queue.schema import HB, Role, RunKeys
 from pipeline.queue.streams import add_rollouts, ensure_groups
 from pipeline.settings import CommonSettings, setting
 from pipeline.wire.codec import Rollout, encode_rollout
@@ -126,8 +126,8 @@ class Producer:
             sum(i.completion_ids is not None for i in items),
         )
         self.r = connect(s.redis_url)
-        self.bp = Backpressure(self.r, self.keys, "rollouts", self.marks)
-        heartbeat = Heartbeat(self.r, self.keys, s.name, "rollouts", fields=self._heartbeat_fields)
+        self.bp = Backpressure(self.r, self.keys.rollouts, self.marks)
+        heartbeat = Heartbeat(self.r, self.keys, s.name, Role.PRODUCER, fields=self._heartbeat_fields)
         hb = asyncio.create_task(heartbeat.run())
         try:
             await self.retry.call("create groups", lambda: ensure_groups(self.r, self.keys), stop=self.stop)
@@ -247,7 +247,7 @@ class Producer:
         elapsed_ms = int((time.monotonic() - since) * 1000)
         start = f"{max(0, sec * 1000 + usec // 1000 - elapsed_ms - _CLOCK_SLACK_MS)}-0"
         want = rollout_id.encode()
-        for stream in (self.keys.rollouts, self.keys.ready, self.keys.dead):
+        for stream in (self.keys.rollouts.key, self.keys.ready.key, self.keys.dead.key):
             cursor = start
             while True:
                 page: Any = await self.r.xrange(stream, min=cursor, max="+", count=256)
@@ -311,10 +311,10 @@ class Producer:
 
     def _heartbeat_fields(self) -> dict[str, object]:
         return {
-            K.HB_IN_FLIGHT: 0,
-            "policy_version": self.version,
-            "produced": self.summary.produced,
-            "paused": int(self.bp.paused),
+            HB.IN_FLIGHT: 0,
+            HB.POLICY_VERSION: self.version,
+            HB.PRODUCED: self.summary.produced,
+            HB.PAUSED: int(self.bp.paused),
         }
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from pipeline.queue.schema import RunKeys, Stat
+from pipeline.queue.schema import Stream
 
 
 @dataclass(frozen=True)
@@ -44,33 +44,29 @@ class WaterMarks:
 
 
 class Backpressure:
-    """Waits for room in one stream of a run ("rollouts" or "ready")."""
+    """Waits for room in one work stream of a run (`keys.rollouts` or `keys.ready`)."""
 
     def __init__(
         self,
         r: aioredis.Redis,
-        keys: RunKeys,
-        stream_kind: str,
+        stream: Stream,
         marks: WaterMarks,
         *,
         poll_s: float = 0.05,
         max_poll_s: float = 0.5,
     ) -> None:
         self.r = r
-        self.keys = keys
-        self.stream: str = getattr(keys, stream_kind)
-        self.kind = stream_kind
+        self.stream = stream
         self.marks = marks
         self.poll_s = poll_s
         self.max_poll_s = max_poll_s
         self.paused = False
-        self.waited_s = 0.0
 
     async def level(self) -> tuple[int, int]:
         """(entries, payload bytes) waiting or in flight in the stream."""
         async with self.r.pipeline(transaction=False) as pipe:
-            pipe.xlen(self.stream)
-            pipe.hmget(self.keys.stats, [Stat.bytes_in(self.kind), Stat.bytes_out(self.kind)])
+            pipe.xlen(self.stream.key)
+            pipe.hmget(self.stream.run.stats, [self.stream.bytes_in, self.stream.bytes_out])
             n, (b_in, b_out) = await pipe.execute()
         return int(n), int(b_in or 0) - int(b_out or 0)
 
@@ -100,6 +96,4 @@ class Backpressure:
                     break
         finally:
             self.paused = False
-            waited = time.monotonic() - start
-            self.waited_s += waited
-        return waited
+        return time.monotonic() - start

@@ -8,7 +8,7 @@ reclaimed by any consumer of the group; `Held` keeps the entries a live consumer
 
 Used by the teacher workers (rollouts), the trainers (ready) and the export/replay tools. Typical use::
 
-    consumer = StreamConsumer(r, keys, "rollouts", "w1", lease_ms=60_000)
+    consumer = StreamConsumer(r, keys.rollouts, "w1", lease_ms=60_000)
     held = Held(consumer)                      # run held.renew_forever() as a task
     entries = await consumer.read(32, block_ms=250)
     held.add(entries)
@@ -35,7 +35,7 @@ import redis.asyncio as aioredis
 from pipeline.errors import RedisUnavailable, StreamGroupMissing
 from pipeline.queue import schema as K
 from pipeline.queue import scripts
-from pipeline.queue.schema import RunKeys, Stat
+from pipeline.queue.schema import Stat, Stream
 
 log = logging.getLogger("gkd.lease")
 
@@ -85,25 +85,24 @@ def _sid_key(sid: bytes) -> tuple[int, int]:
 
 
 class StreamConsumer:
-    """A named consumer in the group of one of the run's work streams ("rollouts" or "ready")."""
+    """A named consumer in the group of one of the run's work streams (`keys.rollouts`, `keys.ready`)."""
 
     def __init__(
         self,
         r: aioredis.Redis,
-        keys: RunKeys,
-        stream_kind: str,
+        stream: Stream,
         consumer: str,
         *,
         lease_ms: int = 60_000,
         max_deliveries: int = 5,
     ) -> None:
-        if stream_kind not in ("rollouts", "ready"):
-            raise ValueError(f"stream_kind: expected 'rollouts' or 'ready', got {stream_kind!r}")
+        if stream.group is None:
+            raise ValueError(f"stream: expected rollouts or ready (with a consumer group), got {stream.kind}")
         self.r = r
-        self.keys = keys
-        self.kind = stream_kind
-        self.stream: str = getattr(keys, stream_kind)
-        self.group = K.TEACHERS_GROUP if stream_kind == "rollouts" else K.TRAINERS_GROUP
+        self.source = stream
+        self.keys = stream.run
+        self.stream = stream.key
+        self.group: str = stream.group
         self.consumer = consumer
         self.lease_ms = lease_ms
         self.max_deliveries = max_deliveries
@@ -172,7 +171,7 @@ class StreamConsumer:
 
     # ------------------------------------------------------------------------------------ settling
 
-    async def handoff(self, dest: str, items: Sequence[tuple[Entry, bytes, int]]) -> list[bool]:
+    async def handoff(self, dest: Stream, items: Sequence[tuple[Entry, bytes, int]]) -> list[bool]:
         """Atomically publish results to `dest` and ack+delete their source entries.
 
         `items` are (source entry, result payload, scored positions). An item whose entry this
@@ -183,21 +182,21 @@ class StreamConsumer:
         args: list[Any] = [
             self.group,
             self.consumer,
-            Stat.bytes_out(self.kind),
-            Stat.bytes_in("ready"),
+            self.source.bytes_out,
+            dest.bytes_in,
             Stat.SCORED,
             Stat.SCORED_POSITIONS,
         ]
         for entry, payload, positions in items:
             args += [entry.sid, entry.id, payload, entry.size, positions]
-        res = await self._handoff(keys=[self.stream, dest, self.keys.stats], args=args)
+        res = await self._handoff(keys=[self.stream, dest.key, self.keys.stats], args=args)
         return [bool(x) for x in res]
 
     async def ack(self, entries: Sequence[Entry]) -> list[bool]:
         """Acknowledge and delete entries this consumer still owns; False for ones it lost."""
         flags: list[bool] = []
         for i in range(0, len(entries), CHUNK):
-            args: list[Any] = [self.group, self.consumer, Stat.bytes_out(self.kind)]
+            args: list[Any] = [self.group, self.consumer, self.source.bytes_out]
             for e in entries[i : i + CHUNK]:
                 args += [e.sid, e.size]
             flags += [bool(x) for x in await self._ack(keys=[self.stream, self.keys.stats], args=args)]
@@ -231,7 +230,7 @@ class StreamConsumer:
     async def dead_letter(self, entry: Entry, stage: str, reason: str) -> bool:
         """Move an owned entry to `dead` with its stage, reason, deliveries and original payload."""
         res = await self._dead(
-            keys=[self.stream, self.keys.dead, self.keys.stats],
+            keys=[self.stream, self.keys.dead.key, self.keys.stats],
             args=[
                 self.group,
                 self.consumer,
@@ -241,9 +240,9 @@ class StreamConsumer:
                 reason[:2000],
                 entry.deliveries,
                 entry.data,
-                Stat.bytes_out(self.kind),
+                self.source.bytes_out,
                 Stat.DEAD,
-                Stat.dead_stage(self.kind),
+                self.source.dead_counter,
             ],
         )
         return bool(res)

@@ -5,7 +5,8 @@ the difference of the `stats` counters between two samples `--interval-s` apart,
 takes that long to answer (``--interval-s 0`` answers at once, without rates).
 
 Heartbeat contract. Any process may add these optional fields to its heartbeat
-(`pipeline.queue.runstate.heartbeat(..., extra={...})`); `gkd status` shows them when present:
+(`pipeline.queue.runstate.Heartbeat(..., fields=...)`, names in `schema.HB`); `gkd status` shows them
+when present:
 
 - ``latency_p50_ms``, ``latency_p95_ms`` (float, milliseconds): percentiles of this process's teacher
   request latency over its recent requests (for example the last 60 s). The run-wide value shown is the
@@ -27,17 +28,8 @@ from typing import Any
 
 from pipeline.errors import GKDError, RedisCommandError, StreamGroupMissing
 from pipeline.queue import schema as K
-from pipeline.queue.schema import RunKeys, Stat
+from pipeline.queue.schema import ALL_RUNS_PATTERN, HB, RunKeys, Stat, Stream, run_of_key
 from pipeline.settings import mask_url
-
-#: The two work streams with their consumer groups; the dead stream has none.
-GROUPS = {"rollouts": K.TEACHERS_GROUP, "ready": K.TRAINERS_GROUP}
-STREAMS = ("rollouts", "ready", "dead")
-
-#: Optional heartbeat fields (see the module docstring).
-HB_LATENCY_P50_MS = "latency_p50_ms"
-HB_LATENCY_P95_MS = "latency_p95_ms"
-HB_PAUSED = "paused"
 
 #: JSON name of a rate -> the counter it differentiates.
 RATES = {
@@ -111,14 +103,15 @@ def take_sample(r: Any, keys: RunKeys, dead_n: int = 5) -> Sample:
 
     Raises RedisUnavailable when Redis cannot be reached.
     """
+    streams = (keys.rollouts, keys.ready, keys.dead)
     pipe = r.pipeline(transaction=False)
     pipe.time()
-    for kind in STREAMS:
-        pipe.xlen(getattr(keys, kind))
-    for kind, group in GROUPS.items():
-        pipe.xinfo_groups(getattr(keys, kind))
-        pipe.xpending_range(getattr(keys, kind), group, min="-", max="+", count=1)
-    pipe.xrevrange(keys.dead, count=max(dead_n, 1))
+    for stream in streams:
+        pipe.xlen(stream.key)
+    for stream in keys.work_streams:
+        pipe.xinfo_groups(stream.key)
+        pipe.xpending_range(stream.key, stream.group, min="-", max="+", count=1)
+    pipe.xrevrange(keys.dead.key, count=max(dead_n, 1))
     pipe.hgetall(keys.stats)
     pipe.hgetall(keys.config)
     pipe.hgetall(keys.policy)
@@ -131,13 +124,13 @@ def take_sample(r: Any, keys: RunKeys, dead_n: int = 5) -> Sample:
         elif isinstance(v, GKDError):
             raise v
     secs, micros = res[0]
-    lengths = {kind: int(n) for kind, n in zip(STREAMS, res[1:4], strict=True)}
+    lengths = {s.kind: int(n) for s, n in zip(streams, res[1:4], strict=True)}
     groups: dict[str, dict[str, Any] | None] = {}
     oldest: dict[str, dict[str, Any] | None] = {}
-    for j, (kind, group) in enumerate(GROUPS.items()):
+    for j, stream in enumerate(keys.work_streams):
         infos, pend = res[4 + 2 * j], res[5 + 2 * j]
-        groups[kind] = next((g for g in infos or [] if _s(g["name"]) == group), None)
-        oldest[kind] = pend[0] if pend else None
+        groups[stream.kind] = next((g for g in infos or [] if _s(g["name"]) == stream.group), None)
+        oldest[stream.kind] = pend[0] if pend else None
     dead = [_dead_entry(sid, f) for sid, f in res[8]]
     sample = Sample(
         t_s=t_s,
@@ -164,11 +157,10 @@ def take_sample(r: Any, keys: RunKeys, dead_n: int = 5) -> Sample:
 def other_runs(r: Any, limit_keys: int = 20_000) -> list[str]:
     """Names of runs that have keys in this Redis (scans at most `limit_keys` keys)."""
     runs: set[str] = set()
-    for n, key in enumerate(r.scan_iter(match=f"{K.PREFIX}:\\{{*", count=1000)):
+    for n, key in enumerate(r.scan_iter(match=ALL_RUNS_PATTERN, count=1000)):
         if n >= limit_keys:
             break
-        name = _s(key)[len(K.PREFIX) + 2 :].split("}", 1)[0]
-        runs.add(name)
+        runs.add(run_of_key(_s(key)))
     return sorted(runs)
 
 
@@ -186,20 +178,24 @@ def _ratio(num: float, den: float) -> float | None:
     return num / den if den > 0 else None
 
 
-def _stream_report(kind: str, cur: Sample) -> dict[str, Any]:
+def _waiting_bytes(stream: Stream, cur: Sample) -> int:
+    return cur.stats.get(stream.bytes_in, 0) - cur.stats.get(stream.bytes_out, 0)
+
+
+def _stream_report(stream: Stream, cur: Sample) -> dict[str, Any]:
+    kind = stream.kind
     length = cur.lengths[kind]
     out: dict[str, Any] = {"length": length}
-    if kind != "dead":
-        out["waiting_bytes"] = cur.stats.get(Stat.bytes_in(kind), 0) - cur.stats.get(Stat.bytes_out(kind), 0)
-    if kind not in GROUPS:
+    if stream.group is None:
         return out
+    out["waiting_bytes"] = _waiting_bytes(stream, cur)
     g = cur.groups[kind]
     pending = int(g["pending"]) if g else 0
     lag = g.get("lag") if g else None
     # Acked entries are deleted, so the stream holds only waiting + pending work: XLEN - pending is
     # the lag whenever Redis cannot compute it (before 7.0, or after deletions past the group cursor).
     out.update(
-        group=GROUPS[kind],
+        group=stream.group,
         group_exists=g is not None,
         consumers=int(g["consumers"]) if g else 0,
         pending=pending,
@@ -212,7 +208,7 @@ def _stream_report(kind: str, cur: Sample) -> dict[str, Any]:
             "sid": _s(o["message_id"]),
             "age_s": max(cur.server_ms - _sid_ms(o["message_id"]), 0) / 1000,
             "idle_s": int(o["time_since_delivered"]) / 1000,
-            "deliveries": int(o["times_delivered"]),
+            K.FIELD_DELIVERIES: int(o["times_delivered"]),
             "consumer": _s(o["consumer"]),
         }
         if o
@@ -231,20 +227,21 @@ def _scalar(v: str) -> int | float | str:
 
 
 def _workers_report(cur: Sample) -> list[dict[str, Any]]:
+    """One row per live process: name, the heartbeat's base fields (last seen as an age), its extras."""
     rows = []
-    for name, hb in sorted(cur.workers.items(), key=lambda kv: (kv[1].get(K.HB_ROLE, ""), kv[0])):
-        seen = num(hb.get(K.HB_LAST_SEEN_MS))
+    for name, hb in sorted(cur.workers.items(), key=lambda kv: (kv[1].get(HB.ROLE, ""), kv[0])):
+        seen = num(hb.get(HB.LAST_SEEN_MS))
         row: dict[str, Any] = {
             "name": name,
-            "role": hb.get(K.HB_ROLE, ""),
-            "host": hb.get(K.HB_HOST, ""),
-            "pid": int(num(hb.get(K.HB_PID)) or 0),
-            "in_flight": int(num(hb.get(K.HB_IN_FLIGHT)) or 0),
+            HB.ROLE: hb.get(HB.ROLE, ""),
+            HB.HOST: hb.get(HB.HOST, ""),
+            HB.PID: int(num(hb.get(HB.PID)) or 0),
+            HB.IN_FLIGHT: int(num(hb.get(HB.IN_FLIGHT)) or 0),
             "last_seen_age_s": max(cur.server_ms - seen, 0) / 1000 if seen is not None else None,
         }
         for k, v in hb.items():
-            if k not in (K.HB_ROLE, K.HB_HOST, K.HB_PID, K.HB_IN_FLIGHT, K.HB_LAST_SEEN_MS):
-                row[k] = v if k == HB_PAUSED else _scalar(v)
+            if k not in HB.BASE:
+                row[k] = v if k == HB.PAUSED else _scalar(v)
         rows.append(row)
     return rows
 
@@ -262,19 +259,24 @@ def build_report(prev: Sample | None, cur: Sample, *, run: str, redis_url: str) 
 
     rates = {k: (d / dt if (d := delta(c)) is not None else None) for k, c in RATES.items()}
     workers = _workers_report(cur)
-    p50s = [w[HB_LATENCY_P50_MS] for w in workers if isinstance(w.get(HB_LATENCY_P50_MS), int | float)]
-    p95s = [w[HB_LATENCY_P95_MS] for w in workers if isinstance(w.get(HB_LATENCY_P95_MS), int | float)]
+    p50s = [w[HB.LATENCY_P50_MS] for w in workers if isinstance(w.get(HB.LATENCY_P50_MS), int | float)]
+    p95s = [w[HB.LATENCY_P95_MS] for w in workers if isinstance(w.get(HB.LATENCY_P95_MS), int | float)]
     d_req, d_lat = delta(Stat.TEACHER_REQUESTS), delta(Stat.TEACHER_LATENCY_MS_SUM)
     d_step, d_wait = delta(Stat.STEP_MS), delta(Stat.DATA_WAIT_MS)
     updated = num(cur.policy.get(K.POLICY_UPDATED_MS))
+    keys = RunKeys.for_run(run)
     return {
         "run": run,
         "redis": mask_url(redis_url),
         "has_data": cur.has_data,
         "server_time_ms": cur.server_ms,
         "interval_s": dt if prev is not None else None,
-        "streams": {kind: _stream_report(kind, cur) for kind in STREAMS},
-        "dead": {"count": cur.lengths["dead"], "total": st.get(Stat.DEAD, 0), "latest": cur.dead_latest},
+        "streams": {s.kind: _stream_report(s, cur) for s in (keys.rollouts, keys.ready, keys.dead)},
+        keys.dead.kind: {
+            "count": cur.lengths[keys.dead.kind],
+            "total": st.get(Stat.DEAD, 0),
+            "latest": cur.dead_latest,
+        },
         "workers": workers,
         "throughput": rates,
         "teacher": {
@@ -282,33 +284,30 @@ def build_report(prev: Sample | None, cur: Sample, *, run: str, redis_url: str) 
             "latency_mean_ms_total": _ratio(
                 st.get(Stat.TEACHER_LATENCY_MS_SUM, 0), st.get(Stat.TEACHER_REQUESTS, 0)
             ),
-            "latency_p50_ms": max(p50s) if p50s else None,
-            "latency_p95_ms": max(p95s) if p95s else None,
+            HB.LATENCY_P50_MS: max(p50s) if p50s else None,
+            HB.LATENCY_P95_MS: max(p95s) if p95s else None,
             "latency_source": "heartbeats" if p95s or p50s else "counters (mean only)",
             "requests": st.get(Stat.TEACHER_REQUESTS, 0),
             "errors": st.get(Stat.TEACHER_ERRORS, 0),
             "retries": st.get(Stat.TEACHER_RETRIES, 0),
-            "reclaimed": st.get(Stat.RECLAIMED, 0),
+            Stat.RECLAIMED: st.get(Stat.RECLAIMED, 0),
         },
         "trainer": {
             "steps": st.get(Stat.TRAINER_STEPS, 0),
             "steps_per_s": rates["trainer_steps_per_s"],
             "data_wait_fraction": _ratio(d_wait, d_step) if d_wait is not None and d_step else None,
             "data_wait_fraction_total": _ratio(st.get(Stat.DATA_WAIT_MS, 0), st.get(Stat.STEP_MS, 0)),
-            "stale_skipped": st.get(Stat.STALE_SKIPPED, 0),
+            Stat.STALE_SKIPPED: st.get(Stat.STALE_SKIPPED, 0),
         },
         "backpressure": {
-            kind: {
-                "entries": cur.lengths[kind],
-                "bytes": st.get(Stat.bytes_in(kind), 0) - st.get(Stat.bytes_out(kind), 0),
-            }
-            for kind in GROUPS
+            w.kind: {"entries": cur.lengths[w.kind], "bytes": _waiting_bytes(w, cur)}
+            for w in keys.work_streams
         },
         "stats": dict(sorted(st.items())),
         "config": dict(sorted(cur.config.items())),
         "policy": {
-            "version": int(num(cur.policy.get(K.POLICY_VERSION)) or 0),
-            "checkpoint": cur.policy.get(K.POLICY_CHECKPOINT) or None,
+            K.POLICY_VERSION: int(num(cur.policy.get(K.POLICY_VERSION)) or 0),
+            K.POLICY_CHECKPOINT: cur.policy.get(K.POLICY_CHECKPOINT) or None,
             "updated_age_s": max(cur.server_ms - updated, 0) / 1000 if updated is not None else None,
         },
     }

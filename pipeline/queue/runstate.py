@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from pipeline.errors import ConfigMismatch, RedisUnavailable, StreamGroupMissing
 from pipeline.queue import schema as K
-from pipeline.queue.schema import RunKeys
+from pipeline.queue.schema import HB, RunKeys
 
 log = logging.getLogger("gkd.runstate")
 
@@ -144,10 +144,10 @@ class Heartbeat:
     async def beat(self) -> None:
         """Write the hash now (and flush the counts)."""
         values: dict[str, object] = {
-            K.HB_HOST: socket.gethostname(),
-            K.HB_PID: os.getpid(),
-            K.HB_ROLE: self.role,
-            K.HB_LAST_SEEN_MS: now_ms(),
+            HB.HOST: socket.gethostname(),
+            HB.PID: os.getpid(),
+            HB.ROLE: self.role,
+            HB.LAST_SEEN_MS: now_ms(),
             **self.fields(),
         }
         key = self.keys.worker(self.name)

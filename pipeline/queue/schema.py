@@ -1,7 +1,8 @@
-"""The Redis key schema of a run: the only module that spells a key, a group, a field or a counter name.
+"""The Redis schema of a run: the only module that spells a key, a group, a field, a counter, a stage.
 
 Every key carries the hash tag ``{run}`` so that a run lives in one Redis Cluster slot and MULTI/Lua
-work there. For the run ``demo`` the rollouts stream is ``gkd:{demo}:rollouts``.
+work there. For the run ``demo`` the rollouts stream is ``gkd:{demo}:rollouts``. A test
+(tests/test_schema.py) checks that no other module of `pipeline/` or `workers/` spells these names.
 """
 
 from __future__ import annotations
@@ -27,19 +28,66 @@ FIELD_STAGE = "stage"
 FIELD_REASON = "reason"
 FIELD_DELIVERIES = "deliveries"
 
-#: Fields of the worker heartbeat hash.
-HB_HOST = "host"
-HB_PID = "pid"
-HB_IN_FLIGHT = "in_flight"
-HB_LAST_SEEN_MS = "last_seen_ms"
-HB_ROLE = "role"
-
 #: Fields of the policy hash.
 POLICY_VERSION = "version"
 POLICY_CHECKPOINT = "checkpoint"
 POLICY_UPDATED_MS = "updated_ms"
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class HB:
+    """Fields of a process's heartbeat hash. The first five every process writes; the rest are
+    optional extras that `gkd status` shows when present (see pipeline.queue.report)."""
+
+    HOST = "host"
+    PID = "pid"
+    ROLE = "role"
+    IN_FLIGHT = "in_flight"
+    LAST_SEEN_MS = "last_seen_ms"
+    LATENCY_P50_MS = "latency_p50_ms"
+    """Teacher request latency percentiles of a worker over its recent requests (float ms)."""
+    LATENCY_P95_MS = "latency_p95_ms"
+    PAUSED = "paused"
+    """"1" while the process waits for room in the stream it feeds (backpressure), else "0"."""
+    POSITIONS = "positions"
+    SCORED = "scored"
+    TEACHER = "teacher"
+    STEP = "step"
+    POLICY_VERSION = "policy_version"
+    PRODUCED = "produced"
+
+    BASE = (HOST, PID, ROLE, IN_FLIGHT, LAST_SEEN_MS)
+
+
+class Role:
+    """Values of the heartbeat's `role` field."""
+
+    WORKER = "worker"
+    TRAINER = "trainer"
+    PRODUCER = "rollouts"
+
+
+class Config:
+    """Fields of the run's `config` hash: the settings fixed for the whole run."""
+
+    K = "k"
+    TEACHER_MODEL = "teacher_model"
+    LOGPROB_DTYPE = "logprob_dtype"
+    LOSS_MODE = "loss_mode"
+
+
+class Stage:
+    """Dead-letter stages: where a record failed for good."""
+
+    DECODE = "decode"
+    """A worker could not decode the rollout."""
+    TEACHER = "teacher"
+    """The teacher refused it for good, or workers kept dying on it (too many deliveries)."""
+    ENCODE = "encode"
+    """A worker could not encode the scored sample."""
+    TRAINER = "trainer"
+    """A trainer cannot train the sample (undecodable, another k, ids beyond the vocabulary, ...)."""
 
 
 class Stat:
@@ -61,20 +109,37 @@ class Stat:
     DATA_WAIT_MS = "data_wait_ms"
     STEP_MS = "step_ms"
 
-    @staticmethod
-    def bytes_in(stream_kind: str) -> str:
-        """Counter of payload bytes ever added to the stream ("rollouts" or "ready")."""
-        return f"{stream_kind}_bytes_in"
 
-    @staticmethod
-    def bytes_out(stream_kind: str) -> str:
-        """Counter of payload bytes ever removed (acknowledged or dead-lettered) from the stream."""
-        return f"{stream_kind}_bytes_out"
+@dataclass(frozen=True)
+class Stream:
+    """One stream of a run: its key, its consumer group (None for `dead`) and its byte counters."""
 
-    @staticmethod
-    def dead_stage(stream_kind: str) -> str:
-        """Counter of entries dead-lettered from the stream."""
-        return f"dead_{stream_kind}"
+    run: RunKeys
+    kind: str
+    """"rollouts", "ready" or "dead"."""
+
+    @property
+    def key(self) -> str:
+        return self.run.key(self.kind)
+
+    @property
+    def group(self) -> str | None:
+        return {"rollouts": TEACHERS_GROUP, "ready": TRAINERS_GROUP}.get(self.kind)
+
+    @property
+    def bytes_in(self) -> str:
+        """`stats` counter of payload bytes ever added to the stream."""
+        return f"{self.kind}_bytes_in"
+
+    @property
+    def bytes_out(self) -> str:
+        """`stats` counter of payload bytes ever removed (acknowledged or dead-lettered) from it."""
+        return f"{self.kind}_bytes_out"
+
+    @property
+    def dead_counter(self) -> str:
+        """`stats` counter of entries dead-lettered from the stream."""
+        return f"dead_{self.kind}"
 
 
 @dataclass(frozen=True)
@@ -90,42 +155,48 @@ class RunKeys:
             raise SettingsError(f"run name: expected 1-64 characters from [A-Za-z0-9_.-], got {run!r}")
         return cls(run)
 
-    def _key(self, suffix: str) -> str:
+    def key(self, suffix: str) -> str:
+        """The key ``gkd:{run}:<suffix>``."""
         return f"{PREFIX}:{{{self.run}}}:{suffix}"
 
     @property
-    def rollouts(self) -> str:
-        """Stream of Rollouts waiting for (or being scored by) the teacher workers; group `teachers`."""
-        return self._key("rollouts")
+    def rollouts(self) -> Stream:
+        """Rollouts waiting for (or being scored by) the teacher workers; group `teachers`."""
+        return Stream(self, "rollouts")
 
     @property
-    def ready(self) -> str:
-        """Stream of ScoredSamples waiting for (or trained but not yet checkpointed by) trainers."""
-        return self._key("ready")
+    def ready(self) -> Stream:
+        """ScoredSamples waiting for (or trained but not yet checkpointed by) trainers; group `trainers`."""
+        return Stream(self, "ready")
 
     @property
-    def dead(self) -> str:
-        """Stream of dead-lettered entries with stage, reason, deliveries and the original payload."""
-        return self._key("dead")
+    def dead(self) -> Stream:
+        """Dead-lettered entries with stage, reason, deliveries and the original payload."""
+        return Stream(self, "dead")
+
+    @property
+    def work_streams(self) -> tuple[Stream, Stream]:
+        """The two streams with consumer groups: rollouts and ready."""
+        return self.rollouts, self.ready
 
     @property
     def stats(self) -> str:
         """Hash of monotonic counters (field names in `Stat`)."""
-        return self._key("stats")
+        return self.key("stats")
 
     @property
     def policy(self) -> str:
         """Hash with the latest published student policy: version, checkpoint, updated_ms."""
-        return self._key("policy")
+        return self.key("policy")
 
     @property
     def config(self) -> str:
-        """Hash of the run's fixed settings, written once, checked by every joining process."""
-        return self._key("config")
+        """Hash of the run's fixed settings (fields in `Config`), checked by every joining process."""
+        return self.key("config")
 
     def worker(self, name: str) -> str:
-        """Heartbeat hash (with TTL) of one process."""
-        return self._key(f"worker:{name}")
+        """Heartbeat hash (with TTL) of one process (fields in `HB`)."""
+        return self.key(f"worker:{name}")
 
     @property
     def worker_pattern(self) -> str:
@@ -135,3 +206,17 @@ class RunKeys:
     def worker_name(self, key: str) -> str:
         """The worker name inside a heartbeat key."""
         return key.rsplit(":worker:", 1)[1]
+
+    @property
+    def pattern(self) -> str:
+        """SCAN pattern matching every key of the run."""
+        return f"{PREFIX}:\\{{{self.run}\\}}:*"
+
+
+#: SCAN pattern matching every key of every run.
+ALL_RUNS_PATTERN = f"{PREFIX}:\\{{*"
+
+
+def run_of_key(key: str) -> str:
+    """The run name inside any key of a run."""
+    return key[len(PREFIX) + 2 :].split("}", 1)[0]

@@ -8,13 +8,15 @@ import redis.asyncio as aioredis
 
 from pipeline.errors import RedisCommandError
 from pipeline.queue import schema as K
-from pipeline.queue.schema import RunKeys, Stat
+from pipeline.queue.schema import RunKeys, Stat, Stream
 
 
-async def ensure_group(r: aioredis.Redis, stream: str, group: str) -> None:
-    """Create `group` on `stream` (and the stream) if missing; a no-op when it exists."""
+async def ensure_group(r: aioredis.Redis, stream: Stream) -> None:
+    """Create the group of `stream` (and the stream) if missing; a no-op when it exists."""
+    if stream.group is None:
+        raise ValueError(f"stream: expected rollouts or ready (with a consumer group), got {stream.kind}")
     try:
-        await r.xgroup_create(stream, group, id="0", mkstream=True)
+        await r.xgroup_create(stream.key, stream.group, id="0", mkstream=True)
     except RedisCommandError as exc:
         if exc.code != "BUSYGROUP":
             raise
@@ -22,8 +24,8 @@ async def ensure_group(r: aioredis.Redis, stream: str, group: str) -> None:
 
 async def ensure_groups(r: aioredis.Redis, keys: RunKeys) -> None:
     """Create both consumer groups of a run."""
-    await ensure_group(r, keys.rollouts, K.TEACHERS_GROUP)
-    await ensure_group(r, keys.ready, K.TRAINERS_GROUP)
+    for stream in keys.work_streams:
+        await ensure_group(r, stream)
 
 
 async def add_rollouts(r: aioredis.Redis, keys: RunKeys, items: Sequence[tuple[str, bytes]]) -> list[bytes]:
@@ -34,8 +36,8 @@ async def add_rollouts(r: aioredis.Redis, keys: RunKeys, items: Sequence[tuple[s
     """
     async with r.pipeline(transaction=True) as pipe:
         for rid, payload in items:
-            pipe.xadd(keys.rollouts, {K.FIELD_ID: rid, K.FIELD_DATA: payload})
+            pipe.xadd(keys.rollouts.key, {K.FIELD_ID: rid, K.FIELD_DATA: payload})
         pipe.hincrby(keys.stats, Stat.ROLLOUTS_PRODUCED, len(items))
-        pipe.hincrby(keys.stats, Stat.bytes_in("rollouts"), sum(len(p) for _, p in items))
+        pipe.hincrby(keys.stats, keys.rollouts.bytes_in, sum(len(p) for _, p in items))
         res = await pipe.execute()
     return [sid for sid in res[: len(items)]]

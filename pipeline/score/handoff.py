@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pipeline.errors import StreamGroupMissing
 from pipeline.queue.connection import RedisRetry
 from pipeline.queue.lease import Entry, StreamConsumer
+from pipeline.queue.schema import Stream
 
 #: Called once per result after its batch was published: (entry, positions, published?).
 OnPublished = Callable[[Entry, int, bool], None]
@@ -34,7 +35,7 @@ class HandoffBatcher:
     def __init__(
         self,
         consumer: StreamConsumer,
-        dest: str,
+        dest: Stream,
         retry: RedisRetry,
         on_published: OnPublished,
         *,

@@ -18,12 +18,11 @@ from pipeline.errors import (
     StreamGroupMissing,
     WireFormatError,
 )
-from pipeline.queue import schema as K
 from pipeline.queue.backpressure import Backpressure
 from pipeline.queue.connection import RedisRetry, connect, wait_event
 from pipeline.queue.lease import Entry, Held, StreamConsumer
 from pipeline.queue.runstate import Heartbeat, check_run_config, now_ms
-from pipeline.queue.schema import RunKeys, Stat
+from pipeline.queue.schema import HB, Config, Role, RunKeys, Stage, Stat
 from pipeline.queue.streams import ensure_groups
 from pipeline.score.handoff import HandoffBatcher
 from pipeline.score.metrics import WorkerMetrics
@@ -79,15 +78,15 @@ class TeacherWorker:
         self._stop = stop
         self.r = connect(self.redis_url)
         self.consumer = StreamConsumer(
-            self.r, self.keys, "rollouts", self.name,
+            self.r, self.keys.rollouts, self.name,
             lease_ms=self.opts.lease_ms, max_deliveries=self.opts.max_deliveries,
         )  # fmt: skip
         self._owned = Held(self.consumer)  # until published, dead-lettered or released
         self._heartbeat = Heartbeat(
-            self.r, self.keys, self.name, "worker", ttl_ms=self.opts.heartbeat_ttl_ms,
+            self.r, self.keys, self.name, Role.WORKER, ttl_ms=self.opts.heartbeat_ttl_ms,
             fields=self._heartbeat_fields, counts=self.tel.stats,
         )  # fmt: skip
-        self._bp = Backpressure(self.r, self.keys, "ready", self.opts.marks)
+        self._bp = Backpressure(self.r, self.keys.ready, self.opts.marks)
         self._handoff = HandoffBatcher(
             self.consumer, self.keys.ready, self.retry, self._published,
             max_items=self.opts.handoff_max_items, max_bytes=self.opts.handoff_max_bytes,
@@ -117,8 +116,11 @@ class TeacherWorker:
         if not await self._wait_for_redis():
             return False
         await self._start_client()
-        fixed = {"k": self.teacher.k, "teacher_model": self.client.model_id,
-                 "logprob_dtype": self.opts.logprob_dtype}  # fmt: skip
+        fixed = {
+            Config.K: self.teacher.k,
+            Config.TEACHER_MODEL: self.client.model_id,
+            Config.LOGPROB_DTYPE: self.opts.logprob_dtype,
+        }
         await check_run_config(self.r, self.keys, fixed)
         self.metrics.serve(self.opts.metrics_port, self.opts.metrics_addr)
         # Entries an earlier process with this consumer name left pending: make them reclaimable now.
@@ -243,7 +245,7 @@ class TeacherWorker:
                     f"delivered {entry.deliveries} times (max_deliveries={self.opts.max_deliveries}); "
                     f"workers kept dying or stalling on it"
                 )
-                await self._dead_letter(entry, "teacher", reason)
+                await self._dead_letter(entry, Stage.TEACHER, reason)
         fresh = [e for e in ok if e.sid not in self._owned]  # owned ones: our renewal lagged, still ours
         for entry in fresh:
             self._spawn(entry)
@@ -276,12 +278,12 @@ class TeacherWorker:
         try:
             rollout = decode_rollout(entry.data)
         except Exception as exc:  # decoding is a function of the payload alone: retrying cannot help
-            await self._dead_letter(entry, "decode", _reason(exc))
+            await self._dead_letter(entry, Stage.DECODE, _reason(exc))
             return
         try:
             scores = await self._score(entry, rollout)
         except PermanentError as exc:
-            await self._dead_letter(entry, "teacher", f"{type(exc).__name__}: {exc}")
+            await self._dead_letter(entry, Stage.TEACHER, f"{type(exc).__name__}: {exc}")
             return
         except Exception:
             # A bug, not a verdict on the data: let go of the entry without releasing it, so it is
@@ -293,7 +295,7 @@ class TeacherWorker:
         try:
             payload, positions = self._pack(rollout, scores)
         except Exception as exc:  # deterministic too (this rollout with this answer)
-            await self._dead_letter(entry, "encode", f"cannot encode the scored sample: {_reason(exc)}")
+            await self._dead_letter(entry, Stage.ENCODE, f"cannot encode the scored sample: {_reason(exc)}")
             return
         await self._handoff.submit(entry, payload, positions)
 
@@ -369,7 +371,7 @@ class TeacherWorker:
     # ---------------------------------------------------------------------------------- heartbeat
 
     def _heartbeat_fields(self) -> dict[str, object]:
-        return {K.HB_IN_FLIGHT: len(self._owned), **self.tel.heartbeat_fields(self.client.model_id)}
+        return {HB.IN_FLIGHT: len(self._owned), **self.tel.heartbeat_fields(self.client.model_id)}
 
 
 def _reason(exc: BaseException) -> str:

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from pipeline.queue.runstate import Counts
-from pipeline.queue.schema import Stat
+from pipeline.queue.schema import HB, Stat
 from pipeline.score.metrics import WorkerMetrics
 from pipeline.score.options import WorkerReport
 
@@ -73,12 +73,12 @@ class Telemetry:
     def heartbeat_fields(self, teacher: str) -> dict[str, object]:
         """This worker's extra heartbeat fields: progress, teacher, latency percentiles."""
         fields: dict[str, object] = {
-            "positions": self.report.positions,
-            "scored": self.report.scored,
-            "teacher": teacher,
+            HB.POSITIONS: self.report.positions,
+            HB.SCORED: self.report.scored,
+            HB.TEACHER: teacher,
         }
         if self._latencies_ms:
             ordered = sorted(self._latencies_ms)
-            fields["latency_p50_ms"] = round(ordered[len(ordered) // 2], 1)
-            fields["latency_p95_ms"] = round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))], 1)
+            fields[HB.LATENCY_P50_MS] = round(ordered[len(ordered) // 2], 1)
+            fields[HB.LATENCY_P95_MS] = round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))], 1)
         return fields

@@ -19,11 +19,10 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from pipeline.errors import RedisUnavailable, StreamGroupMissing
-from pipeline.queue import schema as K
 from pipeline.queue.connection import RedisRetry
 from pipeline.queue.lease import Entry, Held, StreamConsumer
 from pipeline.queue.runstate import Counts, Heartbeat, publish_policy
-from pipeline.queue.schema import RunKeys, Stat
+from pipeline.queue.schema import HB, Role, RunKeys, Stage, Stat
 from pipeline.queue.streams import ensure_groups
 from pipeline.train.ioloop import IOLoop
 
@@ -47,7 +46,7 @@ class ReadyLeases:
         stop: threading.Event,
     ) -> None:
         self.io, self.r, self.keys = io, r, keys
-        self.consumer = StreamConsumer(r, keys, "ready", consumer, lease_ms=lease_ms)
+        self.consumer = StreamConsumer(r, keys.ready, consumer, lease_ms=lease_ms)
         self.held = Held(self.consumer)
         self.retry = RedisRetry(f"trainer {consumer}")
         self.counts = Counts()
@@ -104,7 +103,7 @@ class ReadyLeases:
         for entry, reason in dead:
             if entry.sid in self.held:
                 log.error("ready entry %s (%s) dead-lettered: %s", entry.sid, entry.id, reason)
-                await self.consumer.dead_letter(entry, "trainer", reason)
+                await self.consumer.dead_letter(entry, Stage.TRAINER, reason)
                 self.held.drop([entry])
         if skipped:
             flags = await self.consumer.ack(skipped)
@@ -158,7 +157,7 @@ class ReadyLeases:
             theirs = idx.isdigit() and int(idx) >= world and rank == 0
             if name != self.name and not theirs:
                 continue
-            consumer = StreamConsumer(self.r, self.keys, "ready", name)
+            consumer = StreamConsumer(self.r, self.keys.ready, name)
             es = [Entry(sid=sid.encode(), id="", data=b"", size=n) for sid, n in entries]
             done += sum(self.io.run(consumer.ack(es)))
         return done
@@ -187,8 +186,8 @@ class ReadyLeases:
     def start(self, fields: Callable[[], dict[str, object]]) -> None:
         """Start renewing held entries and beating (heartbeat fields: in flight plus `fields()`)."""
         self._heartbeat = Heartbeat(
-            self.r, self.keys, self.name, "trainer",
-            fields=lambda: {K.HB_IN_FLIGHT: len(self.held), **fields()}, counts=self.counts,
+            self.r, self.keys, self.name, Role.TRAINER,
+            fields=lambda: {HB.IN_FLIGHT: len(self.held), **fields()}, counts=self.counts,
         )  # fmt: skip
         self._tasks = [self.io.submit(self.held.renew_forever()), self.io.submit(self._heartbeat.run())]
 

@@ -32,7 +32,7 @@ import torch
 from pipeline.errors import SettingsError
 from pipeline.queue.connection import connect
 from pipeline.queue.runstate import check_run_config
-from pipeline.queue.schema import RunKeys
+from pipeline.queue.schema import HB, Config, RunKeys
 from pipeline.settings import CommonSettings, setting
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.batching import Batch, BatchPacker
@@ -150,7 +150,7 @@ class Trainer:
         self.version = 0
         self.last_ckpt_step = -1
         try:
-            self.io.run(check_run_config(self.r, self.keys, {"k": s.k, "loss_mode": s.loss_mode}))
+            self.io.run(check_run_config(self.r, self.keys, {Config.K: s.k, Config.LOSS_MODE: s.loss_mode}))
             self.ready = ReadyLeases(
                 self.io, self.r, self.keys, self.consumer_name, lease_ms=s.lease_ms, stop=self.stop
             )
@@ -250,7 +250,7 @@ class Trainer:
     def run(self) -> TrainSummary:
         s, d = self.s, self.dist
         pf = self._prefetcher()
-        self.ready.start(fields=lambda: {"step": self.step, "policy_version": self.version})
+        self.ready.start(fields=lambda: {HB.STEP: self.step, HB.POLICY_VERSION: self.version})
         pf.start()
         cfg = LossConfig(s.beta, s.temperature, s.loss_mode)
         autocast = torch.bfloat16 if s.precision == "bf16" else None

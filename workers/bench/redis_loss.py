@@ -32,6 +32,7 @@ from typing import Any
 
 from pipeline.errors import RedisUnavailable
 from pipeline.local.redis_server import RedisServer
+from pipeline.queue import schema as K
 from pipeline.queue.connection import connect
 from workers.bench.cli import result
 
@@ -146,7 +147,7 @@ async def _writer(url: str, counter: list[int], stop: asyncio.Event) -> None:
         while not stop.is_set():
             pipe = r.pipeline(transaction=False)
             for _ in range(PIPELINE):
-                pipe.xadd(STREAM, {"data": PAYLOAD})
+                pipe.xadd(STREAM, {K.FIELD_DATA: PAYLOAD})
             try:
                 res = await pipe.execute()
             except RedisUnavailable:

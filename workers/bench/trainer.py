@@ -54,7 +54,7 @@ async def fill(url: str, keys: RunKeys, samples: list[ScoredSample]) -> None:
     try:
         await ensure_groups(r, keys)
         await add_rollouts(r, keys, [(s.rollout.id, encode_rollout(s.rollout)) for s in samples])
-        c = StreamConsumer(r, keys, "rollouts", "bench-filler")
+        c = StreamConsumer(r, keys.rollouts, "bench-filler")
         by_id = {s.rollout.id: (s, encode_scored(s)) for s in samples}
         left = len(samples)
         while left:
@@ -98,7 +98,7 @@ def measure(
     wait = sum(h["data_wait_s"] for h in history)
     step = sum(h["step_s"] for h in history)
     tokens = sum(h["tokens"] for h in history)
-    return {"frac": wait / step, "step_ms": 1000 * step / len(history), "tokens_per_s": tokens / step}
+    return {"frac": wait / step, "ms_per_step": 1000 * step / len(history), "tokens_per_s": tokens / step}
 
 
 def run(args: list[str]) -> list[dict[str, Any]]:
@@ -133,10 +133,10 @@ def run(args: list[str]) -> list[dict[str, Any]]:
         result(
             "trainer",
             "step_ms_prefetch",
-            on["step_ms"],
+            on["ms_per_step"],
             "ms",
-            baseline=off["step_ms"],
-            ratio=off["step_ms"] / on["step_ms"],
+            baseline=off["ms_per_step"],
+            ratio=off["ms_per_step"] / on["ms_per_step"],
         ),
         result(
             "trainer",

@@ -198,7 +198,7 @@ async def run_worker(
     await task
     if worker.report.dead:
         raise RuntimeError(f"bench worker dead-lettered {worker.report.dead} rollouts: expected none")
-    await r.delete(keys.ready, keys.rollouts, keys.stats, keys.config)
+    await r.delete(keys.ready.key, keys.rollouts.key, keys.stats, keys.config)
     await r.aclose()
     return wall, cpu
 

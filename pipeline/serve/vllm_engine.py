@@ -85,9 +85,11 @@ def _install() -> None:
         _gkd_tensors = True
 
         def _update_prompt_logprobs(self, prompt_logprobs_tensors: Any) -> None:
-            ids, logprobs, ranks = prompt_logprobs_tensors[:3]
+            # Copies ([P_chunk, K + 1], a memcpy): with an in-process engine core the tensors may be views
+            # of buffers it reuses for the next step.
+            ids, logprobs, ranks = (np.array(t.numpy()) for t in prompt_logprobs_tensors[:3])
             assert self.prompt_logprobs is not None
-            self.prompt_logprobs.append(_Chunk(ids.numpy(), logprobs.numpy(), ranks.numpy()))  # type: ignore[arg-type]
+            self.prompt_logprobs.append(_Chunk(ids, logprobs, ranks))  # type: ignore[arg-type]
 
     output_processor.LogprobsProcessor = TensorLogprobsProcessor  # type: ignore[misc]
 

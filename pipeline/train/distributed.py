@@ -1,12 +1,13 @@
 """torch.distributed for the trainer: one process per device, started by torchrun (or alone).
 
 With torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) a process group is
-created (nccl on CUDA, gloo on CPU); without it every collective here is a local no-op, so the same
-training loop runs as a single process.
+created (nccl on CUDA, gloo on CPU), also for a single process that torchrun started (DDP of one rank);
+without it every collective here is a local no-op, so the same training loop runs as a single process.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -14,6 +15,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("gkd.train")
 
 
 @dataclass
@@ -25,10 +28,12 @@ class Dist:
     local_rank: int
     device: torch.device
     """The device this rank trains on."""
+    grouped: bool = False
+    """A process group exists (torchrun started this process), even with one rank."""
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.grouped
 
     @property
     def is_main(self) -> bool:
@@ -85,10 +90,16 @@ def init_distributed(device_pref: str, timeout_s: float = 1800.0) -> Dist:
     device = pick_device(device_pref, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    # torchrun marks its children with TORCHELASTIC_RUN_ID: `torchrun --nproc_per_node 1` is DDP of one
+    # rank (same collectives and wrapping as with many), not a plain single process.
+    launched = world > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    if launched and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
-    return Dist(rank=rank, world_size=world, local_rank=local_rank, device=device)
+        log.info("process group: backend=%s rank=%d world_size=%d device=%s", backend, rank, world, device)
+    return Dist(
+        rank=rank, world_size=world, local_rank=local_rank, device=device, grouped=dist.is_initialized()
+    )
 
 
 def shutdown() -> None:

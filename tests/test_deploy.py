@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.settings import ENV_PREFIX, CommonSettings, add_arguments
+from pipeline.sections import CommonSettings
+from pipeline.settings import ENV_PREFIX, add_arguments, setting_names
 from workers.cli import COMMANDS
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -383,7 +384,7 @@ def test_flags_and_gkd_env_are_settings_of_the_subcommand(launches: list[Launch]
     fields = set()
     for cls in classes:
         add_arguments(parser, cls)
-        fields |= {f.name for f in dataclasses.fields(cls)}
+        fields |= setting_names(cls)
     per_sub = [_fields_or_none(s) for s in ("workers", "train", "rollouts", "status")]
     # A shared variable must be read by some process: checkable once every module exists.
     every = set().union(*per_sub) if all(f is not None for f in per_sub) else None  # type: ignore[arg-type]
@@ -406,7 +407,7 @@ def _fields_or_none(sub: str) -> set[str] | None:
     except ModuleNotFoundError:
         return None
     return {
-        f.name for v in vars(module).values()
+        name for v in vars(module).values()
         if isinstance(v, type) and dataclasses.is_dataclass(v) and issubclass(v, CommonSettings)
-        for f in dataclasses.fields(v)
+        for name in setting_names(v)
     }  # fmt: skip

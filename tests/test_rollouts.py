@@ -23,6 +23,7 @@ from pipeline.queue.lease import StreamConsumer
 from pipeline.queue.runstate import publish_policy
 from pipeline.queue.schema import RunKeys
 from pipeline.queue.streams import ensure_groups
+from pipeline.sections import FlowSettings, RunSettings
 from pipeline.teacher import vllm
 from pipeline.wire.codec import Rollout, decode_rollout
 
@@ -45,9 +46,10 @@ def write_jsonl(path: Path, rows: list[Any]) -> str:
 
 
 def settings(url: str, run: str, prompts: str, student: str, **kw: Any) -> RolloutSettings:
+    marks = {k: kw.pop(k) for k in list(kw) if k in ("high_water", "low_water")}
     base: dict[str, Any] = {
-        "run": run,
-        "redis_url": url,
+        "run": RunSettings(name=run, redis_url=url),
+        "flow": FlowSettings(**marks),
         "prompts": prompts,
         "student": student,
         "max_new_tokens": 6,

@@ -80,10 +80,19 @@ def _redis_contexts(tree: ast.AST) -> list[ast.AST]:
     return out
 
 
+def _section_args(tree: ast.AST) -> set[int]:
+    """Arguments of `section(Cls, "field", ...)`: attribute names of a settings section, not Redis names."""
+    return {
+        id(arg) for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "section"
+        for arg in node.args
+    }  # fmt: skip
+
+
 def violations(source: str, names: set[str]) -> list[tuple[int, str]]:
     """(line, literal) of every schema name or key spelled in `source`."""
     tree = ast.parse(source)
-    docs = _docstrings(tree)
+    docs = _docstrings(tree) | _section_args(tree)
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
@@ -114,7 +123,8 @@ def test_the_checker_finds_each_kind_of_spelling() -> None:
         found = violations(source, names)
         assert found and (literal in found[0][1] or found[0][1] == literal), (source, found)
     clean = ['"""A docstring may say gkd:{demo}:ready and in_flight."""', 'ids = {"id": 1, "k": 4}',
-             'msg = {"role": "user"}', 'COMMANDS = {"teacher": 1, "rollouts": 2}']  # fmt: skip
+             'msg = {"role": "user"}', 'COMMANDS = {"teacher": 1, "rollouts": 2}',
+             'run: RunSettings = section(RunSettings, "name", "k", "loss_mode")']  # fmt: skip
     for source in clean:
         assert violations(source, names) == [], source
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import SettingsError
-from pipeline.settings import CommonSettings, add_arguments, mask_url, redacted, resolve, setting
+from pipeline.sections import CommonSettings
+from pipeline.settings import add_arguments, mask_url, redacted, resolve, setting
 
 
 @dataclasses.dataclass
@@ -25,12 +26,12 @@ class Demo(CommonSettings):
 def parse(argv: list[str], env: dict[str, str] | None = None) -> Demo:
     p = argparse.ArgumentParser()
     add_arguments(p, Demo)
-    return resolve(Demo, p.parse_args(argv), env=env or {}, section="demo")
+    return resolve(Demo, p.parse_args(argv), env=env or {}, table="demo")
 
 
 def test_defaults() -> None:
     s = parse([])
-    assert (s.k, s.teacher, s.beta, s.prefetch, s.api_key, s.run) == (20, [], 0.5, True, None, "gkd")
+    assert (s.k, s.teacher, s.beta, s.prefetch, s.api_key, s.run.name) == (20, [], 0.5, True, None, "gkd")
 
 
 def test_precedence_flag_env_toml(tmp_path: Path) -> None:
@@ -42,7 +43,7 @@ def test_precedence_flag_env_toml(tmp_path: Path) -> None:
     s = parse(["--beta", "0.9"], env)
     assert s.beta == 0.9  # flag
     assert s.k == 7  # env beats TOML
-    assert s.mode == "renorm" and s.teacher == ["http://a", "http://b"] and s.run == "top"  # TOML
+    assert s.mode == "renorm" and s.teacher == ["http://a", "http://b"] and s.run.name == "top"  # TOML
 
 
 def test_lists_repeat_or_comma_and_bools() -> None:
@@ -52,9 +53,9 @@ def test_lists_repeat_or_comma_and_bools() -> None:
 
 
 def test_redis_flag_alias_and_env_name() -> None:
-    assert parse(["--run-name", "r2"]).run == "r2"
-    assert parse(["--redis", "redis://h:1/0"]).redis_url == "redis://h:1/0"
-    assert parse([], {"GKD_REDIS_URL": "redis://e:2/0"}).redis_url == "redis://e:2/0"
+    assert parse(["--run-name", "r2"]).run.name == "r2"
+    assert parse(["--redis", "redis://h:1/0"]).run.redis_url == "redis://h:1/0"
+    assert parse([], {"GKD_REDIS_URL": "redis://e:2/0"}).run.redis_url == "redis://e:2/0"
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,8 @@ from pipeline.queue.lease import StreamConsumer
 from pipeline.queue.runstate import check_run_config
 from pipeline.queue.schema import TRAINERS_GROUP, RunKeys, Stat
 from pipeline.queue.streams import add_rollouts, ensure_groups
+from pipeline.sections import RunSettings
+from pipeline.settings import to_argv, to_env
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.batching import pack
 from pipeline.train.optim import build_optimizer, build_scheduler
@@ -95,15 +97,13 @@ def fill(url: str, keys: RunKeys, samples: Sequence[ScoredSample]) -> None:
 
 def settings(url: str, run: str, student: str, out: Path, **kw: Any) -> TrainSettings:
     base: dict[str, Any] = {
-        "run": run,
-        "redis_url": url,
+        "run": RunSettings(name=run, redis_url=url, k=K, loss_mode=kw.pop("loss_mode", "tail")),
         "student": student,
         "output_dir": str(out),
         "lr": 1e-2,
         "warmup_steps": 3,
         "batch_tokens": 160,
         "grad_accum": 1,
-        "k": K,
         "beta": 0.5,
         "device": "cpu",
         "log_every": 1,
@@ -112,24 +112,6 @@ def settings(url: str, run: str, student: str, out: Path, **kw: Any) -> TrainSet
     }
     base.update(kw)
     return TrainSettings(**base)
-
-
-def changed(s: TrainSettings) -> dict[str, object]:
-    return {k: v for k, v in vars(s).items() if v != TrainSettings.__dataclass_fields__[k].default}
-
-
-def flags(s: TrainSettings) -> list[str]:
-    """`s` as command-line flags (only the fields that differ from the defaults)."""
-    out: list[str] = []
-    for name, value in changed(s).items():
-        flag = "--" + name.replace("_", "-")
-        out += ([flag] if value else [f"--no-{flag[2:]}"]) if isinstance(value, bool) else [flag, str(value)]
-    return out
-
-
-def env_settings(s: TrainSettings) -> dict[str, str]:
-    """`s` as GKD_* variables: under torchrun, whose argparse takes `--run` for its own `--run-path`."""
-    return {f"GKD_{k.upper()}": str(v) for k, v in changed(s).items()}
 
 
 def read_stats(r: redis.Redis, keys: RunKeys) -> dict[str, int]:
@@ -171,7 +153,7 @@ def spawn(
 
 
 def gkd_train(s: TrainSettings) -> list[str]:
-    return [sys.executable, "-m", "workers.cli", "train", *flags(s)]
+    return [sys.executable, "-m", "workers.cli", "train", *to_argv(s)]
 
 
 def wait_for(pred, timeout_s: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:
@@ -500,7 +482,7 @@ def test_two_torchrun_ranks_train_on_disjoint_samples(
         "workers.cli",
         "train",
     ]
-    p = spawn(procs, args, tmp_path / "torchrun.log", env_settings(s))
+    p = spawn(procs, args, tmp_path / "torchrun.log", to_env(s))
     assert p.wait(240) == 0, (tmp_path / "torchrun.log").read_text()[-4000:]
     log = read_log(ledger)
     by_rank: dict[int, list[str]] = {0: [], 1: []}

@@ -24,13 +24,14 @@ from aiohttp import web
 
 from pipeline.errors import ConfigMismatch
 from pipeline.local.redis_server import env_without_proxy, free_port
-from pipeline.queue.backpressure import WaterMarks
 from pipeline.queue.connection import connect
 from pipeline.queue.lease import StreamConsumer
 from pipeline.queue.runstate import check_run_config, read_stats
 from pipeline.queue.schema import RunKeys, Stat
 from pipeline.queue.streams import add_rollouts, ensure_groups
-from pipeline.score import TeacherWorker, WorkerOptions
+from pipeline.score.loop import TeacherWorker
+from pipeline.score.options import WorkerOptions
+from pipeline.sections import FlowSettings, RunSettings
 from pipeline.teacher.client import TeacherConfig
 from pipeline.teacher.vllm import render_prompt_logprobs_body
 from pipeline.wire.codec import Rollout, decode_scored, encode_rollout
@@ -161,11 +162,20 @@ def tconfig(url: str, k: int = K) -> TeacherConfig:
 
 @contextlib.asynccontextmanager
 async def running(
-    redis_url: str, keys: RunKeys, url: str, name: str = "w0", k: int = K, **opts: Any
+    redis_url: str,
+    keys: RunKeys,
+    url: str,
+    name: str = "w0",
+    k: int = K,
+    *,
+    logprob_dtype: str = "float16",
+    flow: FlowSettings | None = None,
+    **opts: Any,
 ) -> AsyncIterator[TeacherWorker]:
     """A TeacherWorker running in this event loop; stopped (and awaited) on exit."""
+    run = RunSettings(name=keys.run, redis_url=redis_url, k=k, logprob_dtype=logprob_dtype)
     options = WorkerOptions(**{"outage_backoff_s": 0.02, "outage_backoff_max_s": 0.1, **opts})
-    worker = TeacherWorker(redis_url, keys, tconfig(url, k), name, options)
+    worker = TeacherWorker(run, tconfig(url, k), name, flow, options)
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     started = asyncio.create_task(worker.started.wait())
@@ -283,8 +293,22 @@ async def test_teacher_outage_keeps_rollouts_and_completes_when_back(
     # Two workers with a short lease: if renewal failed during the outage, one would reclaim the
     # other's rollouts (counted in `reclaimed`) or push them past max_deliveries into `dead`.
     async with (
-        running(redis_url, keys, teacher.url, "w0", lease_ms=300, max_deliveries=1, concurrency=3),
-        running(redis_url, keys, teacher.url, "w1", lease_ms=300, max_deliveries=1, concurrency=3),
+        running(
+            redis_url,
+            keys,
+            teacher.url,
+            "w0",
+            flow=FlowSettings(lease_ms=300, max_deliveries=1),
+            concurrency=3,
+        ),
+        running(
+            redis_url,
+            keys,
+            teacher.url,
+            "w1",
+            flow=FlowSettings(lease_ms=300, max_deliveries=1),
+            concurrency=3,
+        ),
     ):
         teacher.mode = "down"
         await produce(r, keys, rollouts)
@@ -305,10 +329,10 @@ async def test_backpressure_bounds_the_ready_stream(
     high, concurrency, n = 3, 2, 24
     await produce(r, keys, [make_rollout(i) for i in range(n)])
     trainer = StreamConsumer(r, keys.ready, "trainer")
-    marks = WaterMarks(high_entries=high, low_entries=1)
+    flow = FlowSettings(high_water=high, low_water=1)
     levels: list[int] = []
     consumed: list[str] = []
-    async with running(redis_url, keys, teacher.url, concurrency=concurrency, marks=marks):
+    async with running(redis_url, keys, teacher.url, concurrency=concurrency, flow=flow):
         while len(consumed) < n:  # a slow trainer: one sample at a time
             levels.append(await r.xlen(keys.ready.key))
             got = await trainer.read(1, block_ms=50)
@@ -531,7 +555,7 @@ async def test_stale_rollouts_of_a_dead_worker_are_reclaimed_or_dead_lettered(
     again, _ = await ghost.reclaim(2)  # ... and again for two of them: those are at 2 deliveries now
     assert [e.deliveries for e in again] == [2, 2]
     await asyncio.sleep(0.15)
-    async with running(redis_url, keys, teacher.url, lease_ms=100, max_deliveries=2):
+    async with running(redis_url, keys, teacher.url, flow=FlowSettings(lease_ms=100, max_deliveries=2)):
         await wait_until(lambda: _count(r.xlen(keys.ready.key), 2), what="2 reclaimed samples")
         await wait_until(lambda: _count(r.xlen(keys.dead.key), 2), what="2 dead letters")
     dead = await dead_entries(r, keys)
@@ -545,8 +569,8 @@ async def test_worker_waits_for_redis_and_survives_its_restart(
     keys: RunKeys, redis_url: str, redis_server: Any, teacher: FakeTeacher
 ) -> None:
     redis_server.stop()  # not up yet when the worker starts
-    options = WorkerOptions(redis_backoff_max_s=0.2)
-    worker = TeacherWorker(redis_url, keys, tconfig(teacher.url), "w0", options)
+    run = RunSettings(name=keys.run, redis_url=redis_url, k=K)
+    worker = TeacherWorker(run, tconfig(teacher.url), "w0", options=WorkerOptions(redis_backoff_max_s=0.2))
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     try:

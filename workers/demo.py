@@ -28,14 +28,15 @@ from pipeline.local.redis_server import RedisServer, env_without_proxy, free_por
 from pipeline.local.tiny_models import corpus, tiny_models
 from pipeline.queue.connection import connect_sync
 from pipeline.queue.schema import RunKeys, Stat
-from pipeline.settings import mask_url, parse, setting
+from pipeline.sections import RunSettings
+from pipeline.settings import mask_url, parse, section, setting
 
 
 @dataclasses.dataclass
 class DemoSettings:
     """Settings of `gkd demo` (every part gets its own flags from these)."""
 
-    run: str = setting("demo", "Run name (its keys are cleared at the start unless --keep).")
+    run: RunSettings = section(RunSettings, "name", "k", name="demo", k=16)
     redis_url: str | None = setting(
         None,
         "Redis URL (default: localhost:6379 if it answers, else a private server).",
@@ -45,7 +46,6 @@ class DemoSettings:
     teacher: str | None = setting(None, "Teacher model path or id (default: the tiny offline teacher).")
     student: str | None = setting(None, "Student model path or id (default: the tiny offline student).")
     steps: int = setting(60, "Optimizer steps the trainer runs.")
-    k: int = setting(16, "Teacher top-k.")
     lmbda: float = setting(0.5, "Probability that the student generates a rollout's completion.")
     batch_tokens: int = setting(1024, "Trainer token budget per batch.")
     lr: float = setting(3e-3, "Student learning rate.")
@@ -221,9 +221,9 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
     workdir = Path(s.workdir)
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     say = (lambda *_: None) if s.json_output else (lambda *a: print(*a, flush=True))
-    url, private = _redis(s.redis_url or os.environ.get("GKD_REDIS_URL"))
+    url, private = _redis(s.redis_url)
     say(f"redis: {mask_url(url)}" + (" (private server started by the demo)" if private else ""))
-    keys = RunKeys.for_run(s.run)
+    keys = s.run.keys
     client = connect_sync(url)
     if not s.keep:
         for key in client.scan_iter(match=keys.pattern):
@@ -236,7 +236,7 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
     env = env_without_proxy()
     env.update(
         {
-            "GKD_RUN": s.run,
+            "GKD_RUN": s.run.name,
             "GKD_REDIS_URL": url,
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
@@ -254,7 +254,7 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
     try:
         procs.start(
             "teacher",
-            ["teacher", "--model", teacher, "--port", str(port), "--max-logprobs", str(max(64, s.k))],
+            ["teacher", "--model", teacher, "--port", str(port), "--max-logprobs", str(max(64, s.run.k))],
         )
         procs.start(
             "trainer",
@@ -263,7 +263,7 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
                 "--student",
                 student,
                 "--k",
-                str(s.k),
+                str(s.run.k),
                 "--output-dir",
                 str(ckpt),
                 "--max-steps",
@@ -291,7 +291,7 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
                 "--teacher",
                 f"http://127.0.0.1:{port}",
                 "--k",
-                str(s.k),
+                str(s.run.k),
                 "--procs",
                 str(s.workers),
                 "--concurrency",
@@ -385,5 +385,5 @@ def main(argv: list[str]) -> int:
                 if kl_last < kl_first
                 else f"KL to the teacher did not fall ({kl_first:.3f} -> {kl_last:.3f})"
             )
-        print(f"inspect: gkd status --run {s.run}   |   redis-cli XLEN '{RunKeys(s.run).ready.key}'")
+        print(f"inspect: gkd status --run {s.run.name}   |   redis-cli XLEN '{s.run.keys.ready.key}'")
     return 0 if summary["lost"] == 0 else 1

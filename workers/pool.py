@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pipeline.errors import ConfigMismatch, GKDError
-from pipeline.queue.schema import RunKeys
-from pipeline.settings import CommonSettings, parse, redacted, setting
+from pipeline.score.options import WorkerOptions
+from pipeline.sections import CommonSettings, FlowSettings, RunSettings
+from pipeline.settings import parse, redacted, secret_flags, section, setting
 
 if TYPE_CHECKING:  # the heavy imports (aiohttp, redis, numpy) wait until the signal handlers are set
-    from pipeline.score import WorkerOptions
     from pipeline.teacher.client import TeacherConfig
 
 log = logging.getLogger("gkd.workers")
@@ -45,31 +45,23 @@ START_FAILURE_WINDOW_S = 15.0
 class WorkerSettings(CommonSettings):
     """Settings of `gkd workers` (flags, GKD_* environment variables, TOML table [workers])."""
 
+    run: RunSettings = section(RunSettings, "name", "redis_url", "k", "logprob_dtype")
+    flow: FlowSettings = section(FlowSettings)
+    loop: WorkerOptions = section(
+        WorkerOptions, "concurrency", "grace_s", "heartbeat_ttl_ms", "metrics_port", "metrics_addr"
+    )
     teacher: list[str] = setting([], "Teacher endpoint URL (repeat or comma-separate for several).")
     backend: str = setting("auto", "Teacher protocol.", choices=("auto", "vllm", "sglang"))
     model: str | None = setting(None, "Teacher model name to request (default: the server's only model).")
-    k: int = setting(20, "Teacher top-k logprobs per position (fixed for the run).")
-    concurrency: int = setting(64, "Rollouts in flight per process.")
     procs: int = setting(1, "Worker processes (each runs its own event loop).")
-    logprob_dtype: str = setting("float16", "dtype of stored top-k logprobs.", choices=("float16", "float32"))
-    lease_ms: int = setting(60_000, "Lease on a rollout: idle longer and another worker may reclaim it.")
-    max_deliveries: int = setting(5, "A rollout delivered more often than this goes to the dead stream.")
-    high_water: int = setting(4096, "Pause reading when the ready stream holds this many samples.")
-    low_water: int = setting(2048, "Resume once the ready stream holds no more than this many samples.")
-    high_water_bytes: int = setting(512 * 1024 * 1024, "Pause when the ready stream holds this many bytes.")
-    low_water_bytes: int = setting(256 * 1024 * 1024, "Resume once the ready stream holds no more bytes.")
-    metrics_port: int = setting(0, "Prometheus metrics port (0: off; child i of --procs uses port + i).")
-    metrics_host: str = setting("127.0.0.1", "Address the metrics server binds.")
     api_key: str | None = setting(None, "Bearer token for the teacher.", secret=True)
     student_tokenizer: str | None = setting(
         None, "Student tokenizer path or id: refuse to start unless the teacher tokenizes the same."
     )
-    grace_s: float = setting(30.0, "On SIGTERM/SIGINT, time for in-flight rollouts before release.")
     name: str | None = setting(None, "Consumer name prefix (default: <host>-<pid>).")
     request_timeout_s: float = setting(60.0, "Timeout of one teacher request.")
     max_retries: int = setting(4, "Teacher client retries (with failover) before a rollout backs off.")
     per_endpoint_concurrency: int = setting(64, "Requests in flight per teacher endpoint (per process).")
-    heartbeat_ttl_ms: int = setting(5000, "Heartbeat key TTL (beats every third of it).")
 
 
 def teacher_config(s: WorkerSettings) -> TeacherConfig:
@@ -79,31 +71,13 @@ def teacher_config(s: WorkerSettings) -> TeacherConfig:
     return TeacherConfig(
         endpoints=list(s.teacher),
         backend=s.backend,
-        k=s.k,
+        k=s.run.k,
         model=s.model,
         api_key=s.api_key,
         request_timeout_s=s.request_timeout_s,
         max_retries=s.max_retries,
         per_endpoint_concurrency=s.per_endpoint_concurrency,
         student_tokenizer=s.student_tokenizer,
-    )
-
-
-def worker_options(s: WorkerSettings) -> WorkerOptions:
-    """The worker loop options of these settings (raises ValueError on inconsistent values)."""
-    from pipeline.queue.backpressure import WaterMarks
-    from pipeline.score import WorkerOptions
-
-    return WorkerOptions(
-        concurrency=s.concurrency,
-        lease_ms=s.lease_ms,
-        max_deliveries=s.max_deliveries,
-        logprob_dtype=s.logprob_dtype,
-        marks=WaterMarks(s.high_water, s.low_water, s.high_water_bytes, s.low_water_bytes),
-        grace_s=s.grace_s,
-        heartbeat_ttl_ms=s.heartbeat_ttl_ms,
-        metrics_port=s.metrics_port,
-        metrics_addr=s.metrics_host,
     )
 
 
@@ -128,10 +102,8 @@ def main(argv: Sequence[str]) -> int:
     try:
         if not s.teacher:
             raise ValueError("--teacher: expected at least one teacher URL, got none")
-        if s.procs < 1 or s.k < 1:
-            raise ValueError(f"--procs and --k: expected >= 1, got {s.procs} and {s.k}")
-        keys = RunKeys.for_run(s.run)
-        options = worker_options(s)
+        if s.procs < 1:
+            raise ValueError(f"--procs: expected >= 1, got {s.procs}")
         config = teacher_config(s)
     except (ValueError, GKDError) as exc:
         print(f"gkd workers: {exc}", file=sys.stderr)
@@ -139,14 +111,12 @@ def main(argv: Sequence[str]) -> int:
     log.debug("settings: %s", redacted(s))
     if s.procs > 1:
         return supervise(s, list(argv))
-    return asyncio.run(run_one(s.redis_url, keys, config, s.name or default_name(), options))
+    return asyncio.run(run_one(s, config, s.name or default_name()))
 
 
-async def run_one(
-    redis_url: str, keys: RunKeys, config: TeacherConfig, name: str, options: WorkerOptions
-) -> int:
+async def run_one(s: WorkerSettings, config: TeacherConfig, name: str) -> int:
     """Run one worker until SIGTERM/SIGINT; returns the process exit status."""
-    from pipeline.score import TeacherWorker
+    from pipeline.score.loop import TeacherWorker
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -154,7 +124,7 @@ async def run_one(
         loop.add_signal_handler(sig, stop.set)
     if _stop_requested:
         stop.set()
-    worker = TeacherWorker(redis_url, keys, config, name, options)
+    worker = TeacherWorker(s.run, config, name, s.flow, s.loop)
     try:
         report = await worker.run(stop)
     except ConfigMismatch as exc:
@@ -180,26 +150,25 @@ async def run_one(
     return 0
 
 
-#: Flags of secret settings: children get these values through the environment, not argv (`ps`).
-_SECRET_FLAGS = {"--api-key": "GKD_API_KEY", "--redis": "GKD_REDIS_URL", "--redis-url": "GKD_REDIS_URL"}
-
-
 def _child_cmd(argv: list[str], s: WorkerSettings, base: str, i: int) -> list[str]:
     """The command line of child `i`: the parent's flags minus secrets, then its own (later flags win)."""
-    port = s.metrics_port + i if s.metrics_port > 0 else 0
+    port = s.loop.metrics_port + i if s.loop.metrics_port > 0 else 0
     own = ["--procs", "1", "--name", f"{base}-{i}", "--metrics-port", str(port)]
     return [sys.executable, "-m", "workers.cli", "workers", *_without_secrets(argv), *own]
 
 
 def _without_secrets(argv: list[str]) -> list[str]:
+    """`argv` without the secret flags (children get those values through the environment, not argv:
+    `ps` shows argv)."""
+    secret = secret_flags(WorkerSettings)
     out: list[str] = []
     skip = False
     for arg in argv:
         if skip:
             skip = False
-        elif arg in _SECRET_FLAGS:
+        elif arg in secret:
             skip = True  # "--flag VALUE"
-        elif arg.split("=", 1)[0] not in _SECRET_FLAGS:
+        elif arg.split("=", 1)[0] not in secret:
             out.append(arg)
     return out
 
@@ -207,9 +176,8 @@ def _without_secrets(argv: list[str]) -> list[str]:
 def _child_env(s: WorkerSettings) -> dict[str, str]:
     """The environment of the children: ours plus the resolved secrets (whatever their source)."""
     env = dict(os.environ)
-    env["GKD_REDIS_URL"] = s.redis_url
-    if s.api_key:
-        env["GKD_API_KEY"] = s.api_key
+    secrets = {"--redis-url": s.run.redis_url, "--api-key": s.api_key}
+    env.update({secret_flags(WorkerSettings)[flag]: v for flag, v in secrets.items() if v})
     return env
 
 
@@ -250,7 +218,7 @@ def supervise(s: WorkerSettings, argv: list[str]) -> int:
                 log.warning("pool %s: worker %d exited with %d; restarting it", base, i, rc)
                 procs[i] = subprocess.Popen(_child_cmd(argv, s, base, i), env=env)
                 started[i] = time.monotonic()
-        _reap(procs, s.grace_s + 10)
+        _reap(procs, s.loop.grace_s + 10)
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)

@@ -31,7 +31,8 @@ from pipeline.queue.report import (
     take_sample,
 )
 from pipeline.queue.schema import HB, RunKeys, Stat
-from pipeline.settings import CommonSettings, mask_url, parse, setting
+from pipeline.sections import CommonSettings
+from pipeline.settings import mask_url, parse, setting
 
 _NUMERIC = re.compile(r"^-?[0-9.]+~?$")
 
@@ -200,7 +201,7 @@ def _emit(rep: dict[str, Any], as_json: bool, clear: bool) -> None:
 
 def _report(r: Any, keys: RunKeys, s: StatusSettings, prev: Sample | None) -> tuple[Sample, dict[str, Any]]:
     cur = take_sample(r, keys, s.dead_reasons)
-    rep = build_report(prev, cur, run=keys.run, redis_url=s.redis_url)
+    rep = build_report(prev, cur, run=keys.run, redis_url=s.run.redis_url)
     if not rep["has_data"]:
         rep["other_runs"] = other_runs(r)
     return cur, rep
@@ -223,7 +224,9 @@ def run(r: Any, keys: RunKeys, s: StatusSettings) -> int:
             prev, rep = _report(r, keys, s, prev)
         except RedisUnavailable as exc:
             # A monitor outlives a Redis restart: say so, drop the old sample (its rates would mix).
-            print(f"gkd status: Redis at {mask_url(s.redis_url)} failed ({exc}); retrying", file=sys.stderr)
+            print(
+                f"gkd status: Redis at {mask_url(s.run.redis_url)} failed ({exc}); retrying", file=sys.stderr
+            )
             prev = None
             continue
         _emit(rep, s.json_output, clear)
@@ -234,7 +237,7 @@ def run(r: Any, keys: RunKeys, s: StatusSettings) -> int:
 def main(argv: Sequence[str]) -> int:
     s = parse(StatusSettings, argv, prog="gkd status", description=__doc__.split("\n")[0])
     try:
-        keys = RunKeys.for_run(s.run)
+        keys = s.run.keys
         if s.interval_s < 0 or s.dead_reasons < 0:
             raise SettingsError(
                 f"expected --interval-s >= 0 and --dead-reasons >= 0, got {s.interval_s} and {s.dead_reasons}"
@@ -242,14 +245,14 @@ def main(argv: Sequence[str]) -> int:
     except SettingsError as exc:
         print(f"gkd status: {exc}", file=sys.stderr)
         return 2
-    r = connect_sync(s.redis_url)
+    r = connect_sync(s.run.redis_url)
     try:
         try:
             r.ping()
         except GKDError as exc:
             print(
-                f"gkd status: cannot reach Redis at {mask_url(s.redis_url)} ({exc}); expected a Redis server "
-                "there: start one, or pass --redis URL (or set GKD_REDIS_URL)",
+                f"gkd status: cannot reach Redis at {mask_url(s.run.redis_url)} ({exc}); expected a Redis "
+                "server there: start one, or pass --redis URL (or set GKD_REDIS_URL)",
                 file=sys.stderr,
             )
             return 2
@@ -257,7 +260,7 @@ def main(argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         return 0
     except GKDError as exc:
-        print(f"gkd status: Redis at {mask_url(s.redis_url)} failed: {exc}", file=sys.stderr)
+        print(f"gkd status: Redis at {mask_url(s.run.redis_url)} failed: {exc}", file=sys.stderr)
         return 2
     finally:
         r.close()

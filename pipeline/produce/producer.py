@@ -30,12 +30,13 @@ from pipeline.errors import RedisUnavailable, RetryableError, SettingsError, Wir
 from pipeline.produce.prompts import PromptItem, load_prompts
 from pipeline.produce.student_gen import Generator, LocalGenerator, Sampling, ServerGenerator
 from pipeline.queue import schema as K
-from pipeline.queue.backpressure import Backpressure, WaterMarks
+from pipeline.queue.backpressure import Backpressure
 from pipeline.queue.connection import RedisRetry, connect
 from pipeline.queue.runstate import Heartbeat, now_ms, read_policy
-from pipeline.queue.schema import HB, Role, RunKeys
+from pipeline.queue.schema import HB, Role
 from pipeline.queue.streams import add_rollouts, ensure_groups
-from pipeline.settings import CommonSettings, setting
+from pipeline.sections import CommonSettings, FlowSettings
+from pipeline.settings import section, setting
 from pipeline.wire.codec import Rollout, encode_rollout
 
 log = logging.getLogger("gkd.rollouts")
@@ -47,6 +48,9 @@ _CLOCK_SLACK_MS = 60_000  # how far before the failed attempt (by Redis's clock)
 class RolloutSettings(CommonSettings):
     """Settings of `gkd rollouts`."""
 
+    flow: FlowSettings = section(
+        FlowSettings, "high_water", "low_water", "high_water_bytes", "low_water_bytes"
+    )
     prompts: str = setting("", "JSONL prompts: {prompt}, {prompt, completion} or {messages} per line.")
     student: str = setting("", "Student model folder or Hugging Face id (tokenizer; in-process generation).")
     student_server: str | None = setting(
@@ -66,12 +70,6 @@ class RolloutSettings(CommonSettings):
     num_rollouts: int = setting(0, "Stop after writing this many rollouts (0: no limit).")
     epochs: int = setting(1, "Passes over the prompts (0: loop forever).")
     shuffle: bool = setting(True, "Shuffle the prompts in every pass.")
-    high_water: int = setting(4096, "Pause while the rollouts stream holds this many entries.")
-    low_water: int = setting(2048, "Resume once it holds no more than this many.")
-    high_water_bytes: int = setting(
-        512 * 2**20, "Pause while the rollouts stream holds this many payload bytes."
-    )
-    low_water_bytes: int = setting(256 * 2**20, "Resume once it holds no more than this many bytes.")
     batch_size: int = setting(8, "Prompts per generation batch and per stream write.")
     policy_poll_s: float = setting(5.0, "How often to look for a newly published policy.")
     device: str = setting("auto", "Device of in-process generation.", choices=("cpu", "cuda", "auto"))
@@ -103,8 +101,7 @@ class Producer:
                 f"batch_size, max_new_tokens: expected >= 1, got {s.batch_size}, {s.max_new_tokens}"
             )
         self.s, self.stop = s, stop
-        self.keys = RunKeys.for_run(s.run)
-        self.marks = WaterMarks(s.high_water, s.low_water, s.high_water_bytes, s.low_water_bytes)
+        self.keys = s.run.keys
         self.summary = ProducerSummary()
         self.rng = random.Random(s.seed)
         self.version = 0
@@ -125,8 +122,8 @@ class Producer:
             s.prompts,
             sum(i.completion_ids is not None for i in items),
         )
-        self.r = connect(s.redis_url)
-        self.bp = Backpressure(self.r, self.keys.rollouts, self.marks)
+        self.r = connect(s.run.redis_url)
+        self.bp = Backpressure(self.r, self.keys.rollouts, s.flow.marks)
         heartbeat = Heartbeat(self.r, self.keys, s.name, Role.PRODUCER, fields=self._heartbeat_fields)
         hb = asyncio.create_task(heartbeat.run())
         try:
@@ -191,7 +188,7 @@ class Producer:
                 continue
             out.append(
                 Rollout(
-                    id=f"{self.s.run}-{uuid.uuid4().hex}",
+                    id=f"{self.s.run.name}-{uuid.uuid4().hex}",
                     input_ids=np.asarray(item.prompt_ids + completion, dtype=np.int32),
                     prompt_len=len(item.prompt_ids),
                     policy_version=self.version,

@@ -15,13 +15,9 @@ Delivery rules (DESIGN.md "Delivery guarantees"):
   for other workers; a worker that dies leaves its entries pending for `reclaim` after the lease;
 - a Redis outage (restart) is logged and waited out with capped backoff; the worker carries on.
 
-Modules: `loop` (the worker), `handoff` (batched atomic publishing), `telemetry` (stats, metrics,
-heartbeats, outage handling), `options` (settings of the loop and its report).
+Modules: `loop` (the worker, `TeacherWorker`), `handoff` (batched atomic publishing), `telemetry`
+(stats, metrics, heartbeat fields, teacher outages), `options` (settings of the loop, its report),
+`metrics` (Prometheus). Nothing is imported here: `gkd workers` reads `options` before the heavy loop.
 """
 
 from __future__ import annotations
-
-from pipeline.score.loop import TeacherWorker
-from pipeline.score.options import LOGPROB_DTYPES, WorkerOptions, WorkerReport
-
-__all__ = ["LOGPROB_DTYPES", "TeacherWorker", "WorkerOptions", "WorkerReport"]

@@ -11,10 +11,13 @@ import logging
 import random
 import time
 
+import numpy as np
+
 from pipeline.errors import (
     PermanentError,
     RedisUnavailable,
     RetryableError,
+    SettingsError,
     StreamGroupMissing,
     WireFormatError,
 )
@@ -22,12 +25,13 @@ from pipeline.queue.backpressure import Backpressure
 from pipeline.queue.connection import RedisRetry, connect, wait_event
 from pipeline.queue.lease import Entry, Held, StreamConsumer
 from pipeline.queue.runstate import Heartbeat, check_run_config, now_ms
-from pipeline.queue.schema import HB, Config, Role, RunKeys, Stage, Stat
+from pipeline.queue.schema import HB, Config, Role, Stage, Stat
 from pipeline.queue.streams import ensure_groups
 from pipeline.score.handoff import HandoffBatcher
 from pipeline.score.metrics import WorkerMetrics
-from pipeline.score.options import LOGPROB_DTYPES, WorkerOptions, WorkerReport
+from pipeline.score.options import WorkerOptions, WorkerReport
 from pipeline.score.telemetry import Telemetry
+from pipeline.sections import FlowSettings, RunSettings
 from pipeline.teacher.client import TeacherClient, TeacherConfig, TeacherScores
 from pipeline.wire.codec import Rollout, ScoredSample, decode_rollout, encode_scored
 
@@ -39,17 +43,20 @@ class TeacherWorker:
 
     def __init__(
         self,
-        redis_url: str,
-        keys: RunKeys,
+        run: RunSettings,
         teacher: TeacherConfig,
         name: str,
+        flow: FlowSettings | None = None,
         options: WorkerOptions | None = None,
         metrics: WorkerMetrics | None = None,
     ) -> None:
-        self.redis_url = redis_url
-        self.keys = keys
+        if teacher.k != run.k:
+            raise SettingsError(f"k: the teacher client asks for k={teacher.k}, the run has k={run.k}")
+        self.run_settings = run
+        self.keys = run.keys
         self.teacher = teacher
         self.name = name
+        self.flow = flow or FlowSettings()
         self.opts = options or WorkerOptions()
         self.metrics = metrics or WorkerMetrics()
         self.report = WorkerReport()
@@ -62,7 +69,7 @@ class TeacherWorker:
         self.client = TeacherClient(teacher, on_event=self.tel.on_event)
         self.started = asyncio.Event()
         """Set once the start-up checks passed and reading begins."""
-        self._dtype = LOGPROB_DTYPES[self.opts.logprob_dtype]
+        self._dtype = np.dtype(run.logprob_dtype)
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
         self._stop = asyncio.Event()
@@ -76,17 +83,17 @@ class TeacherWorker:
         PermanentError from its start-up checks, before any rollout is read.
         """
         self._stop = stop
-        self.r = connect(self.redis_url)
+        self.r = connect(self.run_settings.redis_url)
         self.consumer = StreamConsumer(
             self.r, self.keys.rollouts, self.name,
-            lease_ms=self.opts.lease_ms, max_deliveries=self.opts.max_deliveries,
+            lease_ms=self.flow.lease_ms, max_deliveries=self.flow.max_deliveries,
         )  # fmt: skip
         self._owned = Held(self.consumer)  # until published, dead-lettered or released
         self._heartbeat = Heartbeat(
             self.r, self.keys, self.name, Role.WORKER, ttl_ms=self.opts.heartbeat_ttl_ms,
             fields=self._heartbeat_fields, counts=self.tel.stats,
         )  # fmt: skip
-        self._bp = Backpressure(self.r, self.keys.ready, self.opts.marks)
+        self._bp = Backpressure(self.r, self.keys.ready, self.flow.marks)
         self._handoff = HandoffBatcher(
             self.consumer, self.keys.ready, self.retry, self._published,
             max_items=self.opts.handoff_max_items, max_bytes=self.opts.handoff_max_bytes,
@@ -117,9 +124,8 @@ class TeacherWorker:
             return False
         await self._start_client()
         fixed = {
-            Config.K: self.teacher.k,
             Config.TEACHER_MODEL: self.client.model_id,
-            Config.LOGPROB_DTYPE: self.opts.logprob_dtype,
+            **self.run_settings.fixed(Config.K, Config.LOGPROB_DTYPE),
         }
         await check_run_config(self.r, self.keys, fixed)
         self.metrics.serve(self.opts.metrics_port, self.opts.metrics_addr)
@@ -134,7 +140,7 @@ class TeacherWorker:
         await self._heartbeat.beat()
         log.info(
             "worker %s: run %r, teacher %s, k=%d, %s, concurrency %d",
-            self.name, self.keys.run, self.client.model_id, self.teacher.k, self.opts.logprob_dtype,
+            self.name, self.keys.run, self.client.model_id, self.teacher.k, self.run_settings.logprob_dtype,
             self.opts.concurrency,
         )  # fmt: skip
         return True
@@ -226,7 +232,7 @@ class TeacherWorker:
                 regroup = True
 
     def _reclaim_every_s(self) -> float:
-        return min(max(self.opts.lease_ms / 2000, 0.05), 10.0)
+        return min(max(self.flow.lease_ms / 2000, 0.05), 10.0)
 
     async def _wait_for_slot(self) -> bool:
         """Wait until fewer than `concurrency` rollouts are in flight; False when stopping."""
@@ -242,7 +248,7 @@ class TeacherWorker:
             if entry.sid not in self._owned:
                 self._owned.add([entry])
                 reason = (
-                    f"delivered {entry.deliveries} times (max_deliveries={self.opts.max_deliveries}); "
+                    f"delivered {entry.deliveries} times (max_deliveries={self.flow.max_deliveries}); "
                     f"workers kept dying or stalling on it"
                 )
                 await self._dead_letter(entry, Stage.TEACHER, reason)

@@ -32,8 +32,9 @@ import torch
 from pipeline.errors import SettingsError
 from pipeline.queue.connection import connect
 from pipeline.queue.runstate import check_run_config
-from pipeline.queue.schema import HB, Config, RunKeys
-from pipeline.settings import CommonSettings, setting
+from pipeline.queue.schema import HB, Config
+from pipeline.sections import CommonSettings, FlowSettings, RunSettings
+from pipeline.settings import section, setting
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.batching import Batch, BatchPacker
 from pipeline.train.distributed import Dist, init_distributed, shutdown
@@ -52,6 +53,8 @@ log = logging.getLogger("gkd.train")
 class TrainSettings(CommonSettings):
     """Settings of `gkd train`."""
 
+    run: RunSettings = section(RunSettings, "name", "redis_url", "k", "loss_mode")
+    flow: FlowSettings = section(FlowSettings, "lease_ms", lease_ms=120_000)
     student: str = setting("", "Student model: a local folder or a Hugging Face id (required).")
     output_dir: str = setting("gkd-out", "Folder for checkpoints/ and metrics.jsonl.")
     lr: float = setting(1e-5, "Peak learning rate of AdamW.")
@@ -69,10 +72,6 @@ class TrainSettings(CommonSettings):
     max_grad_norm: float = setting(1.0, "Gradient clipping norm (0: no clipping).")
     beta: float = setting(0.5, "Generalized JSD beta: 0 forward KL, 1 reverse KL.")
     temperature: float = setting(1.0, "Distillation temperature (student and teacher).")
-    loss_mode: str = setting(
-        "tail", "Top-k loss: tail (k + rest) or renorm (renormalized over k).", choices=("tail", "renorm")
-    )
-    k: int = setting(20, "Teacher top-k of the run (checked against the run config and every sample).")
     checkpoint_every: int = setting(
         500, "Checkpoint (then acknowledge and publish the policy) every N steps."
     )
@@ -88,7 +87,6 @@ class TrainSettings(CommonSettings):
     seed: int = setting(0, "Random seed (rank r uses seed + r).")
     device: str = setting("auto", "Training device.", choices=("cpu", "cuda", "auto"))
     precision: str = setting("fp32", "fp32, or bf16 autocast (weights stay fp32).", choices=("fp32", "bf16"))
-    lease_ms: int = setting(120_000, "Lease of read samples; renewed until they are acknowledged.")
     ack_after_step: bool = setting(
         False,
         "Acknowledge samples right after their step instead of at the next checkpoint (less Redis "
@@ -142,17 +140,17 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         self.dist: Dist = init_distributed(s.device)
         torch.manual_seed(s.seed + self.dist.rank)
-        self.keys = RunKeys.for_run(s.run)
+        self.keys = s.run.keys
         self.consumer_name = f"{s.name}-{self.dist.rank}"
         self.io = IOLoop()
-        self.r = self.io.run(_connect(s.redis_url))
+        self.r = self.io.run(_connect(s.run.redis_url))
         self.step = 0
         self.version = 0
         self.last_ckpt_step = -1
         try:
-            self.io.run(check_run_config(self.r, self.keys, {Config.K: s.k, Config.LOSS_MODE: s.loss_mode}))
+            self.io.run(check_run_config(self.r, self.keys, s.run.fixed(Config.K, Config.LOSS_MODE)))
             self.ready = ReadyLeases(
-                self.io, self.r, self.keys, self.consumer_name, lease_ms=s.lease_ms, stop=self.stop
+                self.io, self.r, self.keys, self.consumer_name, lease_ms=s.flow.lease_ms, stop=self.stop
             )
             self._load_model()
         except BaseException:
@@ -217,8 +215,10 @@ class Trainer:
     def _check(self, sample: ScoredSample) -> Verdict:
         """Dead-letter what can never train here; skip (count) stale student rollouts."""
         ro, s = sample.rollout, self.s
-        if sample.k != s.k:
-            return Verdict("dead", f"k mismatch: the run trains with k={s.k}, the sample has k={sample.k}")
+        if sample.k != s.run.k:
+            return Verdict(
+                "dead", f"k mismatch: the run trains with k={s.run.k}, the sample has k={sample.k}"
+            )
         top = max(int(ro.input_ids.max()), int(sample.topk_ids.max()))
         if top >= self.vocab:
             return Verdict("dead", f"token id {top} outside the student's vocabulary of {self.vocab}")
@@ -252,7 +252,7 @@ class Trainer:
         pf = self._prefetcher()
         self.ready.start(fields=lambda: {HB.STEP: self.step, HB.POLICY_VERSION: self.version})
         pf.start()
-        cfg = LossConfig(s.beta, s.temperature, s.loss_mode)
+        cfg = LossConfig(s.beta, s.temperature, s.run.loss_mode)
         autocast = torch.bfloat16 if s.precision == "bf16" else None
         last_data = time.monotonic()
         try:

@@ -35,6 +35,7 @@ from pipeline.queue.connection import connect
 from pipeline.queue.lease import StreamConsumer
 from pipeline.queue.schema import RunKeys
 from pipeline.queue.streams import add_rollouts, ensure_groups
+from pipeline.sections import RunSettings
 from pipeline.train.trainer import TrainSettings, train
 from pipeline.wire.codec import Rollout, ScoredSample, encode_rollout, encode_scored
 from workers.bench.cli import result
@@ -97,11 +98,9 @@ def measure(
     asyncio.run(fill(url, RunKeys.for_run(run), samples))
     with tempfile.TemporaryDirectory(prefix="gkd-bench-trainer-") as out:
         s = TrainSettings(
-            run=run,
-            redis_url=url,
+            run=RunSettings(name=run, redis_url=url, k=a.k),
             student=student,
             output_dir=out,
-            k=a.k,
             batch_tokens=a.batch_tokens,
             grad_accum=a.grad_accum,
             max_steps=a.steps,

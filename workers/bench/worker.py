@@ -165,15 +165,16 @@ async def run_worker(
 ) -> tuple[float, float]:
     """(wall s, CPU s) for the worker to move `n` rollouts from Redis through the teacher to ready.
     `ids_T`: the tokens of every rollout, or a list of them (rollout i gets entry i modulo its length)."""
-    from pipeline.queue.backpressure import WaterMarks
     from pipeline.queue.connection import connect
-    from pipeline.queue.schema import RunKeys
     from pipeline.queue.streams import add_rollouts, ensure_groups
-    from pipeline.score import TeacherWorker, WorkerOptions
+    from pipeline.score.loop import TeacherWorker
+    from pipeline.score.options import WorkerOptions
+    from pipeline.sections import FlowSettings, RunSettings
     from pipeline.teacher.client import TeacherConfig
     from pipeline.wire.codec import Rollout, encode_rollout
 
-    keys = RunKeys.for_run(f"bench-k{k}")
+    run = RunSettings(name=f"bench-k{k}", redis_url=redis_url, k=k)
+    keys = run.keys
     r = connect(redis_url)
     await ensure_groups(r, keys)
     tokens = ids_T if isinstance(ids_T, list) else [ids_T]
@@ -181,9 +182,8 @@ async def run_worker(
         (f"b{i}", encode_rollout(Rollout(f"b{i}", tokens[i % len(tokens)], prompt_len=1))) for i in range(n)
     ]
     config = TeacherConfig(endpoints=[url], backend="vllm", k=k, per_endpoint_concurrency=concurrency)
-    marks = WaterMarks(high_entries=n + 1, low_entries=n, high_bytes=1 << 40, low_bytes=1 << 39)
-    options = WorkerOptions(concurrency=concurrency, marks=marks)
-    worker = TeacherWorker(redis_url, keys, config, "bench", options)
+    flow = FlowSettings(high_water=n + 1, low_water=n, high_water_bytes=1 << 40, low_water_bytes=1 << 39)
+    worker = TeacherWorker(run, config, "bench", flow, WorkerOptions(concurrency=concurrency))
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     await asyncio.wait({task, asyncio.create_task(worker.started.wait())}, return_when="FIRST_COMPLETED")

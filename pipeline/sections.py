@@ -1,0 +1,103 @@
+"""The settings sections the processes of a run share: the run itself and the flow of work.
+
+Each process's settings dataclass embeds them with `pipeline.settings.section`, exposing the fields it
+uses (``--run``, ``--k``, ``--high-water``, ... keep their names for users). Validation lives here, once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from pipeline.errors import SettingsError
+from pipeline.queue.schema import DEFAULT_RUN, Config, RunKeys
+from pipeline.settings import section, setting
+
+if TYPE_CHECKING:  # imported when used: it pulls in redis, which `gkd workers` loads after its signals
+    from pipeline.queue.backpressure import WaterMarks
+
+
+@dataclasses.dataclass
+class RunSettings:
+    """The run a process joins: where it lives, and the settings fixed for the whole run."""
+
+    # --run-name: under torchrun, `--run` is taken as an abbreviation of torchrun's own --run-path.
+    name: str = setting(
+        DEFAULT_RUN,
+        "Run name: every Redis key of the run carries it as the hash tag {run}.",
+        name="run",
+        flags=("--run-name",),
+    )
+    redis_url: str = setting(
+        "redis://127.0.0.1:6379/0",
+        "Redis URL (redis://[:password@]host:port/db, or rediss:// for TLS).",
+        flags=("--redis",),
+        secret=True,
+    )
+    k: int = setting(20, "Teacher top-k logprobs per position (fixed for the run; checked on every sample).")
+    logprob_dtype: str = setting(
+        "float16", "dtype of the stored top-k logprobs (fixed for the run).", choices=("float16", "float32")
+    )
+    loss_mode: str = setting(
+        "tail", "Top-k loss: tail (k + rest) or renorm (renormalized over k).", choices=("tail", "renorm")
+    )
+
+    def __post_init__(self) -> None:
+        RunKeys.for_run(self.name)  # raises SettingsError naming the rule
+        if self.k < 1:
+            raise SettingsError(f"k: expected >= 1, got {self.k}")
+
+    @property
+    def keys(self) -> RunKeys:
+        return RunKeys(self.name)
+
+    def fixed(self, *fields: str) -> dict[str, object]:
+        """The values of these run-config fields (`schema.Config`), for `check_run_config`."""
+        values: dict[str, object] = {
+            Config.K: self.k,
+            Config.LOGPROB_DTYPE: self.logprob_dtype,
+            Config.LOSS_MODE: self.loss_mode,
+        }
+        return {f: values[f] for f in fields}
+
+
+@dataclasses.dataclass
+class FlowSettings:
+    """How work flows through a stream: backpressure on the stream a process feeds, leases on the one
+    it reads."""
+
+    high_water: int = setting(4096, "Pause when the stream this process feeds holds this many entries.")
+    low_water: int = setting(2048, "Resume once it holds no more than this many entries.")
+    high_water_bytes: int = setting(512 * 2**20, "Pause when that stream holds this many payload bytes.")
+    low_water_bytes: int = setting(256 * 2**20, "Resume once it holds no more than this many bytes.")
+    lease_ms: int = setting(
+        60_000,
+        "Lease on a read entry, renewed while it is held: idle longer (its process died or stalled) and "
+        "another process may reclaim it.",
+    )
+    max_deliveries: int = setting(5, "An entry delivered more often than this goes to the dead stream.")
+
+    def __post_init__(self) -> None:
+        try:
+            self.marks  # noqa: B018 -- WaterMarks validates the marks
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+        if self.lease_ms < 10 or self.max_deliveries < 1:
+            raise SettingsError(
+                f"lease_ms, max_deliveries: expected >= 10 and >= 1, "
+                f"got {self.lease_ms}, {self.max_deliveries}"
+            )
+
+    @property
+    def marks(self) -> WaterMarks:
+        from pipeline.queue.backpressure import WaterMarks
+
+        return WaterMarks(self.high_water, self.low_water, self.high_water_bytes, self.low_water_bytes)
+
+
+@dataclasses.dataclass
+class CommonSettings:
+    """Settings every process has: the run it joins (name and Redis) and its log level."""
+
+    run: RunSettings = section(RunSettings, "name", "redis_url")
+    log_level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))

@@ -28,6 +28,7 @@ from pipeline.local.redis_server import env_without_proxy, free_port
 from pipeline.local.tiny_models import tiny_models
 from pipeline.queue.connection import connect
 from pipeline.queue.schema import RunKeys, Stat
+from pipeline.sections import RunSettings
 from pipeline.serve.server import TeacherServerSettings, load, start_server
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.batching import BatchPacker, pack
@@ -155,11 +156,9 @@ def _train(
 ) -> list[dict[str, float]]:
     fill(url, RunKeys.for_run(run), samples)
     s = TrainSettings(
-        run=run,
-        redis_url=url,
+        run=RunSettings(name=run, redis_url=url, k=K),
         student=student,
         output_dir=str(out / run),
-        k=K,
         batch_tokens=256,
         max_steps=4,
         lr=1e-3,

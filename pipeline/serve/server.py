@@ -60,11 +60,18 @@ class TeacherServerSettings:
     max_model_len: int | None = setting(
         None, "Longest prompt in tokens (default: the model's max positions)."
     )
-    max_batch_tokens: int = setting(16384, "Largest padded batch (batch size x longest prompt) per forward.")
-    max_wait_ms: float = setting(5.0, "How long a request waits for others to share its forward pass.")
+    max_batch_tokens: int = setting(
+        16384, "Largest padded batch (batch size x longest prompt) per forward (transformers engine)."
+    )
+    max_wait_ms: float = setting(
+        5.0, "How long a request waits for others to share its forward pass (transformers engine)."
+    )
     max_pending: int = setting(1024, "Prompts queued or running before new requests get HTTP 429.")
     max_body_bytes: int = setting(64 * 1024 * 1024, "Largest request body in bytes (413 above).")
-    threads: int = setting(0, "Torch CPU threads (0: half the cores, at most 8; oversubscribed cores crawl).")
+    threads: int = setting(
+        0,
+        "Torch CPU threads (0: half the cores, at most 8; oversubscribed cores crawl; transformers engine).",
+    )
     log_level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))
     tensor_parallel_size: int = setting(1, "--engine vllm: GPUs to shard the model over.")
     vllm_args: str = setting(

@@ -219,7 +219,7 @@ def resolve(
     given = vars(ns) if ns is not None else {}
     toml = _toml(given.get("config") or env.get(ENV_PREFIX + "CONFIG"), table)
     leaves = _leaves(cls)
-    known = {leaf.name for leaf in leaves}
+    known = setting_names(cls)
     unknown = sorted(set(toml) - known - {"config"})
     if unknown and table is not None:
         raise SettingsError(f"config file: unknown settings {unknown}; expected some of {sorted(known)}")
@@ -295,11 +295,6 @@ def to_argv(obj: Any) -> list[str]:
         else:
             out += [flag, _text(value)]
     return out
-
-
-def to_env(obj: Any) -> dict[str, str]:
-    """`obj`'s non-default settings as GKD_* environment variables."""
-    return {ENV_PREFIX + name.upper(): _text(value) for name, value in changed(obj).items()}
 
 
 def redacted(obj: Any) -> dict[str, Any]:

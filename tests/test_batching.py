@@ -58,7 +58,7 @@ def test_padding_masks_and_dtypes() -> None:
     # Loss positions: sample 0 at 1..3 (T=5, P=2), sample 1 at 0..1 (T=3, P=1); never on padding.
     assert b.loss_mask_BT.tolist() == [[False, True, True, True, False], [True, True, False, False, False]]
     assert not (b.loss_mask_BT & (b.attention_mask_BT == 0)).any()
-    assert b.num_tokens == 8 and b.padded_tokens == 10 and b.sample_ids == ["s1", "s2"]
+    assert b.num_tokens == 8 and b.input_ids_BT.numel() == 10 and b.sample_ids == ["s1", "s2"]
     mixed = collate([sample(1, 5, 2), sample(2, 3, 1, fp16=False)], pin=False)
     assert mixed.teacher_logprobs_NK.dtype == torch.float32
 
@@ -71,7 +71,7 @@ def test_packer_respects_the_token_budget_in_order() -> None:
     for b in batches:
         lens = [lengths[int(i[1:])] for i in b.sample_ids]
         assert padded_cost(lens) <= 24 or len(lens) == 1  # a sample over the budget goes alone
-        assert b.padded_tokens == padded_cost(lens)
+        assert b.input_ids_BT.numel() == padded_cost(lens)
     # Greedy: each batch was closed because the next sample did not fit.
     for b, nxt in itertools.pairwise(batches):
         lens = [lengths[int(i[1:])] for i in b.sample_ids] + [lengths[int(nxt.sample_ids[0][1:])]]

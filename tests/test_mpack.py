@@ -78,7 +78,6 @@ def test_dumps_round_trips_and_copies_each_buffer_once() -> None:
     buf = mpack.dumps(obj)
     back = msgpack.unpackb(buf, raw=False)
     assert back["t"]["data"] == arr.tobytes() and back["m"] == {"a": [1, None]} and back["v"] == 1
-    assert b"".join(bytes(p) for p in mpack.iter_parts(obj)) == buf
 
 
 @pytest.mark.parametrize(

@@ -14,14 +14,12 @@ from pipeline.queue.runstate import (
     Heartbeat,
     check_run_config,
     incr_stats,
-    live_workers,
     publish_policy,
-    read_config,
     read_policy,
-    read_stats,
 )
 from pipeline.queue.schema import HB, RunKeys, Stat
 from pipeline.queue.streams import add_rollouts, ensure_groups
+from tests.redis_helpers import live_workers, read_config, read_stats
 
 
 async def test_backpressure_blocks_above_high_and_releases_below_low(

@@ -13,9 +13,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from pipeline.local.redis_server import RedisServer, env_without_proxy, free_port
+from pipeline.monitor.report import build_report, take_sample
 from pipeline.queue.connection import connect_sync
 from pipeline.queue.lease import StreamConsumer
-from pipeline.queue.report import build_report, take_sample
 from pipeline.queue.runstate import Heartbeat, check_run_config, incr_stats, publish_policy
 from pipeline.queue.schema import HB, RunKeys, Stat
 from pipeline.queue.streams import add_rollouts, ensure_groups

@@ -9,9 +9,9 @@ import redis.asyncio as aioredis
 
 from pipeline.queue import schema as K
 from pipeline.queue.lease import StreamConsumer
-from pipeline.queue.runstate import read_stats
 from pipeline.queue.schema import RunKeys, Stat
 from pipeline.queue.streams import add_rollouts, ensure_groups
+from tests.redis_helpers import read_stats
 
 
 async def produce(r: aioredis.Redis, keys: RunKeys, n: int, prefix: str = "r") -> list[str]:

@@ -35,7 +35,7 @@ from pipeline.queue.runstate import check_run_config
 from pipeline.queue.schema import TRAINERS_GROUP, RunKeys, Stat
 from pipeline.queue.streams import add_rollouts, ensure_groups
 from pipeline.sections import RunSettings
-from pipeline.settings import to_argv, to_env
+from pipeline.settings import ENV_PREFIX, changed, to_argv
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.batching import pack
 from pipeline.train.optim import build_optimizer, build_scheduler
@@ -482,7 +482,12 @@ def test_two_torchrun_ranks_train_on_disjoint_samples(
         "workers.cli",
         "train",
     ]
-    p = spawn(procs, args, tmp_path / "torchrun.log", to_env(s))
+    p = spawn(
+        procs,
+        args,
+        tmp_path / "torchrun.log",
+        {ENV_PREFIX + k.upper(): str(v) for k, v in changed(s).items()},
+    )
     assert p.wait(240) == 0, (tmp_path / "torchrun.log").read_text()[-4000:]
     log = read_log(ledger)
     by_rank: dict[int, list[str]] = {0: [], 1: []}

@@ -26,7 +26,7 @@ from pipeline.errors import ConfigMismatch
 from pipeline.local.redis_server import env_without_proxy, free_port
 from pipeline.queue.connection import connect
 from pipeline.queue.lease import StreamConsumer
-from pipeline.queue.runstate import check_run_config, read_stats
+from pipeline.queue.runstate import check_run_config
 from pipeline.queue.schema import RunKeys, Stat
 from pipeline.queue.streams import add_rollouts, ensure_groups
 from pipeline.score.loop import TeacherWorker
@@ -35,6 +35,7 @@ from pipeline.sections import FlowSettings, RunSettings
 from pipeline.teacher.client import TeacherConfig
 from pipeline.teacher.vllm import render_prompt_logprobs_body
 from pipeline.wire.codec import Rollout, decode_scored, encode_rollout
+from tests.redis_helpers import read_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 1000

@@ -68,11 +68,6 @@ async def check_run_config(r: aioredis.Redis, keys: RunKeys, settings: Mapping[s
         )
 
 
-async def read_config(r: aioredis.Redis, keys: RunKeys) -> dict[str, str]:
-    raw = await r.hgetall(keys.config)
-    return {_s(k): _s(v) for k, v in raw.items()}
-
-
 async def incr_stats(r: aioredis.Redis, keys: RunKeys, counts: Mapping[str, int]) -> None:
     """Add to monotonic counters in `stats` (one round trip)."""
     items = {k: int(v) for k, v in counts.items() if v}
@@ -82,11 +77,6 @@ async def incr_stats(r: aioredis.Redis, keys: RunKeys, counts: Mapping[str, int]
         for name, n in items.items():
             pipe.hincrby(keys.stats, name, n)
         await pipe.execute()
-
-
-async def read_stats(r: aioredis.Redis, keys: RunKeys) -> dict[str, int]:
-    raw = await r.hgetall(keys.stats)
-    return {_s(k): int(v) for k, v in raw.items()}
 
 
 #: How long a heartbeat outlives its process's last beat; a process beats every third of it.
@@ -170,16 +160,6 @@ class Heartbeat:
     async def remove(self) -> None:
         """Delete the hash (a clean exit): the process leaves `gkd status` at once."""
         await self.r.delete(self.keys.worker(self.name))
-
-
-async def live_workers(r: aioredis.Redis, keys: RunKeys) -> dict[str, dict[str, str]]:
-    """Every process whose heartbeat has not expired: name -> heartbeat fields."""
-    out: dict[str, dict[str, str]] = {}
-    async for key in r.scan_iter(match=keys.worker_pattern, count=500):
-        raw = await r.hgetall(key)
-        if raw:
-            out[keys.worker_name(_s(key))] = {_s(k): _s(v) for k, v in raw.items()}
-    return out
 
 
 async def publish_policy(r: aioredis.Redis, keys: RunKeys, version: int, checkpoint: str) -> None:

@@ -38,7 +38,7 @@ _RUN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 class HB:
     """Fields of a process's heartbeat hash. The first five every process writes; the rest are
-    optional extras that `gkd status` shows when present (see pipeline.queue.report)."""
+    optional extras that `gkd status` shows when present (see pipeline.monitor.report)."""
 
     HOST = "host"
     PID = "pid"

@@ -22,7 +22,7 @@ from pipeline.errors import MalformedResponse, WireFormatError
 from pipeline.teacher import rows, vllm
 from pipeline.teacher.protocol import TeacherProtocol
 from pipeline.wire import mpack
-from pipeline.wire.codec import ID_DTYPES, LOGPROB_DTYPES, pack_tensor, unpack_tensor
+from pipeline.wire.codec import ID_DTYPES, LOGPROB_WIRE_DTYPES, pack_tensor, unpack_tensor
 
 MEDIA_TYPE = "application/x-gkd-topk+msgpack"
 ADVERT_FIELD = "gkd_binary_topk"
@@ -61,7 +61,7 @@ def parse_response(raw: bytes, num_tokens: int, prompt_len: int, k: int) -> tupl
         if not isinstance(obj, dict) or obj.get("v") != VERSION:
             raise MalformedResponse(f"{what}: expected a msgpack map with v={VERSION}, got {str(obj)[:80]}")
         ids_RK = unpack_tensor(obj.get("ids"), "ids", ID_DTYPES, 2)
-        lp_RK = unpack_tensor(obj.get("logprobs"), "logprobs", LOGPROB_DTYPES, 2)
+        lp_RK = unpack_tensor(obj.get("logprobs"), "logprobs", LOGPROB_WIRE_DTYPES, 2)
     except (ValueError, WireFormatError) as exc:
         raise MalformedResponse(f"{what}: {exc}") from None
     R = num_tokens - prompt_len

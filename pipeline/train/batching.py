@@ -48,18 +48,9 @@ class Batch:
     """Real (unpadded) tokens: the sum of T over the samples."""
 
     @property
-    def num_samples(self) -> int:
-        return len(self.sample_ids)
-
-    @property
     def num_loss_tokens(self) -> int:
         """N: the rows the loss sums over."""
         return int(self.positions_N.shape[0])
-
-    @property
-    def padded_tokens(self) -> int:
-        """B x T: what the forward pass computes, padding included."""
-        return int(self.input_ids_BT.numel())
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {

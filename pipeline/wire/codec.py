@@ -27,7 +27,7 @@ VERSION = 1
 #: dtype strings accepted on the wire (little-endian only).
 TENSOR_DTYPES = frozenset({"<i4", "<i8", "<f2", "<f4"})
 ID_DTYPES = frozenset({"<i4"})
-LOGPROB_DTYPES = frozenset({"<f2", "<f4"})
+LOGPROB_WIRE_DTYPES = frozenset({"<f2", "<f4"})
 
 
 @dataclass(frozen=True)
@@ -259,7 +259,7 @@ def decode_scored(buf: bytes | memoryview, limits: Limits = DEFAULT_LIMITS) -> S
     obj = _unpack(buf, limits, "scored")
     r = _rollout_from(obj, limits)
     ids_RK = unpack_tensor(obj.get("topk_ids"), "topk_ids", ID_DTYPES, 2)
-    logprobs_RK = unpack_tensor(obj.get("topk_logprobs"), "topk_logprobs", LOGPROB_DTYPES, 2)
+    logprobs_RK = unpack_tensor(obj.get("topk_logprobs"), "topk_logprobs", LOGPROB_WIRE_DTYPES, 2)
     k = _int(obj, "k")
     _check_scores(r, ids_RK, logprobs_RK, k, limits)
     return ScoredSample(

@@ -11,7 +11,6 @@ truncation, non-UTF-8 strings, non-string map keys and nesting deeper than `max_
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
 from typing import Any
 
 import msgpack
@@ -167,10 +166,3 @@ def dumps(obj: Any) -> bytes:
     parts: list[Any] = []
     _parts(obj, parts)
     return b"".join(parts)
-
-
-def iter_parts(obj: Any) -> Iterable[Any]:
-    """The chunks `dumps` would join (for writers that can send a vector of buffers)."""
-    parts: list[Any] = []
-    _parts(obj, parts)
-    return parts

@@ -1,0 +1,1 @@
+"""What `gkd status` reads from Redis (`report`) and how it prints it (`text`)."""

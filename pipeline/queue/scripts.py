@@ -106,7 +106,8 @@ RELEASE = (
     OWNED
     + """
 return each_owned(4, 2, function(i)
-  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'IDLE', ARGV[3], 'RETRYCOUNT', ARGV[i + 1], 'JUSTID')
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i],
+    'IDLE', ARGV[3], 'RETRYCOUNT', ARGV[i + 1], 'JUSTID')
 end)
 """
 )

@@ -140,13 +140,13 @@ def corpus_rollouts(tok: Any, n: int, prefix: str) -> list[Rollout]:
 
 async def settle(r: aioredis.Redis, keys: RunKeys, n: int, procs: Procs, timeout_s: float = 240) -> None:
     async def settled() -> bool:
-        return int(await r.xlen(keys.ready)) + int(await r.xlen(keys.dead)) >= n
+        return int(await r.xlen(keys.ready.key)) + int(await r.xlen(keys.dead.key)) >= n
 
     await wait_until(settled, timeout_s, f"{n} rollouts in ready or dead", procs=procs, alive=["w0"])
 
 
 async def scored_samples(r: aioredis.Redis, keys: RunKeys) -> dict[str, Any]:
-    return {e["id"].decode(): decode_scored(e["data"]) for e in await stream_entries(r, keys.ready)}
+    return {e["id"].decode(): decode_scored(e["data"]) for e in await stream_entries(r, keys.ready.key)}
 
 
 def torch_topk(model: Any, ids: np.ndarray, prompt_len: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -244,14 +244,14 @@ async def test_vllm_restart_mid_run_loses_and_duplicates_nothing(
     await add_rollouts(r, keys, [(ro.id, encode_rollout(ro)) for ro in items])
 
     async def some_scored() -> bool:
-        return int(await r.xlen(keys.ready)) >= 10
+        return int(await r.xlen(keys.ready.key)) >= 10
 
     await wait_until(some_scored, 120, "the first scores", procs=procs, alive=["w0"])
     vllm_server.stop(signal.SIGKILL)
     await asyncio.to_thread(vllm_server.start)
     await settle(r, keys, len(items), procs)
     assert await dead_letters(r, keys) == {}
-    ids = [e["id"].decode() for e in await stream_entries(r, keys.ready)]
+    ids = [e["id"].decode() for e in await stream_entries(r, keys.ready.key)]
     assert sorted(ids) == sorted(ro.id for ro in items)  # each exactly once
 
 
@@ -270,7 +270,7 @@ async def test_rollouts_generate_with_a_vllm_student_server(
                "--max-new-tokens", "8")  # fmt: skip
     procs.spawn("p0", args)
     assert await procs.wait("p0", 240) == 0, procs.tail("p0")
-    entries = await stream_entries(r, keys.rollouts)
+    entries = await stream_entries(r, keys.rollouts.key)
     from pipeline.wire.codec import decode_rollout
 
     made = [decode_rollout(e["data"]) for e in entries]

@@ -20,6 +20,8 @@ Retry and dead-letter logic branch on the class, never on message text:
     ├── LeaseLost             this consumer no longer owns a stream entry; it must not publish
     ├── StreamGroupMissing    a stream's consumer group is gone (Redis lost its data): recreate it
     ├── ConfigMismatch        a process joins a run whose fixed settings differ from its own
+    ├── DatasetError          a scored dataset on disk is unusable here (another teacher or k, a bad checksum)
+    ├── MissingExtra          an optional dependency is not installed (names the extra that installs it)
     └── SettingsError         a flag, environment variable or TOML value is invalid
 
 redis-py's exceptions never leave `pipeline.queue.connection`: its clients raise the classes above.
@@ -114,6 +116,15 @@ class LeaseLost(GKDError):
 
 class ConfigMismatch(GKDError):
     """The run's stored config differs from this process's settings (names every differing setting)."""
+
+
+class DatasetError(GKDError):
+    """A scored dataset on disk cannot be used here: another teacher, k or dtype than the run, a shard whose
+    checksum differs from its manifest, a folder that holds no dataset (the message names the reason)."""
+
+
+class MissingExtra(GKDError):
+    """An optional dependency is missing; the message names the extra to install."""
 
 
 class SettingsError(GKDError):

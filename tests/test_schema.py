@@ -36,6 +36,9 @@ GENERIC = {
     "role": "a chat message's role (prompts)",
     "stage": "Prometheus label of gkd_worker_dead_lettered_total",
     "gkd": "the project's name (logger names, the default run)",
+    "export": "gkd command, bench suite, the export state of a scored dataset's manifest",
+    "replay": "gkd command",
+    "version": "field of a scored dataset's manifest",
 }
 
 #: Methods of a redis-py client or pipeline that send a command.

@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "workers": ("workers.pool", "Run the teacher worker pool: rollouts -> teacher top-k -> ready."),
     "train": ("workers.trainer", "Train the student on ready samples with the top-k GKD loss."),
     "rollouts": ("workers.rollouts", "Produce rollouts from JSONL prompts (dataset or on-policy student)."),
+    "export": ("workers.export", "Write a run's scored samples into Parquet shards (a scored dataset)."),
+    "replay": ("workers.replay", "Feed a scored dataset into a run's ready stream, epoch by epoch."),
     "status": ("workers.status", "Show queue depths, lag, dead letters, workers and throughput of a run."),
     "bench": ("workers.bench.cli", "Run a benchmark suite (codec, worker, loss, trainer, e2e)."),
 }

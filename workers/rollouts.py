@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 
+from pipeline.errors import GKDError
 from pipeline.produce.producer import ProducerSummary, RolloutSettings, produce
 from pipeline.settings import parse, redacted
 
@@ -24,12 +25,17 @@ def main(argv: list[str]) -> int:
             loop.add_signal_handler(sig, stop.set)
         return await produce(s, stop)
 
-    summary = asyncio.run(run())
+    try:
+        summary = asyncio.run(run())
+    except GKDError as exc:  # e.g. a --skip-scored dataset of another teacher or k
+        log.error("gkd rollouts: %s", exc)
+        return 2
     log.info(
-        "done: %d rollouts (%s), %d skipped, policy versions %s",
+        "done: %d rollouts (%s), %d skipped, %d already scored (--skip-scored), policy versions %s",
         summary.produced,
         dict(summary.sources),
         summary.skipped,
+        summary.skipped_scored,
         summary.versions,
     )
     return 0

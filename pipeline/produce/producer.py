@@ -32,8 +32,8 @@ from pipeline.produce.student_gen import Generator, LocalGenerator, Sampling, Se
 from pipeline.queue import schema as K
 from pipeline.queue.backpressure import Backpressure
 from pipeline.queue.connection import RedisRetry, connect
-from pipeline.queue.runstate import Heartbeat, now_ms, read_policy
-from pipeline.queue.schema import HB, Role
+from pipeline.queue.runstate import Heartbeat, now_ms, read_config, read_policy
+from pipeline.queue.schema import HB, Config, Role
 from pipeline.queue.streams import add_rollouts, ensure_groups
 from pipeline.sections import CommonSettings, FlowSettings
 from pipeline.settings import section, setting
@@ -74,6 +74,11 @@ class RolloutSettings(CommonSettings):
     policy_poll_s: float = setting(5.0, "How often to look for a newly published policy.")
     device: str = setting("auto", "Device of in-process generation.", choices=("cpu", "cuda", "auto"))
     name: str = setting("rollouts", "Process name (heartbeat).")
+    skip_scored: list[str] = setting(
+        [],
+        "Scored dataset folder(s) (gkd export): leave out sequences whose exact token ids are already "
+        "scored there by the run's teacher and k (repeat or comma-separate).",
+    )
 
 
 @dataclass
@@ -83,6 +88,8 @@ class ProducerSummary:
     versions: list[int] = field(default_factory=list)
     """Every policy version loaded, in order (the first is the one at start)."""
     skipped: int = 0
+    skipped_scored: int = 0
+    """Rollouts left out because a --skip-scored dataset already holds their ids."""
 
 
 class Producer:
@@ -109,6 +116,7 @@ class Producer:
         self.gen: Generator | None = None
         self._batches = 0
         self.retry = RedisRetry(f"rollouts {s.name}", first_s=0.2)
+        self.scored: list[Any] = []  # ScoredIndex of each --skip-scored folder
 
     async def run(self) -> ProducerSummary:
         from transformers import AutoTokenizer
@@ -128,6 +136,7 @@ class Producer:
         hb = asyncio.create_task(heartbeat.run())
         try:
             await self.retry.call("create groups", lambda: ensure_groups(self.r, self.keys), stop=self.stop)
+            await self._load_scored()
             await self._follow_policy(force=True)
             await self._loop(items)
         finally:
@@ -143,6 +152,7 @@ class Producer:
         epoch = 0
         last_poll = time.monotonic()
         while (s.epochs == 0 or epoch < s.epochs) and not self._done():
+            produced = self.summary.produced
             order = list(range(len(items)))
             if s.shuffle:
                 self.rng.shuffle(order)
@@ -157,6 +167,35 @@ class Producer:
                 rollouts = await self._make(batch, epoch)
                 await self._write(rollouts)
             epoch += 1
+            if self.scored and self.summary.produced == produced and not self.stop.is_set():
+                log.info("every sequence of epoch %d is already scored (--skip-scored): done", epoch - 1)
+                return
+
+    async def _load_scored(self) -> None:
+        """Index the --skip-scored datasets, refusing one whose teacher or k the run does not use."""
+        if not self.s.skip_scored:
+            return
+        from pipeline.dataset.index import ScoredIndex
+
+        config = await self.retry.call("read config", lambda: read_config(self.r, self.keys), stop=self.stop)
+        for folder in self.s.skip_scored:
+            index = await asyncio.to_thread(ScoredIndex, folder)
+            index.manifest.check_compatible(
+                teacher=config.get(Config.TEACHER_MODEL),
+                k=int(config[Config.K]) if Config.K in config else None,
+                logprob_dtype=None,  # the same ids are the same sequence whatever the dtype
+                where=f"run {self.keys.run!r} has",
+            )
+            if Config.TEACHER_MODEL not in config:
+                log.warning(
+                    "--skip-scored %s: run %r has no teacher yet; skipping what %s scored with k=%d",
+                    folder, self.keys.run, index.manifest.teacher, index.manifest.k,
+                )  # fmt: skip
+            log.info("--skip-scored %s: %d scored sequences", folder, len(index))
+            self.scored.append(index)
+
+    def _already_scored(self, ro: Rollout) -> bool:
+        return any(ro.input_ids in index for index in self.scored)
 
     def _done(self) -> bool:
         s = self.s
@@ -197,6 +236,9 @@ class Producer:
                     meta={"prompt_index": item.index, "line": item.line, "epoch": epoch},
                 )
             )
+            if self.scored and self._already_scored(out[-1]):
+                out.pop()
+                self.summary.skipped_scored += 1
         return out
 
     async def _write(self, rollouts: list[Rollout]) -> None:

@@ -68,6 +68,22 @@ async def check_run_config(r: aioredis.Redis, keys: RunKeys, settings: Mapping[s
         )
 
 
+async def read_config(r: aioredis.Redis, keys: RunKeys) -> dict[str, str]:
+    """The run's fixed settings as stored (fields in `schema.Config`); empty before the first process."""
+    raw = await r.hgetall(keys.config)
+    return {_s(k): _s(v) for k, v in raw.items()}
+
+
+async def live_workers(r: aioredis.Redis, keys: RunKeys) -> dict[str, dict[str, str]]:
+    """Every process of the run whose heartbeat has not expired: name -> heartbeat fields."""
+    out: dict[str, dict[str, str]] = {}
+    async for key in r.scan_iter(match=keys.worker_pattern, count=500):
+        raw = await r.hgetall(key)
+        if raw:
+            out[keys.worker_name(_s(key))] = {_s(k): _s(v) for k, v in raw.items()}
+    return out
+
+
 async def incr_stats(r: aioredis.Redis, keys: RunKeys, counts: Mapping[str, int]) -> None:
     """Add to monotonic counters in `stats` (one round trip)."""
     items = {k: int(v) for k, v in counts.items() if v}

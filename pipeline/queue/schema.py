@@ -33,6 +33,17 @@ POLICY_VERSION = "version"
 POLICY_CHECKPOINT = "checkpoint"
 POLICY_UPDATED_MS = "updated_ms"
 
+#: Fields of a replay cursor hash (`RunKeys.replay`): where the replay of one dataset into the run stands.
+REPLAY_EPOCH = "cursor_epoch"
+"""The epoch in progress (0-based); equals the epochs replayed once it reaches them."""
+REPLAY_POS = "cursor_pos"
+"""Samples of that epoch already in ready."""
+REPLAY_SHARDS = "cursor_shards"
+"""Shards the epoch in progress spans (a dataset may grow while it is replayed)."""
+REPLAY_ORDER = "cursor_order"
+""""sequential" or "shuffle:<seed>"."""
+REPLAY_UPDATED_MS = "updated_ms"
+
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -56,6 +67,14 @@ class HB:
     STEP = "step"
     POLICY_VERSION = "policy_version"
     PRODUCED = "produced"
+    EXPORTED = "exported"
+    """Samples a `gkd export` process committed to its dataset."""
+    DATASET = "dataset_dir"
+    """The dataset folder of `gkd export` / `gkd replay`."""
+    REPLAYED = "replayed"
+    """Samples a `gkd replay` process added to ready."""
+    SERVED = "served"
+    """Rollouts `gkd replay --serve-rollouts` scored from its dataset."""
 
     BASE = (HOST, PID, ROLE, IN_FLIGHT, LAST_SEEN_MS)
 
@@ -66,6 +85,8 @@ class Role:
     WORKER = "worker"
     TRAINER = "trainer"
     PRODUCER = "rollouts"
+    EXPORT = "export"
+    REPLAY = "replay"
 
 
 class Config:
@@ -75,6 +96,8 @@ class Config:
     TEACHER_MODEL = "teacher_model"
     LOGPROB_DTYPE = "logprob_dtype"
     LOSS_MODE = "loss_mode"
+    TOKENIZER_FINGERPRINT = "tokenizer_fingerprint"
+    """Set by `gkd replay` from the dataset's manifest, when it has one."""
 
 
 class Stage:
@@ -88,6 +111,8 @@ class Stage:
     """A worker could not encode the scored sample."""
     TRAINER = "trainer"
     """A trainer cannot train the sample (undecodable, another k, ids beyond the vocabulary, ...)."""
+    EXPORT = "export"
+    """`gkd export` cannot write the sample (undecodable, another teacher, k or dtype than the dataset)."""
 
 
 class Stat:
@@ -108,6 +133,9 @@ class Stat:
     STALE_SKIPPED = "stale_skipped"
     DATA_WAIT_MS = "data_wait_ms"
     STEP_MS = "step_ms"
+    EXPORTED = "exported"
+    REPLAYED = "replayed"
+    CACHE_SCORED = "cache_scored"
 
 
 @dataclass(frozen=True)
@@ -193,6 +221,10 @@ class RunKeys:
     def config(self) -> str:
         """Hash of the run's fixed settings (fields in `Config`), checked by every joining process."""
         return self.key("config")
+
+    def replay(self, dataset_id: str) -> str:
+        """Hash with the cursor of the replay of one scored dataset into this run (REPLAY_* fields)."""
+        return self.key(f"replay:{dataset_id}")
 
     def worker(self, name: str) -> str:
         """Heartbeat hash (with TTL) of one process (fields in `HB`)."""

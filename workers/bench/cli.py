@@ -23,6 +23,7 @@ SUITES: dict[str, str] = {
     "redis_loss": "what a Redis kill -9 loses with appendfsync always vs everysec",
     "teacher": "gkd workers against vllm serve (JSON), gkd teacher --engine vllm and gkd teacher (binary)",
     "serve": "positions/s of the reference teacher server (gkd teacher) scoring for the worker pool",
+    "export": "scored datasets: bytes per token on disk, export and replay throughput",
 }
 
 ON_REQUEST = ("redis_loss", "teacher", "serve")

@@ -22,7 +22,8 @@ Retry and dead-letter logic branch on the class, never on message text:
     ├── ConfigMismatch        a process joins a run whose fixed settings differ from its own
     ├── DatasetError          a scored dataset on disk is unusable here (another teacher or k, a bad checksum)
     ├── MissingExtra          an optional dependency is not installed (names the extra that installs it)
-    └── SettingsError         a flag, environment variable or TOML value is invalid
+    ├── SettingsError         a flag, environment variable or TOML value is invalid
+    └── CheckpointFailed      a trainer checkpoint could not be written (the previous one is intact)
 
 redis-py's exceptions never leave `pipeline.queue.connection`: its clients raise the classes above.
 """
@@ -129,3 +130,7 @@ class MissingExtra(GKDError):
 
 class SettingsError(GKDError):
     """A setting from a flag, a GKD_* environment variable or a TOML file is invalid."""
+
+
+class CheckpointFailed(GKDError):
+    """A trainer checkpoint could not be written on some rank; the previous checkpoint is intact."""

@@ -38,6 +38,7 @@ from pipeline.sections import RunSettings
 from pipeline.settings import ENV_PREFIX, changed, to_argv
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.batching import pack
+from pipeline.train.export import model_shell, gather_full_state, write_export
 from pipeline.train.optim import build_optimizer, build_scheduler
 from pipeline.train.trainer import TrainSettings, train
 from pipeline.wire.codec import Rollout, ScoredSample, encode_rollout, encode_scored
@@ -173,7 +174,7 @@ def write_checkpoint(out: Path, student: str, step: int, entries: dict[str, list
     model = AutoModelForCausalLM.from_pretrained(student)
     opt = build_optimizer(model, 1e-2)
     state = ckpt.TrainState(step=step, policy_version=step, entries=entries)
-    ckpt.save_checkpoint(
+    path = ckpt.save_checkpoint(
         out,
         model=model,
         optimizer=opt,
@@ -181,6 +182,7 @@ def write_checkpoint(out: Path, student: str, step: int, entries: dict[str, list
         state=state,
         rng_states=[ckpt.capture_rng()],
     )
+    write_export(model_shell(model), None, gather_full_state(model), path)
 
 
 def weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -1,20 +1,24 @@
-"""Trainer checkpoints: written atomically, loadable by `from_pretrained`, listing the samples they include.
+"""Trainer checkpoints: sharded training state (any world size can resume), and the exported policy.
 
 Layout under ``<output_dir>/checkpoints/``::
 
-    step-00000120/            one checkpoint (a complete `save_pretrained` folder)
-        model.safetensors     student weights (plus config.json, generation_config.json, tokenizer files)
-        optimizer.pt          optimizer state_dict
+    step-00000120/            one checkpoint
+        state/                model + optimizer state, torch.distributed.checkpoint (one file per rank
+                              and .metadata): loads into any number of ranks, DDP or FSDP (it reshards)
         scheduler.pt          LR scheduler state_dict
         rng.pt                RNG states, one per rank
         trainer_state.json    step, policy version, world size and the ready-stream entries included
+        config.json, model.safetensors, generation_config.json, tokenizer files
+                              the exported policy (`pipeline.train.export`): a `from_pretrained` folder,
+                              written after the training state, complete once config.json is there
     latest                    the name of the newest complete checkpoint
 
-A checkpoint is written into ``<name>.tmp-<pid>`` and renamed into place, then `latest` is replaced
-(write + rename), so a crash at any moment leaves either the previous or the new checkpoint, never a
-torn one. `entries` lists, per consumer name, the ready-stream entries whose samples are in this
-checkpoint's update and were not acknowledged before it was written: after a crash between writing it
-and acknowledging them, `--resume` acknowledges exactly these (they must not be trained again).
+Every rank writes its shard of the state into ``<name>.tmp-<pid of rank 0>``; rank 0 adds the rest and
+renames the folder into place, then replaces `latest` (write + rename), so a crash at any moment leaves
+either the previous or the new checkpoint, never a torn one. The training state is the authority on
+resume; the export is what producers load. `entries` lists, per consumer name, the ready-stream entries
+whose samples are in this checkpoint's update and were not acknowledged before it was written: after a
+crash between writing it and acknowledging them, `--resume` acknowledges exactly these.
 """
 
 from __future__ import annotations
@@ -29,9 +33,13 @@ from typing import Any
 
 import torch
 
+from pipeline.errors import CheckpointFailed
+from pipeline.train.distributed import Dist
+
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
 CHECKPOINTS = "checkpoints"
+SHARDS = "state"
 
 
 @dataclass
@@ -117,30 +125,68 @@ def save_checkpoint(
     scheduler: Any,
     state: TrainState,
     rng_states: list[dict[str, Any]],
-    tokenizer: Any = None,
     keep: int = 3,
+    dist: Dist | None = None,
 ) -> Path:
     """Write a checkpoint for `state.step` atomically, point `latest` at it, keep the newest `keep`.
 
-    `model` is the unwrapped Hugging Face model (not the DDP wrapper). Returns the checkpoint's
-    absolute path (what the policy publishes: producers may run in other working directories).
-    An existing checkpoint of the same step is replaced.
+    Collective: every rank calls it (with the same `state`; rank 0's counts). `model` is the Hugging Face
+    model (sharded or not, never the DDP wrapper). Returns the checkpoint's absolute path on every rank
+    (what the policy publishes: producers may run in other working directories). An existing checkpoint
+    of the same step is replaced. Raises CheckpointFailed on every rank when any rank failed.
     """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    d = dist or Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     root = checkpoints_dir(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(state.step)
-    tmp = root / f"{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    tmp: Path | None = None
+    if d.is_main:
+        tmp = root / f"{final.name}.tmp-{os.getpid()}"
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    tmp = d.broadcast(tmp)  # also: no rank writes before rank 0 has cleared the folder
+    assert tmp is not None
+    error = ""
+    try:
+        sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+        dcp.save(sd, checkpoint_id=tmp / SHARDS)
+    except Exception as exc:  # disk full, permissions, a failed peer: every rank learns below
+        error = f"{type(exc).__name__}: {exc}"
+    errors = d.all_gather(error)
+    if not any(errors) and d.is_main:
+        try:
+            _finish(tmp, final, root, scheduler, state, rng_states, keep)
+        except OSError as exc:
+            errors[0] = f"{type(exc).__name__}: {exc}"
+    errors = d.broadcast(errors)
+    if any(errors):
+        detail = "; ".join(f"rank {i}: {e}" for i, e in enumerate(errors) if e)
+        raise CheckpointFailed(
+            f"checkpoint of step {state.step} into {root}: expected it written, got {detail}"
+        )
+    return final.resolve()
+
+
+def _finish(
+    tmp: Path,
+    final: Path,
+    root: Path,
+    scheduler: Any,
+    state: TrainState,
+    rng_states: list[dict[str, Any]],
+    keep: int,
+) -> None:
+    """Rank 0, after every shard is written: the small files, fsync, rename into place, `latest`, prune."""
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_states, tmp / "rng.pt")
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(tmp / SHARDS)
     _fsync_dir(tmp)
     if final.exists():
         old = root / f"{final.name}.old-{os.getpid()}"
@@ -150,7 +196,6 @@ def save_checkpoint(
     _fsync_dir(root)
     _write_text_atomic(root / LATEST, final.name)
     _prune(root, keep, final)
-    return final.resolve()
 
 
 def _prune(root: Path, keep: int, current: Path) -> None:
@@ -182,21 +227,40 @@ def read_state(path: str | os.PathLike[str]) -> TrainState:
     return TrainState(**raw)
 
 
-def load_training_state(
+def load_checkpoint(
     path: str | os.PathLike[str],
     *,
+    model: Any,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     rank: int = 0,
-    map_location: str | torch.device = "cpu",
 ) -> TrainState:
-    """Load optimizer, scheduler and this rank's RNG state from a checkpoint; return its TrainState.
+    """Load model, optimizer, scheduler and this rank's RNG state from a checkpoint; return its TrainState.
 
-    The weights are loaded by `from_pretrained(path)` (the folder is a complete model folder).
-    RNG states of ranks that did not exist when it was written are left as seeded.
+    Collective: every rank calls it. `model` and `optimizer` may be laid out differently from the job
+    that wrote the checkpoint (another world size, DDP or FSDP): the state is resharded on load. RNG
+    states of ranks that did not exist when it was written are left as seeded. Raises FileNotFoundError
+    for a folder without training state (a checkpoint from before sharded state: it cannot resume).
     """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
     p = Path(path)
-    optimizer.load_state_dict(torch.load(p / "optimizer.pt", map_location=map_location, weights_only=True))
+    if not (p / SHARDS / ".metadata").exists():
+        raise FileNotFoundError(
+            f"checkpoint {p}: expected sharded training state in {p / SHARDS}, found none (written by an "
+            f"earlier gkd-pipeline?); start from its weights with --student {p} and a new --output-dir"
+        )
+    model_sd = get_model_state_dict(model)
+    optim_sd = get_optimizer_state_dict(model, optimizer)
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=p / SHARDS)  # in place
+    set_model_state_dict(model, model_sd)
+    set_optimizer_state_dict(model, optimizer, optim_sd)
     scheduler.load_state_dict(torch.load(p / "scheduler.pt", weights_only=True))
     rngs = torch.load(p / "rng.pt", weights_only=True)
     if rank < len(rngs):

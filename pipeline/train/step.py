@@ -1,11 +1,11 @@
-"""One optimizer step of top-k GKD over the micro-batches of one rank, DDP-aware.
+"""One optimizer step of top-k GKD over the micro-batches of one rank, under DDP or FSDP.
 
 Normalization: the loss of a step is the mean over all loss tokens of the global batch (all ranks, all
 accumulation steps). The trainer all-reduces the token count of the step's micro-batches *before* the
 backward passes (it already holds them all) and every micro-batch's loss is its divergence sum divided
-by that global count. DDP averages gradients over ranks, so each rank's loss is multiplied by the world
-size (normalizer = global count / world size): the summed gradient is then exactly the gradient of the
-global mean, however unevenly the tokens fall across ranks and micro-batches.
+by that global count. DDP and FSDP average gradients over ranks, so each rank's loss is multiplied by the
+world size (normalizer = global count / world size): the summed gradient is then exactly the gradient of
+the global mean, however unevenly the tokens fall across ranks and micro-batches.
 
 Shape legend: B samples, T padded length, N loss rows, V vocabulary, K teacher top-k.
 """
@@ -20,6 +20,7 @@ import torch
 
 from pipeline.train.batching import Batch, gather_logits
 from pipeline.train.loss import topk_gkd_loss
+from pipeline.train.sharding import grad_norm_value
 
 
 @dataclass(frozen=True)
@@ -87,12 +88,58 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _zero_pass(model: Any, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
-    """A loss of exactly 0 that still touches every parameter (a rank without data joins DDP's all-reduce)."""
-    ids = torch.zeros((1, 1), dtype=torch.long, device=device)
-    with _autocast(device, dtype):
-        logits = model(input_ids=ids, use_cache=False).logits
-    return logits.float().sum() * 0.0
+Stats = dict[str, float]
+
+
+class DistillModule(torch.nn.Module):
+    """The student with the distillation loss inside its forward: ``module(batch, ...) -> (loss, stats, kl)``.
+
+    The loss runs inside the forward of the module that DDP or FSDP wraps. Under FSDP2 the LM head's
+    parameters are shards outside the root module's forward and whole tensors inside it, so a loss that
+    reads the LM-head weight itself (the fused loss) must run here; DDP sees one forward per micro-batch.
+    `batch` None is a pass with a loss of exactly 0 that still touches every parameter: a rank without
+    data this step joins the other ranks' gradient collectives with it.
+    """
+
+    def __init__(self, lm: Any, *, mask_logits: bool = False) -> None:
+        super().__init__()
+        self.lm = lm
+        self.mask_logits = mask_logits
+
+    def forward(
+        self, batch: Batch | None, cfg: LossConfig, normalizer: float, want_kl: bool
+    ) -> tuple[torch.Tensor, Stats, Stats | None]:
+        if batch is None:
+            ids = torch.zeros((1, 1), dtype=torch.long, device=self._device())
+            return self.lm(input_ids=ids, use_cache=False).logits.float().sum() * 0.0, {}, None
+        logits_NV = forward_rows(self.lm, batch, self.mask_logits)
+        loss, stats = topk_gkd_loss(
+            logits_NV,
+            batch.teacher_ids_NK,
+            batch.teacher_logprobs_NK,
+            beta=cfg.beta,
+            temperature=cfg.temperature,
+            mode=cfg.mode,
+            normalizer=normalizer,
+        )
+        kl: Stats | None = None
+        if cfg.beta == 0.0:
+            kl = {"loss_sum": stats["loss_sum"], "rows": stats["rows"]}
+        elif want_kl:
+            m = min(cfg.kl_rows, batch.num_loss_tokens)
+            with torch.no_grad():
+                _, kl = topk_gkd_loss(
+                    logits_NV[:m].detach(),
+                    batch.teacher_ids_NK[:m],
+                    batch.teacher_logprobs_NK[:m],
+                    beta=0.0,
+                    temperature=cfg.temperature,
+                    mode=cfg.mode,
+                )
+        return loss, stats, kl
+
+    def _device(self) -> torch.device:
+        return self.lm.get_input_embeddings().weight.device
 
 
 def _accumulate(st: StepStats, stats: dict[str, float]) -> None:
@@ -105,7 +152,7 @@ def _accumulate(st: StepStats, stats: dict[str, float]) -> None:
 
 
 def train_step(
-    model: Any,
+    module: Any,
     micro: list[Batch],
     *,
     global_rows: float,
@@ -116,59 +163,40 @@ def train_step(
     device: torch.device,
     max_grad_norm: float = 1.0,
     autocast_dtype: torch.dtype | None = None,
-    mask_logits: bool = False,
     want_kl: bool = True,
+    passes: int = 1,
 ) -> StepStats:
     """Forward/backward every micro-batch, clip, step the optimizer and the LR schedule.
 
-    `micro` may be empty on a rank with no data this step while other ranks have some: it then runs a
-    zero-loss pass so that DDP's gradient all-reduce still sees every rank. `global_rows` is the sum of
-    loss rows over all ranks' micro-batches (> 0). Returns this rank's sums.
+    `module` is a `DistillModule`, possibly wrapped by DDP or sharded by FSDP. Every rank must run the
+    same number of forward/backward passes, `passes` (the most micro-batches any rank has this step):
+    FSDP gathers parameters in every forward. A rank with fewer micro-batches (none, when its stream ran
+    dry) makes up the difference with zero-loss passes. `global_rows` is the sum of loss rows over all
+    ranks' micro-batches (> 0). Returns this rank's sums.
     """
     st = StepStats()
     normalizer = global_rows / world_size
-    ddp = hasattr(model, "no_sync")
-    passes: list[Batch | None] = list(micro) if micro else [None]
-    for i, batch in enumerate(passes):
-        last = i == len(passes) - 1
-        with contextlib.nullcontext() if (last or not ddp) else model.no_sync():
-            if batch is None:
-                _zero_pass(model, device, autocast_dtype).backward()
-                continue
+    # DDP all-reduces on the last pass only; FSDP reduce-scatters after every pass, which keeps only
+    # sharded gradients between them (the point of sharding).
+    ddp = hasattr(module, "no_sync")
+    todo: list[Batch | None] = [*micro, *[None] * max(passes - len(micro), 0 if micro else 1)]
+    for i, batch in enumerate(todo):
+        last = i == len(todo) - 1
+        with contextlib.nullcontext() if (last or not ddp) else module.no_sync():
             with _autocast(device, autocast_dtype):
-                logits_NV = forward_rows(model, batch, mask_logits)
-            loss, stats = topk_gkd_loss(
-                logits_NV,
-                batch.teacher_ids_NK,
-                batch.teacher_logprobs_NK,
-                beta=cfg.beta,
-                temperature=cfg.temperature,
-                mode=cfg.mode,
-                normalizer=normalizer,
-            )
+                loss, stats, kl = module(batch, cfg, normalizer, want_kl)
             loss.backward()
+        del loss
+        if batch is None:
+            continue
         _accumulate(st, stats)
-        if cfg.beta == 0.0:
-            st.kl_sum += stats["loss_sum"]
-            st.kl_rows += stats["rows"]
-        elif want_kl:
-            m = min(cfg.kl_rows, batch.num_loss_tokens)
-            with torch.no_grad():
-                _, kl = topk_gkd_loss(
-                    logits_NV[:m].detach(),
-                    batch.teacher_ids_NK[:m],
-                    batch.teacher_logprobs_NK[:m],
-                    beta=0.0,
-                    temperature=cfg.temperature,
-                    mode=cfg.mode,
-                )
+        if kl is not None:
             st.kl_sum += kl["loss_sum"]
             st.kl_rows += kl["rows"]
-        del logits_NV, loss
-    params = [p for p in model.parameters() if p.grad is not None]
+    params = [p for p in module.parameters() if p.grad is not None]
     # max_norm = inf measures the norm without clipping.
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
-    st.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+    st.grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(params, limit))
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)

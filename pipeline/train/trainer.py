@@ -13,8 +13,10 @@ of data while holding some checkpoints early (`--starved-checkpoint-s`): the wor
 could otherwise wait forever for a checkpoint that waits for them.
 
 Rank r reads as consumer ``<name>-<r>``: the name is stable so that a restarted rank finds its pending
-entries. Rank 0 writes checkpoints and publishes the policy (version = optimizer step of the checkpoint);
-every rank acknowledges its own samples after the checkpoint is written.
+entries. The student is sharded over the ranks (FSDP2) or replicated (DDP): `pipeline.train.student`.
+Every rank writes its shard of a checkpoint and then acknowledges its own samples; rank 0 exports the
+weights for the producers in the background and publishes the policy (version = optimizer step of the
+checkpoint) once that export is written.
 """
 
 from __future__ import annotations
@@ -38,12 +40,15 @@ from pipeline.settings import section, setting
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.batching import Batch, BatchPacker
 from pipeline.train.distributed import Dist, init_distributed, shutdown
+from pipeline.train.export import PolicyExporter, export_complete
 from pipeline.train.ioloop import IOLoop
 from pipeline.train.metrics import MetricsSink, SampleLog
-from pipeline.train.optim import SCHEDULES, build_optimizer, build_scheduler
+from pipeline.train.optim import SCHEDULES
 from pipeline.train.prefetch import TRAIN, Prefetcher, Verdict
 from pipeline.train.ready import ReadyLeases
-from pipeline.train.step import LossConfig, StepStats, supports_mask_logits, train_step
+from pipeline.train.sharding import SHARDINGS
+from pipeline.train.step import LossConfig, StepStats, train_step
+from pipeline.train.student import build_student
 from pipeline.wire.codec import ScoredSample
 
 log = logging.getLogger("gkd.train")
@@ -86,7 +91,12 @@ class TrainSettings(CommonSettings):
     prefetch_depth: int = setting(0, "Micro-batches prefetched ahead (0: 2 x --grad-accum, at least 2).")
     seed: int = setting(0, "Random seed (rank r uses seed + r).")
     device: str = setting("auto", "Training device.", choices=("cpu", "cuda", "auto"))
-    precision: str = setting("fp32", "fp32, or bf16 autocast (weights stay fp32).", choices=("fp32", "bf16"))
+    precision: str = setting(
+        "fp32",
+        "fp32, or bf16 compute with fp32 weights (FSDP: bf16 parameters and fp32 gradient reduction; "
+        "DDP: autocast).",
+        choices=("fp32", "bf16"),
+    )
     ack_after_step: bool = setting(
         False,
         "Acknowledge samples right after their step instead of at the next checkpoint (less Redis "
@@ -106,6 +116,18 @@ class TrainSettings(CommonSettings):
     )
     sample_log: str | None = setting(
         None, "Append the sample ids of every optimizer step to this JSONL file."
+    )
+    sharding: str = setting(
+        "fsdp",
+        "How ranks hold the student: fsdp (FSDP2: parameters, gradients and optimizer state sharded "
+        "over ranks) or ddp (every rank holds all of them).",
+        choices=SHARDINGS,
+    )
+    activation_checkpointing: bool = setting(
+        False, "Recompute each decoder layer's activations in the backward: less memory, ~1/3 more compute."
+    )
+    cpu_offload: bool = setting(
+        False, "FSDP: keep parameters, gradients and optimizer state in host memory (optimizer steps on CPU)."
     )
     num_threads: int = setting(0, "torch CPU threads (0: torch's default).")
     deterministic: bool = setting(False, "torch.use_deterministic_algorithms (reproducible CPU runs).")
@@ -167,50 +189,33 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def _load_model(self) -> None:
-        """The student (from the latest checkpoint with --resume), its optimizer and LR schedule."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        s, d = self.s, self.dist
+        """The student, its optimizer and LR schedule; their state from the latest checkpoint on --resume."""
+        s = self.s
+        self.student = build_student(s, self.dist)
+        self.tokenizer, self.vocab = self.student.tokenizer, self.student.vocab
+        self.exports = PolicyExporter(self.student.lm, self.tokenizer, self.dist)
         latest = ckpt.latest_checkpoint(s.output_dir) if s.resume else None
-        source = str(latest) if latest is not None else s.student
-        model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-        self.model = model.to(d.device)
-        self.model.train()
-        try:
-            self.tokenizer: Any = AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError):
-            self.tokenizer = None
-        self.vocab = int(self.model.get_output_embeddings().weight.shape[0])
-        self.mask_logits = supports_mask_logits(self.model, d.device)
-        self.optimizer = build_optimizer(self.model, s.lr, s.weight_decay)
-        self.scheduler = build_scheduler(
-            self.optimizer, s.warmup_steps, s.max_steps, s.lr_schedule, s.min_lr_ratio
-        )
         if latest is not None:
             self._resume(latest)
         elif s.resume:
             log.info("--resume: no checkpoint in %s yet, starting from %s", s.output_dir, s.student)
-        self.ddp: Any = self.model
-        if d.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.ddp = DDP(self.model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
     def _resume(self, latest: Path) -> None:
-        """Optimizer, schedule, step and RNG from `latest`; acknowledge the samples it includes."""
-        d = self.dist
-        state = ckpt.load_training_state(
-            latest, optimizer=self.optimizer, scheduler=self.scheduler, rank=d.rank, map_location=d.device
+        """Model, optimizer, schedule, step and RNG from `latest`; acknowledge the samples it includes."""
+        d, st = self.dist, self.student
+        state = ckpt.load_checkpoint(
+            latest, model=st.lm, optimizer=st.optimizer, scheduler=st.scheduler, rank=d.rank
         )
         self.step = self.last_ckpt_step = state.step
         self.version = state.policy_version
         # A crash may have come between writing the checkpoint and acknowledging what it includes.
         n = self.ready.settle_listed(state.entries, d.rank, d.world_size)
         log.info("resumed from %s (step %d); acknowledged %d entries it includes", latest, self.step, n)
-        if d.is_main:
-            self.ready.publish(self.version, str(latest))
+        if export_complete(latest):
+            if d.is_main:
+                self.ready.publish(self.version, str(latest))
+        else:  # the crash came before its export was written
+            self.exports.start(st.lm, latest, self.version)
 
     def _check(self, sample: ScoredSample) -> Verdict:
         """Dead-letter what can never train here; skip (count) stale student rollouts."""
@@ -253,10 +258,12 @@ class Trainer:
         self.ready.start(fields=lambda: {HB.STEP: self.step, HB.POLICY_VERSION: self.version})
         pf.start()
         cfg = LossConfig(s.beta, s.temperature, s.run.loss_mode)
-        autocast = torch.bfloat16 if s.precision == "bf16" else None
+        # Under FSDP, bf16 is the sharding's mixed-precision policy, not autocast.
+        autocast = torch.bfloat16 if s.precision == "bf16" and not self.student.fsdp else None
         last_data = time.monotonic()
         try:
             while not (s.max_steps and self.step >= s.max_steps):
+                self._publish_exports()
                 t0 = time.perf_counter()
                 micro = self._collect(pf)
                 wait_s = time.perf_counter() - t0
@@ -281,7 +288,11 @@ class Trainer:
                     sum(b.num_loss_tokens for b in micro),
                     sum(b.num_tokens for b in micro),
                 ]
-                has, stop, idles, starving, g_rows, g_tokens = d.all_sum([float(x) for x in local])
+                # Ranks with n micro-batches, per n: every rank runs as many passes as the fullest one.
+                counts = [float(len(micro) == n) for n in range(1, s.grad_accum + 1)]
+                sums = d.all_sum([float(x) for x in local] + counts)
+                has, stop, idles, starving, g_rows, g_tokens = sums[:6]
+                passes = max((n for n, c in enumerate(sums[6:], 1) if c), default=1)
                 if stop or idles == d.world_size:
                     break
                 if not has:
@@ -291,18 +302,18 @@ class Trainer:
                     continue
                 log_step = (self.step + 1) % s.log_every == 0 or self.step == 0
                 st = train_step(
-                    self.ddp,
+                    self.student.module,
                     micro,
                     global_rows=g_rows,
                     world_size=d.world_size,
                     cfg=cfg,
-                    optimizer=self.optimizer,
-                    scheduler=self.scheduler,
+                    optimizer=self.student.optimizer,
+                    scheduler=self.student.scheduler,
                     device=d.device,
                     max_grad_norm=s.max_grad_norm,
                     autocast_dtype=autocast,
-                    mask_logits=self.mask_logits,
                     want_kl=log_step,
+                    passes=passes,
                 )
                 self.step += 1
                 self._after_step(micro, st, wait_s, time.perf_counter() - t0, g_tokens, log_step)
@@ -310,6 +321,8 @@ class Trainer:
             pf.stop()
         if self.step > self.last_ckpt_step and self.step > 0:
             self._checkpoint()
+        self.exports.wait()
+        self._publish_exports()
         return self.summary
 
     def _collect(self, pf: Prefetcher) -> list[Batch]:
@@ -346,7 +359,7 @@ class Trainer:
             sums = d.all_sum([*st.as_list(), wait_s, step_s])
             g = StepStats.from_list(sums[:-2])
             if self.sink is not None:
-                lr = float(self.scheduler.get_last_lr()[0])
+                lr = float(self.student.scheduler.get_last_lr()[0])
                 metrics = self.sink.step_metrics(
                     self.step, g, g_tokens, step_s, sums[-2], sums[-1], d.world_size, lr
                 )
@@ -366,47 +379,47 @@ class Trainer:
             self.ready.ack_trained()  # in the latest checkpoint already; an earlier ack failed
 
     def _checkpoint(self) -> None:
-        """Rank 0 writes; then every rank acknowledges its samples; then rank 0 publishes the policy."""
-        d = self.dist
+        """Every rank writes its shard; then acknowledges its samples; the policy export starts, and is
+        published once written (`_publish_exports`)."""
+        d, st = self.dist, self.student
         mine = {"consumer": self.consumer_name, "entries": self.ready.listing(), "rng": ckpt.capture_rng()}
         everyone = d.all_gather(mine)
-        path: str | None = None
-        error = ""
-        if d.is_main:
-            state = ckpt.TrainState(
-                step=self.step,
-                policy_version=self.step,
-                world_size=d.world_size,
-                entries={m["consumer"]: m["entries"] for m in everyone},
-                created_ms=int(time.time() * 1000),
-            )
-            try:
-                path = str(
-                    ckpt.save_checkpoint(
-                        self.s.output_dir,
-                        model=self.model,
-                        optimizer=self.optimizer,
-                        scheduler=self.scheduler,
-                        state=state,
-                        rng_states=[m["rng"] for m in everyone],
-                        tokenizer=self.tokenizer,
-                        keep=self.s.keep_checkpoints,
-                    )
-                )
-            except OSError as exc:
-                error = f"checkpoint of step {self.step} failed: {exc!r}"
-        path, error = d.broadcast((path, error))
-        if error or path is None:
-            raise RuntimeError(error or "checkpoint failed on rank 0")
+        state = ckpt.TrainState(
+            step=self.step,
+            policy_version=self.step,
+            world_size=d.world_size,
+            entries={m["consumer"]: m["entries"] for m in everyone},
+            created_ms=int(time.time() * 1000),
+        )
+        self.exports.wait()  # the previous export writes into a checkpoint folder that pruning may remove
+        path = ckpt.save_checkpoint(
+            self.s.output_dir,
+            model=st.lm,
+            optimizer=st.optimizer,
+            scheduler=st.scheduler,
+            state=state,
+            rng_states=[m["rng"] for m in everyone],
+            keep=self.s.keep_checkpoints,
+            dist=d,
+        )
         self.last_ckpt_step = self.step
-        self.summary.checkpoint = path
+        self.summary.checkpoint = str(path)
         self.ready.ack_trained()
         self.version = self.step
-        if d.is_main:
-            self.ready.publish(self.version, path)
-            log.info("checkpoint %s written; policy version %d published", path, self.version)
+        self.exports.start(st.lm, path, self.version)
+        self._publish_exports()
+
+    def _publish_exports(self) -> None:
+        """Publish the policies whose export is written (rank 0)."""
+        for version, path in self.exports.finished():
+            self.ready.publish(version, path)
+            log.info("checkpoint %s written; policy version %d published", path, version)
 
     def close(self) -> None:
+        exports = getattr(self, "exports", None)
+        if exports is not None:
+            exports.wait()
+            self._publish_exports()
         self.ready.close()
         if self.sink is not None:
             self.sink.close()

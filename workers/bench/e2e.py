@@ -155,11 +155,11 @@ class SyncLoop:
         import torch
 
         from pipeline.train.batching import pack
-        from pipeline.train.step import LossConfig, train_step
+        from pipeline.train.step import DistillModule, LossConfig, train_step
 
         micro = pack(samples, self.batch_tokens)
         rows = float(sum(b.num_loss_tokens for b in micro))
-        train_step(self.model, micro, global_rows=rows, world_size=1, cfg=LossConfig(), optimizer=self.opt,
+        train_step(DistillModule(self.model), micro, global_rows=rows, world_size=1, cfg=LossConfig(), optimizer=self.opt,
                    scheduler=self.sched, device=torch.device("cpu"), want_kl=False)  # fmt: skip
 
 

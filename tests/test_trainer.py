@@ -38,7 +38,7 @@ from pipeline.sections import RunSettings
 from pipeline.settings import ENV_PREFIX, changed, to_argv
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.batching import pack
-from pipeline.train.export import model_shell, gather_full_state, write_export
+from pipeline.train.export import gather_full_state, model_shell, write_export
 from pipeline.train.optim import build_optimizer, build_scheduler
 from pipeline.train.trainer import TrainSettings, train
 from pipeline.wire.codec import Rollout, ScoredSample, encode_rollout, encode_scored

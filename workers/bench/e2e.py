@@ -159,8 +159,9 @@ class SyncLoop:
 
         micro = pack(samples, self.batch_tokens)
         rows = float(sum(b.num_loss_tokens for b in micro))
-        train_step(DistillModule(self.model), micro, global_rows=rows, world_size=1, cfg=LossConfig(), optimizer=self.opt,
-                   scheduler=self.sched, device=torch.device("cpu"), want_kl=False)  # fmt: skip
+        train_step(DistillModule(self.model), micro, global_rows=rows, world_size=1, cfg=LossConfig(),
+                   optimizer=self.opt, scheduler=self.sched, device=torch.device("cpu"),
+                   want_kl=False)  # fmt: skip
 
 
 def _per_step(stamps: list[float]) -> float:

@@ -2,11 +2,12 @@
 
 ``ddp``: every rank holds the whole model, its gradients and its AdamW state (16 bytes per parameter in
 fp32); gradients are all-reduced in buckets. ``fsdp``: `torch.distributed.fsdp.fully_shard` on every
-decoder layer and at the root, so each rank holds 1/world of the parameters, gradients and optimizer
-state; a layer's parameters are all-gathered just before its forward (and again for its backward) and
-freed after, and gradients are reduce-scattered. The root group (embeddings, final norm, LM head) stays
-gathered from the start of the forward to the end of the backward, which is what lets the loss read the
-LM-head weight inside the root module's forward (`pipeline.train.student.DistillModule`).
+decoder layer, on the input embedding (unless tied to the LM head) and at the root, so each rank holds
+1/world of the parameters, gradients and optimizer state; a group's parameters are all-gathered just
+before its forward (and again for its backward) and freed after, and gradients are reduce-scattered.
+The root group (final norm, LM head) stays gathered from the start of the forward to the end of the
+backward, which is what lets the loss read the LM-head weight inside the root module's forward
+(`pipeline.train.step.DistillModule`).
 
 Mixed precision under FSDP is a policy (bf16 compute, fp32 gradient reduction, fp32 master weights),
 not autocast. CPU offload (FSDP only) keeps the sharded parameters, gradients and optimizer state in
@@ -113,14 +114,21 @@ def _fully_shard(module: nn.Module, model: Any, d: Dist, *, bf16: bool, cpu_offl
         CPUOffloadPolicy(pin_memory=d.device.type == "cuda") if cpu_offload else OffloadPolicy()
     )
     layers = decoder_layers(model)
-    for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload)
-    # The root group: embeddings, final norm and LM head (tied or not), plus anything outside the layers.
+    groups = list(layers)
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or embed.weight is not head.weight:
+        # Its own group, gathered only around its forward and backward. A tied embedding stays in the
+        # root group with the LM head: one parameter can belong to one group only.
+        groups.insert(0, embed)
+    for group in groups:
+        fully_shard(group, mesh=mesh, mp_policy=mp, offload_policy=offload)
+    # The root group: final norm and LM head (which the loss reads inside the root's forward), plus the
+    # embedding when tied and anything else outside the groups above.
     # fully_shard moves parameters and buffers to the mesh's device (shards to the CPU with offload).
     fully_shard(module, mesh=mesh, mp_policy=mp, offload_policy=offload)
     log.info(
-        "FSDP: %d decoder layers + root sharded over %d ranks (bf16 %s, cpu offload %s)",
-        len(layers),
+        "FSDP: %d groups + root sharded over %d ranks (bf16 %s, cpu offload %s)",
+        len(groups),
         dist.get_world_size(),
         bf16,
         cpu_offload,

@@ -12,6 +12,10 @@ prefetch. torch gets all cores but one (``--threads``), leaving one to the proce
 ``--student`` trains another model folder (the GPU check passes a ~0.5B-parameter student from
 `pipeline.local.bench_models`), ``--precision bf16`` uses bf16 autocast; on CUDA the peak memory of the
 prefetch run is reported too.
+
+Without ``--student``, first: memory per rank and tokens/s of FSDP against DDP on 2 gloo ranks with a
+~100M-parameter student (`workers.bench.sharding`; `--sharding-steps 0` skips it). Target: FSDP <= 0.6x
+DDP's memory per rank.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from pipeline.wire.codec import Rollout, ScoredSample, encode_rollout, encode_sc
 from workers.bench.cli import result
 
 TARGET = 0.02
+SHARDING_TARGET = 0.6  # FSDP memory per rank over DDP's, 2 ranks
 
 
 def synthetic(n: int, t: int, k: int, vocab: int, seed: int = 0) -> list[ScoredSample]:
@@ -146,7 +151,12 @@ def run(args: list[str]) -> list[dict[str, Any]]:
     p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="torch CPU threads")
     p.add_argument("--student", default=None, help="student model folder (default: the tiny student)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: bf16 autocast")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: bf16 precision")
+    p.add_argument(
+        "--sharding-steps", type=int, default=5, help="steps of the FSDP/DDP memory runs (0: skip)"
+    )
+    p.add_argument("--sharding-batch-tokens", type=int, default=512, help="tokens per rank and step")
+    p.add_argument("--sharding-default-malloc", action="store_true", help="glibc's dynamic mmap threshold")
     a = p.parse_args(args)
     logging.getLogger("gkd").setLevel(logging.WARNING)
     student = str(Path(a.student).resolve()) if a.student else str(tiny_models().student.resolve())
@@ -155,6 +165,8 @@ def run(args: list[str]) -> list[dict[str, Any]]:
     # Enough for every step, the prefetch queue and one read ahead: the stream never runs dry.
     samples = synthetic(per_step * (a.steps + 2 * a.grad_accum + 4) + 64, a.t, a.k, vocab=vocab)
     with RedisServer() as server:
+        # Its own ~100M student on CPU ranks: not part of a run on another student (the GPU check's).
+        rows = _sharding_rows(server.url, a) if a.sharding_steps > 0 and not a.student else []
         # Warm-up: the first training run in a process pays one-time costs (kernel selection,
         # allocator growth) over its first steps; the measured runs must not inherit them.
         warm = argparse.Namespace(**{**vars(a), "steps": 5})
@@ -163,6 +175,7 @@ def run(args: list[str]) -> list[dict[str, Any]]:
         on = measure(server.url, student, samples, a, prefetch=True)
     ratio = off["frac"] / on["frac"] if on["frac"] > 0 else None
     return [
+        *rows,
         result(
             "trainer", "data_wait_frac_prefetch", on["frac"], "fraction", baseline=off["frac"], ratio=ratio
         ),
@@ -185,4 +198,50 @@ def run(args: list[str]) -> list[dict[str, Any]]:
             ratio=on["tokens_per_s"] / off["tokens_per_s"],
         ),
         *([result("trainer", "peak_mem_mb_prefetch", on["peak_mem_mb"], "MB")] if _on_cuda(a.device) else []),
+    ]
+
+
+def _sharding_rows(url: str, a: argparse.Namespace) -> list[dict[str, Any]]:
+    """FSDP against DDP on 2 gloo ranks with a ~100M-parameter student (workers.bench.sharding)."""
+    from workers.bench import sharding
+
+    def fill_run(run: str, n: int, vocab: int) -> None:
+        asyncio.run(fill(url, RunKeys.for_run(run), synthetic(n, 128, a.k, vocab, seed=1)))
+
+    m = sharding.run_pair(
+        url, a.sharding_steps, a.sharding_batch_tokens, a.k, fill_run, a.sharding_default_malloc
+    )
+    ddp, fsdp = m["ddp"], m["fsdp"]
+    frac = fsdp["mem_mb"] / ddp["mem_mb"]
+    return [
+        result("trainer", "student_params", float(m["params"]), "parameters"),
+        result(
+            "trainer",
+            "mem_per_rank_fsdp",
+            fsdp["mem_mb"],
+            "MB",
+            baseline=ddp["mem_mb"],
+            ratio=ddp["mem_mb"] / fsdp["mem_mb"],
+        ),
+        result("trainer", "mem_per_rank_ddp", ddp["mem_mb"], "MB"),
+        result("trainer", "fsdp_over_ddp_mem", frac, "fraction", baseline=SHARDING_TARGET),
+        result(
+            "trainer", "sharding_target_met", float(frac <= SHARDING_TARGET), "bool", baseline=SHARDING_TARGET
+        ),
+        result(
+            "trainer",
+            "peak_rss_per_rank_fsdp",
+            fsdp["peak_rss_mb"],
+            "MB",
+            baseline=ddp["peak_rss_mb"],
+            ratio=ddp["peak_rss_mb"] / fsdp["peak_rss_mb"],
+        ),
+        result(
+            "trainer",
+            "tokens_per_s_fsdp",
+            fsdp["tokens_per_s"],
+            "tokens/s",
+            baseline=ddp["tokens_per_s"],
+            ratio=fsdp["tokens_per_s"] / ddp["tokens_per_s"],
+        ),
     ]

@@ -1,5 +1,5 @@
-"""The CUDA paths: the loss in bf16 and fp32, the trainer's pinned-memory side-stream prefetch, a one-process
-nccl DDP run, and the reference teacher server in bf16.
+"""The CUDA paths: the loss in bf16 and fp32, the trainer's pinned-memory side-stream prefetch, one-process
+nccl DDP and FSDP runs, and the reference teacher server in bf16.
 
 Marked `gpu`: they need a CUDA device and are skipped without one, except in the GPU check's CPU dry run
 (`python -m workers.gpu_check --dry-run`, part of `make test`), which sets GKD_GPU_TESTS_ON_CPU=1 and
@@ -27,7 +27,7 @@ import torch
 from pipeline.local.redis_server import env_without_proxy, free_port
 from pipeline.local.tiny_models import tiny_models
 from pipeline.queue.connection import connect
-from pipeline.queue.schema import RunKeys, Stat
+from pipeline.queue.schema import POLICY_CHECKPOINT, RunKeys, Stat
 from pipeline.sections import RunSettings
 from pipeline.serve.server import TeacherServerSettings, load, start_server
 from pipeline.train import checkpoint as ckpt
@@ -197,16 +197,19 @@ def test_trainer_steps_with_prefetch_match_synchronous_copies_and_the_cpu(
         assert int(r.hget(RunKeys.for_run(run).stats, Stat.TRAINED_SAMPLES) or 0) == 16
 
 
-def test_one_process_ddp_run_under_torchrun(
-    redis_url: str, device: torch.device, student: str, tmp_path: Path
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_one_process_run_under_torchrun(
+    redis_url: str, device: torch.device, student: str, tmp_path: Path, sharding: str
 ) -> None:
-    run = "gpu-ddp"
+    """DDP, or FSDP2 with activation checkpointing and a sharded checkpoint, over one nccl rank."""
+    run = f"gpu-{sharding}"
+    extra = ["--activation-checkpointing"] if sharding == "fsdp" else []
     fill(redis_url, RunKeys.for_run(run), synthetic(16, T, K, vocab=320, seed=7))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
            "--master_port", str(free_port()), "-m", "workers.cli", "train", "--run-name", run,
            "--redis-url", redis_url, "--student", student, "--output-dir", str(tmp_path), "--k", str(K),
            "--device", device.type, "--batch-tokens", "256", "--max-steps", "3", "--warmup-steps", "0",
-           "--log-every", "1", "--checkpoint-every", "1000"]  # fmt: skip
+           "--log-every", "1", "--checkpoint-every", "1000", "--sharding", sharding, *extra]  # fmt: skip
     log = tmp_path / "torchrun.log"
     with open(log, "wb") as fh:
         proc = subprocess.run(cmd, cwd=ROOT, env=env_without_proxy(), stdout=fh, stderr=subprocess.STDOUT,
@@ -220,8 +223,10 @@ def test_one_process_ddp_run_under_torchrun(
     assert all(math.isfinite(m["loss"]) for m in metrics)
     latest = ckpt.latest_checkpoint(tmp_path)
     assert latest is not None and ckpt.read_state(latest).step == 3
+    assert (latest / ckpt.SHARDS / ".metadata").exists() and (latest / "model.safetensors").exists()
     r = redis.Redis.from_url(redis_url)
     assert int(r.hget(RunKeys.for_run(run).stats, Stat.TRAINED_SAMPLES) or 0) == 12
+    assert r.hget(RunKeys.for_run(run).policy, POLICY_CHECKPOINT) == str(latest).encode()
 
 
 # ---------------------------------------------------------------------------------------------- server

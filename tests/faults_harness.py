@@ -16,6 +16,8 @@ import collections
 import contextvars
 import inspect
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -112,15 +114,24 @@ class Procs:
         self.all: list[subprocess.Popen[bytes]] = []
         self.spawns: collections.Counter[str] = collections.Counter()
         self.offsets: dict[str, int] = {}  # log size when each name was last spawned
+        self.groups: set[int] = set()  # process group ids of processes spawned with group=True
 
-    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        """Start `args` with the proxy-free environment; output appends to <log_dir>/<name>.log."""
+    def spawn(
+        self, name: str, args: list[str], env: dict[str, str] | None = None, *, group: bool = False
+    ) -> subprocess.Popen[bytes]:
+        """Start `args` with the proxy-free environment; output appends to <log_dir>/<name>.log.
+
+        `group`: in a process group of its own (torchrun and its ranks), which `kill9` kills whole."""
         path = self.log(name)
         self.offsets[name] = path.stat().st_size if path.exists() else 0
         full = env_without_proxy()
         full.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(env or {})})
         with open(self.log(name), "ab") as fh:
-            proc = subprocess.Popen(args, cwd=ROOT, env=full, stdout=fh, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                args, cwd=ROOT, env=full, stdout=fh, stderr=subprocess.STDOUT, start_new_session=group
+            )
+        if group:
+            self.groups.add(proc.pid)
         self.by_name[name] = proc
         self.all.append(proc)
         self.spawns[name] += 1
@@ -139,11 +150,19 @@ class Procs:
             proc.send_signal(sig)
 
     def kill9(self, name: str) -> int:
-        """SIGKILL `name` and reap it; returns its exit status."""
+        """SIGKILL `name` (its whole process group if spawned as one) and reap it; returns its exit status."""
         proc = self.by_name[name]
-        if proc.poll() is None:
+        if proc.pid in self.groups:
+            self._kill_group(proc.pid)
+        elif proc.poll() is None:
             proc.kill()
         return proc.wait(30)
+
+    def _kill_group(self, pgid: int) -> None:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     async def wait(self, name: str, timeout_s: float) -> int:
         proc = self.by_name[name]
@@ -165,6 +184,8 @@ class Procs:
         return self.by_name[name].poll() is None
 
     def close(self) -> None:
+        for pgid in self.groups:  # ranks outlive a torchrun that is gone
+            self._kill_group(pgid)
         for proc in self.all:
             if proc.poll() is None:
                 proc.kill()  # SIGKILL ends a SIGSTOPped process too
@@ -469,6 +490,24 @@ def trained_steps(sample_log: Path) -> dict[tuple[int, int], list[str]]:
         for key in [key for key in kept if key[0] == rank and key[1] >= step]:
             del kept[key]
         kept[(rank, step)] = list(rec["ids"])
+    return kept
+
+
+def lineage_steps(sample_logs: Sequence[Path]) -> dict[tuple[int, int], list[str]]:
+    """(rank, step) -> sample ids of the steps the continuing run kept, from one sample log per process
+    (or per torchrun job) in the order they ran, whatever their world sizes.
+
+    Each run after the first resumed from a checkpoint: its first step is that checkpoint's step + 1,
+    so every step >= it of the earlier runs (all ranks) was lost with its process and is discarded.
+    """
+    kept: dict[tuple[int, int], list[str]] = {}
+    for path in sample_logs:
+        run = trained_steps(path)
+        if not run:
+            continue
+        first = min(step for _, step in run)
+        kept = {key: ids for key, ids in kept.items() if key[1] < first}
+        kept.update(run)
     return kept
 
 

@@ -10,7 +10,9 @@ the end of the last step (the final checkpoint and export are left out), and its
 that start (the interpreter, torch, transformers and the Redis client: the same in both modes). Memory
 per rank is the peak above that start, the larger of the two ranks; tokens/s counts every rank's tokens
 over the steps after the first. The ranks run with a fixed glibc mmap threshold (see `measure`) unless
-`--sharding-default-malloc`.
+`--sharding-default-malloc`. The final checkpoint is timed too: how long the step loop stops for it
+(sharded state written, samples acknowledged, weights gathered for the export) and how long rank 0's
+background thread then writes the exported policy.
 
 Each rank runs as `python -m workers.bench.sharding RESULT_DIR SETTINGS_JSON` under torchrun.
 """
@@ -22,6 +24,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +88,9 @@ def rank_main(result_dir: Path, settings_json: Path) -> None:
 
         def _checkpoint(self) -> None:
             self.peak_kb = _status_kb("VmHWM")
-            super()._checkpoint()
+            t0 = time.perf_counter()
+            super()._checkpoint()  # sharded state written, samples acknowledged, weights gathered
+            self.checkpoint_s = time.perf_counter() - t0
 
     raw = json.loads(settings_json.read_text())
     s = TrainSettings(run=RunSettings(**raw.pop("run")), **raw)
@@ -99,6 +104,8 @@ def rank_main(result_dir: Path, settings_json: Path) -> None:
         "start_kb": trainer.start_kb,
         "peak_kb": trainer.peak_kb,
         "history": summary.history,
+        "checkpoint_s": trainer.checkpoint_s,
+        "export_write_s": trainer.exports.last_write_s,
     }
     (result_dir / f"rank-{trainer.dist.rank}.json").write_text(json.dumps(out))
 
@@ -145,6 +152,8 @@ def measure(redis_url: str, student: Path, sharding: str, steps: int, batch_toke
         "mem_mb": max(r["peak_kb"] - r["start_kb"] for r in ranks) / 1024,
         "peak_rss_mb": max(r["peak_kb"] for r in ranks) / 1024,
         "tokens_per_s": sum(h["tokens"] for h in history) / step_s,
+        "checkpoint_ms": 1000 * max(r["checkpoint_s"] for r in ranks),
+        "export_write_ms": 1000 * ranks[0]["export_write_s"],
     }
 
 

@@ -237,6 +237,10 @@ def _sharding_rows(url: str, a: argparse.Namespace) -> list[dict[str, Any]]:
             ratio=ddp["peak_rss_mb"] / fsdp["peak_rss_mb"],
         ),
         result(
+            "trainer", "checkpoint_stall_ms_fsdp", fsdp["checkpoint_ms"], "ms", baseline=ddp["checkpoint_ms"]
+        ),
+        result("trainer", "export_background_ms_fsdp", fsdp["export_write_ms"], "ms"),
+        result(
             "trainer",
             "tokens_per_s_fsdp",
             fsdp["tokens_per_s"],

@@ -114,22 +114,20 @@ class Procs:
         self.all: list[subprocess.Popen[bytes]] = []
         self.spawns: collections.Counter[str] = collections.Counter()
         self.offsets: dict[str, int] = {}  # log size when each name was last spawned
-        self.groups: set[int] = set()  # process group ids of processes spawned with group=True
+        self.groups: set[int] = set()  # pids of processes spawned with group=True
 
     def spawn(
         self, name: str, args: list[str], env: dict[str, str] | None = None, *, group: bool = False
     ) -> subprocess.Popen[bytes]:
         """Start `args` with the proxy-free environment; output appends to <log_dir>/<name>.log.
 
-        `group`: in a process group of its own (torchrun and its ranks), which `kill9` kills whole."""
+        `group`: a process that starts others (torchrun and its ranks): `kill9` kills them all."""
         path = self.log(name)
         self.offsets[name] = path.stat().st_size if path.exists() else 0
         full = env_without_proxy()
         full.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(env or {})})
         with open(self.log(name), "ab") as fh:
-            proc = subprocess.Popen(
-                args, cwd=ROOT, env=full, stdout=fh, stderr=subprocess.STDOUT, start_new_session=group
-            )
+            proc = subprocess.Popen(args, cwd=ROOT, env=full, stdout=fh, stderr=subprocess.STDOUT)
         if group:
             self.groups.add(proc.pid)
         self.by_name[name] = proc
@@ -150,7 +148,8 @@ class Procs:
             proc.send_signal(sig)
 
     def kill9(self, name: str) -> int:
-        """SIGKILL `name` (its whole process group if spawned as one) and reap it; returns its exit status."""
+        """SIGKILL `name` (with every process it started if spawned as a group) and reap it; returns its
+        exit status."""
         proc = self.by_name[name]
         if proc.pid in self.groups:
             self._kill_group(proc.pid)
@@ -158,11 +157,15 @@ class Procs:
             proc.kill()
         return proc.wait(30)
 
-    def _kill_group(self, pgid: int) -> None:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    def _kill_group(self, pid: int) -> None:
+        """SIGKILL `pid` and all its descendants, all at once (torchrun starts each rank in a session of
+        its own, so a process group is not enough; a rank outliving its agent would go on training)."""
+        doomed = [pid, *_descendants(pid)]
+        for p in doomed:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     async def wait(self, name: str, timeout_s: float) -> int:
         proc = self.by_name[name]
@@ -184,8 +187,8 @@ class Procs:
         return self.by_name[name].poll() is None
 
     def close(self) -> None:
-        for pgid in self.groups:  # ranks outlive a torchrun that is gone
-            self._kill_group(pgid)
+        for pid in self.groups:  # ranks outlive a torchrun that is gone
+            self._kill_group(pid)
         for proc in self.all:
             if proc.poll() is None:
                 proc.kill()  # SIGKILL ends a SIGSTOPped process too
@@ -193,6 +196,26 @@ class Procs:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 pass
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid` (from /proc)."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the command may hold spaces and parentheses
+        children[ppid].append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ the next one resumed from are dropped), plus the dead stream.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import sys
 from pathlib import Path
@@ -57,7 +58,7 @@ async def test_fsdp_job_of_2_ranks_killed_9_resumes_on_1_rank_training_every_sam
     redis_url: str, r: aioredis.Redis, teacher: FaultyTeacher, procs: Procs, tmp_path: Path
 ) -> None:
     keys = RunKeys.for_run("fsdpkill")
-    items = rollouts(200, "fk")
+    items = rollouts(400, "fk")
     produced = [rid for rid, _ in items]
     await ensure_groups(r, keys)
     procs.spawn("w0", worker_cmd(redis_url, keys.run, [teacher.url], "w0"))
@@ -69,13 +70,24 @@ async def test_fsdp_job_of_2_ranks_killed_9_resumes_on_1_rank_training_every_sam
                            extra=("--sharding", "fsdp", *extra))  # fmt: skip
 
     procs.spawn("job", under_torchrun(train(logs[0]), ranks=2), group=True)
-    await produce(r, keys, items)
+
+    # The tiny student trains faster than a poll: once the job runs, steps follow a paced supply.
+    await produce(r, keys, items[:20])
+    await wait_until(lambda: bool(trained_steps(logs[0])), 120, "a first step", procs=procs, alive=["job"])
+
+    async def paced() -> None:
+        for i in range(20, len(items), 10):
+            await produce(r, keys, items[i : i + 10])
+            await asyncio.sleep(0.2)
+
+    producer = asyncio.create_task(paced())
 
     def between_checkpoints() -> bool:  # checkpoints at steps 3, 6, 9, ...
         steps = {step for _, step in trained_steps(logs[0])}
         return bool(steps) and max(steps) >= 5 and max(steps) % 3 != 0
 
-    await wait_until(between_checkpoints, 240, "step 5 of the 2-rank job", procs=procs, alive=["job", "w0"])
+    await wait_until(between_checkpoints, 240, "step 5 of the 2-rank job", procs=procs, alive=["job", "w0"],
+                     poll_s=0.01)  # fmt: skip
     assert procs.kill9("job") == -signal.SIGKILL
     latest = ckpt.latest_checkpoint(out)
     assert latest is not None
@@ -85,11 +97,14 @@ async def test_fsdp_job_of_2_ranks_killed_9_resumes_on_1_rank_training_every_sam
     assert ranks_logged == {0, 1}, "both ranks trained before the kill"
 
     procs.spawn("single", train(logs[1], "--resume"))
+    # Until the resumed job's first step, the ledger cannot tell which steps of the killed one it redoes.
+    await wait_until(lambda: bool(trained_steps(logs[1])), 120, "a first step", procs=procs, alive=["single"])
 
     async def done() -> bool:
         trained = sum(len(ids) for ids in lineage_steps(logs).values())
         return trained + int(await r.xlen(keys.dead.key)) >= len(items)
 
+    await producer
     await wait_until(done, 240, "everything trained", procs=procs, alive=["single", "w0"])
     assert await procs.wait("single", 90) == 0, procs.tail("single")  # idle exit: checkpoint, acks
     procs.signal("w0", signal.SIGTERM)

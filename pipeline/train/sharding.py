@@ -7,7 +7,7 @@ decoder layer, on the input embedding (unless tied to the LM head) and at the ro
 before its forward (and again for its backward) and freed after, and gradients are reduce-scattered.
 The root group (final norm, LM head) stays gathered from the start of the forward to the end of the
 backward, which is what lets the loss read the LM-head weight inside the root module's forward
-(`pipeline.train.step.DistillModule`).
+(`pipeline.train.distill.DistillModule`).
 
 Mixed precision under FSDP is a policy (bf16 compute, fp32 gradient reduction, fp32 master weights),
 not autocast. CPU offload (FSDP only) keeps the sharded parameters, gradients and optimizer state in

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pipeline.train.distill import DistillModule, supports_mask_logits
 from pipeline.train.distributed import Dist
 from pipeline.train.optim import build_optimizer, build_scheduler
 from pipeline.train.sharding import enable_activation_checkpointing, shard
-from pipeline.train.step import DistillModule, supports_mask_logits
 
 if TYPE_CHECKING:
     from pipeline.train.trainer import TrainSettings

@@ -155,7 +155,8 @@ class SyncLoop:
         import torch
 
         from pipeline.train.batching import pack
-        from pipeline.train.step import DistillModule, LossConfig, train_step
+        from pipeline.train.distill import DistillModule
+        from pipeline.train.step import LossConfig, train_step
 
         micro = pack(samples, self.batch_tokens)
         rows = float(sum(b.num_loss_tokens for b in micro))

@@ -102,6 +102,19 @@ def init_distributed(device_pref: str, timeout_s: float = 1800.0) -> Dist:
     )
 
 
-def shutdown() -> None:
+def shutdown(wait_for_peers: bool = True) -> None:
+    """Destroy the process group; first (`wait_for_peers`, on a clean exit of every rank) wait until no
+    collective is in flight on any rank.
+
+    FSDP issues collectives asynchronously; a gloo work item still alive when the interpreter exits can
+    abort the process ("terminate called without an active exception") after all its work is done. A
+    barrier completes only after every earlier collective. After an error on one rank the others may
+    never reach it, so then the group is destroyed at once.
+    """
     if dist.is_initialized():
+        if wait_for_peers:
+            try:
+                dist.barrier()
+            except (RuntimeError, ValueError) as exc:  # a peer already gone: nothing left to wait for
+                log.debug("barrier before destroying the process group failed: %r", exc)
         dist.destroy_process_group()

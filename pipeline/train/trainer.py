@@ -415,7 +415,8 @@ class Trainer:
             self.ready.publish(version, path)
             log.info("checkpoint %s written; policy version %d published", path, version)
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """Release everything; `clean`: every rank got here (not after an error on this rank alone)."""
         exports = getattr(self, "exports", None)
         if exports is not None:
             exports.wait()
@@ -426,7 +427,7 @@ class Trainer:
         if self.sample_log is not None:
             self.sample_log.close()
         self._close_io()
-        shutdown()
+        shutdown(wait_for_peers=clean)
 
     def _close_io(self) -> None:
         try:
@@ -444,6 +445,9 @@ def train(s: TrainSettings, stop: threading.Event | None = None) -> TrainSummary
     """Run one rank of `gkd train` to its end (max steps, stop event, SIGTERM, idle exit)."""
     trainer = Trainer(s, stop)
     try:
-        return trainer.run()
-    finally:
-        trainer.close()
+        summary = trainer.run()
+    except BaseException:
+        trainer.close(clean=False)  # the other ranks may never reach a last barrier
+        raise
+    trainer.close()
+    return summary

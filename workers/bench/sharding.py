@@ -97,14 +97,17 @@ def rank_main(result_dir: Path, settings_json: Path) -> None:
     trainer = MeasuredTrainer(s)
     try:
         summary = trainer.run()
-    finally:
-        trainer.close()
+    except BaseException:
+        trainer.close(clean=False)
+        raise
+    trainer.close()
     out = {
         "rank": trainer.dist.rank,
         "start_kb": trainer.start_kb,
         "peak_kb": trainer.peak_kb,
         "history": summary.history,
         "checkpoint_s": trainer.checkpoint_s,
+        "export_gather_s": trainer.exports.last_gather_s,
         "export_write_s": trainer.exports.last_write_s,
     }
     (result_dir / f"rank-{trainer.dist.rank}.json").write_text(json.dumps(out))
@@ -153,6 +156,7 @@ def measure(redis_url: str, student: Path, sharding: str, steps: int, batch_toke
         "peak_rss_mb": max(r["peak_kb"] for r in ranks) / 1024,
         "tokens_per_s": sum(h["tokens"] for h in history) / step_s,
         "checkpoint_ms": 1000 * max(r["checkpoint_s"] for r in ranks),
+        "export_gather_ms": 1000 * max(r["export_gather_s"] for r in ranks),
         "export_write_ms": 1000 * ranks[0]["export_write_s"],
     }
 

@@ -239,6 +239,13 @@ def _sharding_rows(url: str, a: argparse.Namespace) -> list[dict[str, Any]]:
         result(
             "trainer", "checkpoint_stall_ms_fsdp", fsdp["checkpoint_ms"], "ms", baseline=ddp["checkpoint_ms"]
         ),
+        result(
+            "trainer",
+            "export_gather_ms_fsdp",
+            fsdp["export_gather_ms"],
+            "ms",
+            baseline=ddp["export_gather_ms"],
+        ),
         result("trainer", "export_background_ms_fsdp", fsdp["export_write_ms"], "ms"),
         result(
             "trainer",

@@ -61,6 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
     ap.add_argument("--sharding", default="fsdp")
+    ap.add_argument("--student", default="", help="model folder (default: the tiny student)")
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--cpu-offload", action="store_true")
     ap.add_argument("--resume", type=Path, help="start from this checkpoint folder (its step)")
@@ -71,7 +72,7 @@ def main() -> None:
     d = init_distributed("cpu")
     torch.manual_seed(0)
     s = TrainSettings(
-        student=str(tiny_models().student.resolve()),
+        student=a.student or str(tiny_models().student.resolve()),
         sharding=a.sharding,
         activation_checkpointing=a.activation_checkpointing,
         cpu_offload=a.cpu_offload,
@@ -119,7 +120,7 @@ def main() -> None:
     if d.is_main:
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / "steps.json").write_text(json.dumps(history))
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(a.out / "weights.safetensors"))
+        save_file({k: v.clone() for k, v in weights.items()}, str(a.out / "weights.safetensors"))  # untied
     shutdown()
 
 

@@ -105,6 +105,24 @@ def test_a_2_rank_fsdp_checkpoint_resumes_on_1_rank_on_the_same_trajectory(
     assert_same_run(run, ddp, first_step=3)
 
 
+def test_a_student_with_tied_embeddings_under_fsdp_follows_one_process(tmp_path: Path) -> None:
+    """Tied input and output embeddings stay one parameter (in the root group) when only rank 0 reads
+    the weights and the other ranks receive their shards."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tied")
+    student = ("--student", str(tmp_path / "tied"))
+    one = run_steps(tmp_path / "one", "--sharding", "ddp", *student, ranks=1)
+    two = run_steps(tmp_path / "two", "--sharding", "fsdp", *student)
+    assert "lm_head.weight" not in two[1] or torch.equal(
+        two[1]["lm_head.weight"], two[1]["model.embed_tokens.weight"]
+    )
+    assert_same_run(two, one)
+
+
 def test_ddp_refuses_cpu_offload() -> None:
     from transformers import AutoModelForCausalLM
 

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import redis
 import torch
+import torch.nn.functional as F
 
 from pipeline.local.redis_server import env_without_proxy, free_port
 from pipeline.local.tiny_models import tiny_models
@@ -33,7 +34,7 @@ from pipeline.serve.server import TeacherServerSettings, load, start_server
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.batching import BatchPacker, pack
 from pipeline.train.ioloop import IOLoop
-from pipeline.train.loss import MODES, topk_gkd_loss
+from pipeline.train.loss import MODES, draw_teacher_samples, fused_topk_gkd_loss, topk_gkd_loss
 from pipeline.train.prefetch import Prefetcher
 from pipeline.train.ready import ReadyLeases
 from pipeline.train.trainer import TrainSettings, train
@@ -109,6 +110,64 @@ def test_loss_forward_and_backward_match_the_cpu_float64_reference(
     assert grad_NV[~mask_N].abs().max() == 0  # rows outside the mask get exactly 0
     for name in ("teacher_mass", "student_mass", "top1_in_topk", "rows"):
         assert math.isclose(stats[name], ref_stats[name], rel_tol=1e-5, abs_tol=1e-6), name
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_loss_in_bf16_equals_the_logits_loss_and_the_cpu_float64_reference(
+    device: torch.device, mode: str
+) -> None:
+    # The trainer's LM head on CUDA (Qwen2.5-0.5B: H=896, V=151936); the dry run keeps the CPU work small.
+    n, v, h, k = (512, 151_936, 896, 64) if device.type == "cuda" else (48, 1000, 32, 16)
+    g = torch.Generator().manual_seed(20 + MODES.index(mode))
+    hidden_NH = torch.randn(n, h, generator=g).bfloat16()
+    weight_VH = (torch.randn(v, h, generator=g) * (3 / h**0.5)).bfloat16()
+    teacher_NV = (
+        F.linear(hidden_NH.to(device, torch.float64), weight_VH.to(device, torch.float64)).cpu() * 1.5
+    )
+    teacher_NV += torch.randn(n, v, generator=g, dtype=torch.float64)
+    kw: dict[str, Any] = {"beta": 0.5, "mode": mode, "temperature": 1.5 if mode == "renorm" else 1.0}
+    if mode == "sampled":
+        ids_NK, counts_NK, lp_NK = draw_teacher_samples(teacher_NV, k, generator=g)
+        kw.update(beta=0.0, teacher_counts=counts_NK)
+    else:
+        lp_NK, ids_NK = torch.log_softmax(teacher_NV, -1).topk(k, -1)
+    ids_NK, lp_NK = ids_NK.int(), lp_NK.half()  # as they come off the wire
+    mask_N = torch.rand(n, generator=g) > 0.2
+
+    def on(dev: torch.device) -> dict[str, Any]:
+        return {key: val.to(dev) if isinstance(val, torch.Tensor) else val for key, val in kw.items()}
+
+    # The reference: the logits loss in float64 (on the device: fast there) from the same bf16-rounded
+    # hidden states and weight.
+    ref_h = hidden_NH.to(device, torch.float64).requires_grad_()
+    ref_w = weight_VH.to(device, torch.float64).requires_grad_()
+    args = (ids_NK.to(device), lp_NK.to(device))
+    ref_loss, _ = topk_gkd_loss(F.linear(ref_h, ref_w), *args, mask=mask_N.to(device), **on(device))
+    ref_loss.backward()
+    # The logits loss on the device in bf16 (an lm_head's logits), and the fused loss, which builds none.
+    runs = {}
+    for name in ("logits", "fused"):
+        dev_h = hidden_NH.to(device, copy=True).requires_grad_()
+        dev_w = weight_VH.to(device, copy=True).requires_grad_()
+        if name == "logits":
+            loss, _ = topk_gkd_loss(F.linear(dev_h, dev_w), *args, mask=mask_N.to(device), **on(device))
+        else:
+            loss, _ = fused_topk_gkd_loss(dev_h, dev_w, *args, mask=mask_N.to(device), **on(device))
+        loss.backward()
+        assert dev_h.grad is not None and dev_w.grad is not None
+        assert dev_h.grad.dtype == dev_w.grad.dtype == torch.bfloat16
+        runs[name] = (loss.item(), dev_h.grad, dev_w.grad)
+    (loss_f, gh_f, gw_f), (loss_l, gh_l, gw_l) = runs["fused"], runs["logits"]
+    assert ref_h.grad is not None and ref_w.grad is not None
+    # Both round the logits to bf16 once: the fused loss is the logits loss up to the matmul's blocking
+    # (its hidden-state gradient sums the vocabulary tiles in fp32, so it is if anything closer).
+    assert abs(loss_f - loss_l) <= 2e-3 * abs(loss_l)
+    assert rel_err(gh_f, gh_l) <= 1e-2 and rel_err(gw_f, gw_l) <= 1e-2
+    for grad, ref in ((gh_f, ref_h.grad), (gw_f, ref_w.grad)):
+        assert rel_err(grad, ref) <= 4e-2
+    assert rel_err(gh_f, ref_h.grad) <= 1.1 * rel_err(gh_l, ref_h.grad) + 1e-3
+    assert abs(loss_f - ref_loss.item()) <= 1e-2 * abs(ref_loss.item())
+    assert gh_f[~mask_N.to(device)].abs().max() == 0  # rows outside the mask get exactly 0
 
 
 # ---------------------------------------------------------------------------------------------- trainer

@@ -417,7 +417,7 @@ def _bad_cases() -> list[tuple[str, dict[str, object], str]]:
         ("beta > 1", {"beta": 1.5}, r"beta: expected a value in \[0, 1\], got 1.5"),
         ("tau = 0", {"temperature": 0.0}, r"temperature: expected a finite value > 0, got 0.0"),
         ("tau nan", {"temperature": math.nan}, r"temperature: expected a finite value > 0, got nan"),
-        ("mode", {"mode": "full"}, r"mode: expected one of tail, renorm, got 'full'"),
+        ("mode", {"mode": "full"}, r"mode: expected one of tail, renorm, sampled, got 'full'"),
         ("chunk_rows", {"chunk_rows": 0}, r"chunk_rows: expected an integer >= 1 or None, got 0"),
         ("normalizer", {"normalizer": 0}, r"normalizer: expected a finite number > 0.*got 0"),
         ("normalizer tensor", {"normalizer": torch.tensor(-2.0)}, r"normalizer: expected.*> 0.*got -2.0"),

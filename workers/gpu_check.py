@@ -6,7 +6,7 @@ deadline, so a hang or a crash costs one part, not the window:
 
     env      torch, CUDA, the device, the versions of what runs
     tests    the tests marked `gpu` (tests/test_gpu.py), one JSON row per test
-    loss     `gkd bench loss` at N=8192, V=151936, k=64 in bf16: tail and renorm vs full vocabulary
+    loss     `gkd bench loss` at N=8192, V=151936, k=64 in bf16: tail, renorm vs full vocabulary; fused
     model    a ~0.5B-parameter student built offline (random init, vocabulary 151936)
     trainer  `gkd bench trainer` on that student: tokens/s, data-wait fraction with prefetch, peak memory
     serve    `gkd bench serve`: `gkd teacher` serving that student to the worker pool, positions/s at k=20, 64

@@ -22,6 +22,7 @@ Retry and dead-letter logic branch on the class, never on message text:
     ├── ConfigMismatch        a process joins a run whose fixed settings differ from its own
     ├── DatasetError          a scored dataset on disk is unusable here (another teacher or k, a bad checksum)
     ├── MissingExtra          an optional dependency is not installed (names the extra that installs it)
+    ├── PolicyRegression      a trainer would publish a lower policy version than the run's
     ├── SettingsError         a flag, environment variable or TOML value is invalid
     └── CheckpointFailed      a trainer checkpoint could not be written (the previous one is intact)
 
@@ -126,6 +127,11 @@ class DatasetError(GKDError):
 
 class MissingExtra(GKDError):
     """An optional dependency is missing; the message names the extra to install."""
+
+
+class PolicyRegression(GKDError):
+    """A trainer would publish (or start from) a lower policy version than the run has published: the
+    producers would go back to an older policy. The published version never decreases."""
 
 
 class SettingsError(GKDError):

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.errors import SettingsError
 from pipeline.queue.schema import DEFAULT_RUN, Config, RunKeys
-from pipeline.settings import section, setting
+from pipeline.settings import mask_url, section, setting
 
 if TYPE_CHECKING:  # imported when used: it pulls in redis, which `gkd workers` loads after its signals
     from pipeline.queue.backpressure import WaterMarks
@@ -44,6 +44,7 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         RunKeys.for_run(self.name)  # raises SettingsError naming the rule
+        check_redis_url(self.redis_url)
         if self.k < 1:
             raise SettingsError(f"k: expected >= 1, got {self.k}")
 
@@ -59,6 +60,24 @@ class RunSettings:
             Config.LOSS_MODE: self.loss_mode,
         }
         return {f: values[f] for f in fields}
+
+
+#: URL schemes redis-py connects with.
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+def check_redis_url(url: str, name: str = "redis_url") -> None:
+    """Raise SettingsError naming the fix unless `url` is a Redis URL redis-py can connect with."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in REDIS_SCHEMES and rest:
+        return
+    guess = mask_url(f"redis://{rest if sep else url}")
+    guess = guess if guess.count("/") > 2 else guess + "/0"
+    got = mask_url(url) if sep else mask_url(f"redis://{url}").removeprefix("redis://")
+    raise SettingsError(
+        f"{name}: expected a URL redis://[:password@]host:port/db (rediss:// for TLS, unix:///path), got "
+        f"{got!r}; did you mean {guess!r}? (--redis or GKD_REDIS_URL)"
+    )
 
 
 @dataclasses.dataclass

@@ -162,7 +162,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         names = [flag, *[x for x in f.metadata.get("flags", ()) if x != flag]]
         base, _ = _base_type(leaf.type)
         env = ENV_PREFIX + leaf.name.upper()
-        shown = "***" if f.metadata.get("secret") and leaf.default else leaf.default
+        shown = _shown_default(leaf.default, bool(f.metadata.get("secret")))
         help_text = f"{f.metadata.get('help', '')} [env {env}; default {shown!r}]"
         kwargs: dict[str, Any] = {"dest": leaf.dest, "default": None, "help": help_text}
         if f.metadata.get("choices"):
@@ -175,6 +175,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         else:
             kwargs["metavar"] = leaf.name.upper()
         parser.add_argument(*names, **kwargs)
+
+
+def _shown_default(default: Any, secret: bool) -> Any:
+    """A default as --help shows it: a secret's value masked, but a URL shown with only its password masked
+    (the default Redis URL has none: users must see where a process looks for Redis)."""
+    if not secret or not default:
+        return default
+    return mask_url(default) if isinstance(default, str) and "://" in default else "***"
 
 
 def setting_names(cls: type) -> set[str]:
@@ -192,7 +200,37 @@ def secret_flags(cls: type) -> dict[str, str]:
     return out
 
 
-def _toml(path: str | None, table: str | None) -> dict[str, Any]:
+#: The settings class of every `gkd` command ("module:Class"). One TOML file may serve them all: its top
+#: level holds settings of any of them (a command ignores those it does not have), a table named after a
+#: command holds that command's own. tests/test_settings.py checks that every command is listed.
+COMMAND_SETTINGS = (
+    "pipeline.train.trainer:TrainSettings",
+    "pipeline.score.pool:WorkerSettings",
+    "pipeline.produce.producer:RolloutSettings",
+    "pipeline.serve.server:TeacherServerSettings",
+    "pipeline.local.demo:DemoSettings",
+    "workers.status:StatusSettings",
+    "workers.runs:RunsSettings",
+)
+
+
+def all_setting_names() -> set[str]:
+    """The outside names of every setting of every `gkd` command (imports their modules)."""
+    import importlib
+
+    names: set[str] = set()
+    for spec in COMMAND_SETTINGS:
+        module, _, cls = spec.partition(":")
+        names |= setting_names(getattr(importlib.import_module(module), cls))
+    return names
+
+
+def _toml(path: str | None, table: str | None, known: set[str]) -> dict[str, Any]:
+    """The settings of a TOML file for one command: the top level, then the command's table over it.
+
+    A key of the command's table must be one of its settings; a top-level key must be a setting of some
+    `gkd` command (a shared file), so a typo is refused wherever it is.
+    """
     if not path:
         return {}
     try:
@@ -200,10 +238,23 @@ def _toml(path: str | None, table: str | None) -> dict[str, Any]:
             data = tomllib.load(fh)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise SettingsError(f"config file {path}: expected readable TOML, got {exc}") from exc
-    merged = {k: v for k, v in data.items() if not isinstance(v, dict)}
-    if table and isinstance(data.get(table), dict):
-        merged.update(data[table])
-    return merged
+    top = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    own: dict[str, Any] = data[table] if table and isinstance(data.get(table), dict) else {}
+    if table is not None:
+        unknown = sorted(set(own) - known - {"config"})
+        if unknown:
+            raise SettingsError(
+                f"config file {path}: table [{table}] has unknown settings {unknown}; expected some of "
+                f"{sorted(known)}"
+            )
+        stray = sorted(set(top) - known - {"config"})
+        if stray and (stray := sorted(set(stray) - all_setting_names())):
+            raise SettingsError(
+                f"config file {path}: unknown settings {stray} (no gkd command has them); expected "
+                f"settings of gkd commands (see gkd <command> --help), at the top level or in a table "
+                f"named after the command"
+            )
+    return {**{k: v for k, v in top.items() if k in known}, **own}
 
 
 def resolve(
@@ -217,12 +268,9 @@ def resolve(
     defaults. Validates choices; sections validate themselves (raising SettingsError)."""
     env = os.environ if env is None else env
     given = vars(ns) if ns is not None else {}
-    toml = _toml(given.get("config") or env.get(ENV_PREFIX + "CONFIG"), table)
-    leaves = _leaves(cls)
     known = setting_names(cls)
-    unknown = sorted(set(toml) - known - {"config"})
-    if unknown and table is not None:
-        raise SettingsError(f"config file: unknown settings {unknown}; expected some of {sorted(known)}")
+    toml = _toml(given.get("config") or env.get(ENV_PREFIX + "CONFIG"), table, known)
+    leaves = _leaves(cls)
     values: dict[tuple[str, ...], Any] = {}
     for leaf in leaves:
         raw: Any = given.get(leaf.dest)
@@ -257,16 +305,17 @@ def _build(
 
 
 def parse(cls: type[T], argv: Sequence[str], prog: str, description: str = "") -> T:
-    """Parse `argv` into `cls` (flags, env, TOML); exits with usage on bad flags, like argparse."""
+    """Parse `argv` into `cls` (flags, env, TOML). Exits with usage on unknown flags, like argparse;
+    raises SettingsError for a bad value (the command line reports it in one line)."""
     # No abbreviations: `--api` must not silently mean `--api-key` (secrets are stripped by exact name).
     parser = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
     add_arguments(parser, cls)
+    # Read by the `gkd` command line before the command runs (workers/cli.py); listed for --help.
+    parser.add_argument(
+        "--debug", action="store_true", help="On a failure, show the Python traceback (also GKD_DEBUG=1)."
+    )
     ns = parser.parse_args(list(argv))
-    try:
-        return resolve(cls, ns, table=prog.split()[-1])
-    except SettingsError as exc:
-        parser.error(str(exc))
-        raise  # unreachable: parser.error exits
+    return resolve(cls, ns, table=prog.split()[-1])
 
 
 def changed(obj: Any) -> dict[str, Any]:

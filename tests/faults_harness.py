@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import functools
 import inspect
 import json
 import os
@@ -341,6 +342,16 @@ _FAULT: contextvars.ContextVar[str | None] = contextvars.ContextVar("fault", def
 Plan = Callable[[int, int], str | None]
 
 
+@functools.cache
+def student_tokenizer() -> Any:
+    """The tiny student's tokenizer (pipeline.local.tiny_models), loaded once."""
+    from transformers import AutoTokenizer
+
+    from pipeline.local.tiny_models import tiny_models
+
+    return AutoTokenizer.from_pretrained(tiny_models().student)
+
+
 class FaultyTeacher(FakeTeacher):
     """FakeTeacher (vLLM) whose faults follow a plan per rollout (by the index in its tokens), that can hold
     requests (`gate`), hang on chosen rollouts forever, and restart on the same port."""
@@ -351,6 +362,7 @@ class FaultyTeacher(FakeTeacher):
         # The student's vocabulary: the fake aliases ids >= vocab (id % vocab), which would put one
         # token's mass twice into a row (vLLM's extra actual-token entry) and get the row rejected.
         kw.setdefault("vocab", STUDENT_VOCAB)
+        kw.setdefault("tokenizer", student_tokenizer())  # the trainers check it against their student's
         super().__init__(**kw)
         self.plan = plan
         self.attempts: collections.Counter[int] = collections.Counter()

@@ -65,12 +65,16 @@ class FakeTeacher:
         slow_s: float = 5.0,
         delay_s: float = 0.0,
         max_model_len: int = 4096,
+        tokenizer: Any = None,
     ) -> None:
         if backend not in ("vllm", "sglang"):
             raise ValueError(f"backend: expected vllm or sglang, got {backend!r}")
         self.backend, self.model, self.vocab, self.k_max = backend, model, vocab, k_max
         self.api_key, self.shuffle, self.sglang_flat = api_key, shuffle, sglang_flat
         self.slow_s, self.delay_s, self.max_model_len = slow_s, delay_s, max_model_len
+        self.tokenizer = tokenizer
+        """/tokenize answers with this Hugging Face tokenizer's ids (a teacher of the student's family);
+        None: a byte tokenizer, which no real student matches."""
         rng = np.random.default_rng(seed)
         logits_VV = rng.normal(0.0, 3.0, (vocab, vocab))
         if neg_inf:  # a few impossible tokens per row, so -inf / -9999.0 shows up in top-k at large k
@@ -165,7 +169,15 @@ class FakeTeacher:
 
     async def _tokenize(self, request: web.Request) -> web.Response:
         body = await request.json()
-        tokens = list(str(body.get("prompt", "")).encode())  # a byte tokenizer: no real student matches it
+        text = str(body.get("prompt", ""))
+        if self.tokenizer is not None:
+            tokens = list(
+                self.tokenizer(text, add_special_tokens=bool(body.get("add_special_tokens", True)))[
+                    "input_ids"
+                ]
+            )
+        else:
+            tokens = list(text.encode())  # a byte tokenizer: no real student matches it
         return web.json_response({"tokens": tokens, "count": len(tokens), "max_model_len": 4096})
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:

@@ -14,9 +14,10 @@ from pathlib import Path
 from pipeline.local.redis_server import RedisServer, env_without_proxy
 
 
-def demo_cmd(redis_url: str, run: str, workdir: Path, steps: int) -> list[str]:
+def demo_cmd(redis_url: str | None, run: str, workdir: Path, steps: int) -> list[str]:
+    redis = ["--redis", redis_url] if redis_url else []  # none: the demo's own private redis-server
     return [
-        sys.executable, "-m", "workers.cli", "demo", "--redis", redis_url, "--run", run,
+        sys.executable, "-m", "workers.cli", "demo", *redis, "--run", run,
         "--workdir", str(workdir), "--steps", str(steps), "--timeout-s", "400",
     ]  # fmt: skip
 
@@ -48,9 +49,14 @@ def test_demo_json_kl_falls_and_nothing_is_lost(
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(summary) == {"steps", "kl_first", "kl_last", "rollouts", "scored", "trained", "dead", "lost"}
+    assert set(summary) == {
+        "steps", "kl_first", "kl_last", "rollouts", "scored", "trained", "dead", "queued_rollouts",
+        "queued_ready", "lost",
+    }  # fmt: skip
     assert summary["steps"] == 30
     assert summary["lost"] == 0 and summary["dead"] == 0
+    queued = summary["queued_rollouts"] + summary["queued_ready"]
+    assert summary["rollouts"] == summary["trained"] + summary["dead"] + queued
     assert summary["kl_last"] < 0.9 * summary["kl_first"], summary
     assert summary["trained"] > 0 and summary["scored"] >= summary["trained"]
     assert summary["rollouts"] >= summary["scored"]
@@ -58,14 +64,18 @@ def test_demo_json_kl_falls_and_nothing_is_lost(
 
 
 def test_ctrl_c_stops_every_process_the_demo_started(redis_url: str, tmp_path: Path) -> None:
+    """On its own private Redis (the default: never a shared server by chance)."""
     run = f"demo-{uuid.uuid4().hex[:6]}"
+    env = {k: v for k, v in env_without_proxy().items() if k != "GKD_REDIS_URL"}
     proc = subprocess.Popen(
-        demo_cmd(redis_url, run, tmp_path, steps=1000), env=env_without_proxy(),
+        demo_cmd(None, run, tmp_path, steps=1000), env={**env, "GKD_REDIS_URL": redis_url},
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 240
         assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert "(a private redis-server, stopped at the end)" in first and redis_url not in first, first
         for line in proc.stdout:  # wait until the pipeline is running (a step was taken)
             if "step=" in line and "step=0 " not in line:
                 break

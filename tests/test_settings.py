@@ -84,3 +84,29 @@ def test_secrets_are_masked() -> None:
     assert shown["api_key"] == "***" and "hunter2" not in str(shown) and "sk-secret" not in str(shown)
     assert mask_url("rediss://user:pw@h:1/0") == "rediss://user:***@h:1/0"
     assert mask_url("redis://h:1/0") == "redis://h:1/0"
+
+
+def test_every_commands_settings_are_known_to_a_shared_config_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A top-level TOML key is accepted when some gkd command has that setting: every command is listed."""
+    import importlib
+
+    from pipeline.settings import COMMAND_SETTINGS
+    from workers.cli import COMMANDS
+
+    class Parsed(Exception):
+        pass
+
+    seen: list[str] = []
+
+    def capture(cls: type, *args: object, **kwargs: object) -> None:
+        seen.append(f"{cls.__module__}:{cls.__name__}")
+        raise Parsed
+
+    for name, (module_name, _) in COMMANDS.items():
+        if name == "bench":  # suites parse their own flags; no settings file
+            continue
+        module = importlib.import_module(module_name)
+        monkeypatch.setattr(module, "parse", capture)
+        with pytest.raises(Parsed):
+            module.main([])
+    assert set(seen) == set(COMMAND_SETTINGS)

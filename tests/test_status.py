@@ -19,7 +19,7 @@ from pipeline.queue.lease import StreamConsumer
 from pipeline.queue.runstate import Heartbeat, check_run_config, incr_stats, publish_policy
 from pipeline.queue.schema import HB, RunKeys, Stat
 from pipeline.queue.streams import add_rollouts, ensure_groups
-from workers import status
+from workers import cli, status
 
 ROLLOUT_BYTES = 100
 SCORED_BYTES = 300
@@ -173,9 +173,10 @@ def test_empty_run_says_no_data_and_masks_password(capsys: Any) -> None:
         assert status.main(["--run", "nothing-here", "--redis", server.url, "--json"]) == 0
         rep = json.loads(capsys.readouterr().out)
         assert rep["has_data"] is False and rep["other_runs"] == ["other"]
-        assert status.main(["--redis", server.url.replace("s3cret", "b4dpass")]) == 2
+        assert cli.main(["status", "--redis", server.url.replace("s3cret", "b4dpass")]) == 2
         err = capsys.readouterr().err
-        assert "cannot reach Redis at redis://:***@" in err and "b4dpass" not in err
+        assert "gkd status: Redis at redis://:***@" in err and "refused the credentials" in err
+        assert "b4dpass" not in err
 
 
 def test_unreachable_redis_exits_2() -> None:

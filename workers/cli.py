@@ -1,10 +1,21 @@
-"""The `gkd` command line: one subcommand per process a user starts. Each module's `main(argv)` runs it."""
+"""The `gkd` command line: one subcommand per process a user starts. Each module's `main(argv)` runs it.
+
+Failures are reported here, once for every command (`run_command`): an expected failure (any
+`pipeline.errors.GKDError`: bad settings, a refused start, an unreachable service) is one line on stderr,
+``gkd <command>: <what was expected, what came, how to fix it>``, and exit status 2; Ctrl-C is exit status
+130 without a traceback. A traceback is shown only with ``--debug`` (or ``GKD_DEBUG=1``, which child
+processes inherit); anything else is a bug and keeps Python's traceback (exit status 1).
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
+
+from pipeline.errors import GKDError
 
 #: subcommand -> (module with `main(argv) -> int`, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -19,29 +30,81 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("workers.export", "Write a run's scored samples into Parquet shards (a scored dataset)."),
     "replay": ("workers.replay", "Feed a scored dataset into a run's ready stream, epoch by epoch."),
     "status": ("workers.status", "Show queue depths, lag, dead letters, workers and throughput of a run."),
-    "bench": ("workers.bench.cli", "Run a benchmark suite (codec, worker, loss, trainer, e2e)."),
+    "runs": ("workers.runs", "List the runs in Redis; `gkd runs delete RUN` clears one."),
+    "bench": ("workers.bench.cli", "Run a benchmark suite (codec, worker, loss, trainer, e2e, ...)."),
 }
+
+#: Environment variable that turns on tracebacks (set by --debug, inherited by child processes).
+DEBUG_ENV = "GKD_DEBUG"
 
 
 def usage() -> str:
-    lines = ["usage: gkd <command> [options]   (gkd <command> --help for its options)", "", "commands:"]
+    lines = [
+        "usage: gkd [--version] [--debug] <command> [options]   (gkd <command> --help for its options)",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<10} {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines += ["", "--debug (anywhere, or GKD_DEBUG=1): show the Python traceback of a failure."]
     return "\n".join(lines)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return f"gkd-pipeline {dist_version('gkd-pipeline')}"
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "gkd-pipeline (not installed)"
+
+
+def debugging() -> bool:
+    return os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes", "on")
+
+
+def run_command(name: str, fn: Callable[[], int]) -> int:
+    """Run one command's body; report an expected failure in one line (exit 2), Ctrl-C as exit 130."""
+    try:
+        return fn()
+    except KeyboardInterrupt:
+        if debugging():
+            traceback.print_exc()
+        print(f"gkd {name}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except GKDError as exc:
+        if debugging():
+            traceback.print_exc()
+        print(f"gkd {name}: {exc}", file=sys.stderr, flush=True)
+        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help", "help"):
+    if "--debug" in args:
+        args.remove("--debug")
+        os.environ[DEBUG_ENV] = "1"  # children (worker pool, demo) inherit it
+    if args[:1] in (["-h"], ["--help"], ["help"]):
         print(usage())
         return 0
+    if args[:1] == ["--version"]:
+        print(version())
+        return 0
+    if not args:
+        print(usage(), file=sys.stderr)
+        return 2
     name, rest = args[0], args[1:]
     if name not in COMMANDS:
         print(f"gkd: unknown command {name!r}; expected one of {', '.join(COMMANDS)}\n", file=sys.stderr)
         print(usage(), file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    result: int = module.main(rest)
-    return result
+
+    def body() -> int:
+        module = importlib.import_module(COMMANDS[name][0])
+        result: int = module.main(rest)
+        return result
+
+    return run_command(name, body)
 
 
 if __name__ == "__main__":

@@ -3,21 +3,24 @@
 One process runs one `pipeline.score.loop.TeacherWorker` event loop with `--concurrency` rollouts in
 flight; with `--procs N` (N > 1) it supervises N such processes (`pipeline.score.pool.supervise`).
 
+A first SIGTERM/SIGINT stops reading and gives in-flight rollouts `--grace-s` (counting down in the log);
+a second hands the rest back at once.
+
 Exit status: 0 after a clean stop (signal), 2 for bad settings or a refused start (run config mismatch,
-teacher checks), 1 for anything else.
+teacher checks: one line, from the `gkd` command line), 1 for anything else.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
-import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from pipeline.errors import ConfigMismatch, GKDError
-from pipeline.score.pool import WorkerSettings, default_name, supervise, teacher_config
+from pipeline.errors import GKDError, SettingsError
+from pipeline.score.pool import SUPERVISOR_ENV, WorkerSettings, default_name, supervise, teacher_config
 from pipeline.settings import parse, redacted
 
 if TYPE_CHECKING:  # the heavy imports (aiohttp, redis, numpy) wait until the signal handlers are set
@@ -40,18 +43,12 @@ def main(argv: Sequence[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _early_stop)
     s = parse(WorkerSettings, argv, prog="gkd workers", description=__doc__.split("\n")[0])
-    logging.basicConfig(
-        level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    try:
-        if not s.teacher:
-            raise ValueError("--teacher: expected at least one teacher URL, got none")
-        if s.procs < 1:
-            raise ValueError(f"--procs: expected >= 1, got {s.procs}")
-        config = teacher_config(s)
-    except (ValueError, GKDError) as exc:
-        print(f"gkd workers: {exc}", file=sys.stderr)
-        return 2
+    logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not s.teacher:
+        raise SettingsError("--teacher: expected at least one teacher URL (http://host:port), got none")
+    if s.procs < 1:
+        raise SettingsError(f"--procs: expected >= 1, got {s.procs}")
+    config = teacher_config(s)
     log.debug("settings: %s", redacted(s))
     if s.procs > 1:
         return supervise(s, list(argv), _stop_requested)
@@ -63,25 +60,27 @@ async def run_one(s: WorkerSettings, config: TeacherConfig, name: str) -> int:
     from pipeline.score.loop import TeacherWorker
 
     stop = asyncio.Event()
+    worker = TeacherWorker(s.run, config, name, s.flow, s.loop)
+
+    def on_signal() -> None:
+        if stop.is_set():
+            worker.hurry()  # a second Ctrl-C: hand back what is in flight now
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     if _stop_requested:
         stop.set()
-    worker = TeacherWorker(s.run, config, name, s.flow, s.loop)
+    watch = asyncio.create_task(_watch_supervisor(stop))
     try:
         report = await worker.run(stop)
-    except ConfigMismatch as exc:
-        log.error("refusing to start: %s", exc)
-        return 2
-    except GKDError as exc:
+    except GKDError:
         if stop.is_set():  # stopped while waiting for the teacher to come up
             return 0
-        log.error("refusing to start: %s: %s", type(exc).__name__, exc)
-        return 2
-    except OSError as exc:  # e.g. the metrics port is taken
-        log.error("refusing to start: %s", exc)
-        return 2
+        raise
+    finally:
+        watch.cancel()
     log.info(
         "worker %s stopped: %d scored (%d positions), %d dead, %d released, %d lost to other workers",
         name,
@@ -92,3 +91,17 @@ async def run_one(s: WorkerSettings, config: TeacherConfig, name: str) -> int:
         report.lease_lost,
     )
     return 0
+
+
+async def _watch_supervisor(stop: asyncio.Event) -> None:
+    """A child of `--procs N` stops (gracefully) once its supervisor is gone: it runs in its own session,
+    so nothing else would stop it."""
+    parent = os.environ.get(SUPERVISOR_ENV)
+    if not parent or not parent.isdigit():
+        return
+    while not stop.is_set():
+        if os.getppid() != int(parent):
+            log.warning("the pool's supervisor (pid %s) is gone: stopping", parent)
+            stop.set()
+            return
+        await asyncio.sleep(1.0)

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import signal
 
-from pipeline.errors import GKDError
 from pipeline.produce.producer import ProducerSummary, RolloutSettings, produce
 from pipeline.settings import parse, redacted
 
@@ -25,17 +24,15 @@ def main(argv: list[str]) -> int:
             loop.add_signal_handler(sig, stop.set)
         return await produce(s, stop)
 
-    try:
-        summary = asyncio.run(run())
-    except GKDError as exc:  # e.g. a --skip-scored dataset of another teacher or k
-        log.error("gkd rollouts: %s", exc)
-        return 2
+    summary = asyncio.run(run())  # a refusal (e.g. a --skip-scored dataset of another k): workers/cli.py
     log.info(
-        "done: %d rollouts (%s), %d skipped, %d already scored (--skip-scored), policy versions %s",
+        "done: %d rollouts (%s), %d skipped, %d already scored (--skip-scored), %d cut to the teacher's "
+        "context, policy versions %s",
         summary.produced,
         dict(summary.sources),
         summary.skipped,
         summary.skipped_scored,
+        summary.cut,
         summary.versions,
     )
     return 0

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.errors import GKDError, RedisUnavailable, SettingsError
+from pipeline.errors import RedisUnavailable, SettingsError
 from pipeline.monitor.report import (
     Sample,
     build_report,
@@ -32,7 +32,7 @@ from pipeline.monitor.text import render_text
 from pipeline.queue.connection import connect_sync
 from pipeline.queue.schema import RunKeys
 from pipeline.sections import CommonSettings
-from pipeline.settings import mask_url, parse, setting
+from pipeline.settings import parse, setting
 
 
 @dataclass
@@ -81,9 +81,7 @@ def run(r: Any, keys: RunKeys, s: StatusSettings) -> int:
             prev, rep = _report(r, keys, s, prev)
         except RedisUnavailable as exc:
             # A monitor outlives a Redis restart: say so, drop the old sample (its rates would mix).
-            print(
-                f"gkd status: Redis at {mask_url(s.run.redis_url)} failed ({exc}); retrying", file=sys.stderr
-            )
+            print(f"gkd status: {exc}; retrying", file=sys.stderr)
             prev = None
             continue
         _emit(rep, s.json_output, clear)
@@ -91,33 +89,28 @@ def run(r: Any, keys: RunKeys, s: StatusSettings) -> int:
             print(flush=True)
 
 
+def ping(r: Any) -> None:
+    """Raise a GKDError naming the fix unless Redis answers (`gkd status` and `gkd runs` do not wait)."""
+    try:
+        r.ping()
+    except RedisUnavailable as exc:
+        raise RedisUnavailable(
+            f"{exc}; expected a Redis server there: start one, or pass --redis URL (or set GKD_REDIS_URL)"
+        ) from None
+
+
 def main(argv: Sequence[str]) -> int:
     s = parse(StatusSettings, argv, prog="gkd status", description=__doc__.split("\n")[0])
-    try:
-        keys = s.run.keys
-        if s.interval_s < 0 or s.dead_reasons < 0:
-            raise SettingsError(
-                f"expected --interval-s >= 0 and --dead-reasons >= 0, got {s.interval_s} and {s.dead_reasons}"
-            )
-    except SettingsError as exc:
-        print(f"gkd status: {exc}", file=sys.stderr)
-        return 2
+    keys = s.run.keys
+    if s.interval_s < 0 or s.dead_reasons < 0:
+        raise SettingsError(
+            f"expected --interval-s >= 0 and --dead-reasons >= 0, got {s.interval_s} and {s.dead_reasons}"
+        )
     r = connect_sync(s.run.redis_url)
     try:
-        try:
-            r.ping()
-        except GKDError as exc:
-            print(
-                f"gkd status: cannot reach Redis at {mask_url(s.run.redis_url)} ({exc}); expected a Redis "
-                "server there: start one, or pass --redis URL (or set GKD_REDIS_URL)",
-                file=sys.stderr,
-            )
-            return 2
+        ping(r)
         return run(r, keys, s)
     except KeyboardInterrupt:
-        return 0
-    except GKDError as exc:
-        print(f"gkd status: Redis at {mask_url(s.run.redis_url)} failed: {exc}", file=sys.stderr)
-        return 2
+        return 0  # the way to end --watch
     finally:
         r.close()

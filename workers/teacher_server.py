@@ -7,7 +7,8 @@ import logging
 from collections.abc import Sequence
 
 from pipeline.errors import SettingsError
-from pipeline.serve.server import TeacherServerSettings, serve
+from pipeline.models import check_source
+from pipeline.serve.server import TeacherServerSettings, check_port, load, serve
 from pipeline.serve.vllm_engine import require_vllm
 from pipeline.settings import parse, redacted
 
@@ -25,14 +26,16 @@ def main(argv: Sequence[str]) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if not settings.model:
-        log.error("gkd teacher: expected --model PATH_OR_HF_ID (or GKD_MODEL), got none")
-        return 2
+        raise SettingsError("model: expected --model PATH_OR_HF_ID (or GKD_MODEL), got none")
     if settings.engine == "vllm":
-        try:
-            require_vllm()
-        except SettingsError as exc:
-            log.error("gkd teacher: %s", exc)
-            return 2
+        require_vllm()
+    # Everything that can be checked is checked before the model loads (that may take minutes).
+    check_source(settings.model, "--model")
+    check_port(settings)
     log.info("settings: %s", redacted(settings))
-    asyncio.run(serve(settings))
+    model = tokenizer = None
+    if settings.engine != "vllm":  # vLLM's engine must be built in the event loop that serves it
+        log.info("loading %s", settings.model)
+        model, tokenizer = load(settings)  # in the main thread: Ctrl-C interrupts it at once
+    asyncio.run(serve(settings, model, tokenizer))
     return 0

@@ -1,11 +1,12 @@
 """`gkd demo`: the whole system on one machine, on embedded defaults, each part as its own process.
 
-Redis: `--redis` / GKD_REDIS_URL, else localhost:6379 when it answers, else a private redis-server that
-the demo starts and stops. Models: a tiny teacher and a smaller student built offline from a fixed seed
-and cached (`pipeline.local.tiny_models`), or `--teacher` / `--student`. Then, as a user would start
-them: the reference teacher server, a worker pool, a rollout producer (on-policy with probability
-`--lmbda`) and a trainer, each from its own settings object turned into flags. Progress is printed live;
-`run_demo` returns the summary (`Tally.summary`).
+Redis: a private redis-server that the demo starts and stops, unless `--redis URL` names one (never a
+shared server by chance: GKD_REDIS_URL is not read). On a given Redis the run must be new (or `--keep`):
+the demo never clears keys it did not write. Models: a tiny teacher and a smaller student built offline
+from a fixed seed and cached (`pipeline.local.tiny_models`), or `--teacher` / `--student`. Then, as a
+user would start them: the reference teacher server, a worker pool, a rollout producer (on-policy with
+probability `--lmbda`) and a trainer, each from its own settings object turned into flags. Progress is
+printed live; `run_demo` returns the summary (`Tally.summary`).
 """
 
 from __future__ import annotations
@@ -13,22 +14,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import SettingsError
 from pipeline.local.procs import Procs, wait_http
 from pipeline.local.redis_server import RedisServer, env_without_proxy, free_port
-from pipeline.local.tiny_models import corpus, tiny_models
+from pipeline.local.tiny_models import tiny_models, write_prompts
 from pipeline.produce.producer import RolloutSettings
 from pipeline.queue.connection import connect_sync
 from pipeline.queue.schema import RunKeys, Stat
 from pipeline.score.options import WorkerOptions
 from pipeline.score.pool import WorkerSettings
-from pipeline.sections import FlowSettings, RunSettings
+from pipeline.sections import FlowSettings, RunSettings, check_redis_url
 from pipeline.settings import mask_url, section, setting, to_argv
 from pipeline.train.trainer import TrainSettings
 
@@ -40,9 +41,10 @@ class DemoSettings:
     run: RunSettings = section(RunSettings, "name", "k", name="demo", k=16)
     redis_url: str | None = setting(
         None,
-        "Redis URL (default: localhost:6379 if it answers, else a private server).",
-        flags=("--redis",),
+        "Redis URL (default: a private redis-server, stopped at the end; GKD_REDIS_URL is not read). The run "
+        "must be new there, or --keep.",
         secret=True,
+        name="redis",
     )
     teacher: str | None = setting(None, "Teacher model path or id (default: the tiny offline teacher).")
     student: str | None = setting(None, "Student model path or id (default: the tiny offline student).")
@@ -53,8 +55,12 @@ class DemoSettings:
     workers: int = setting(1, "Worker processes.")
     workdir: str = setting(".gkd/demo", "Folder for prompts, checkpoints and logs.")
     json_output: bool = setting(False, "Print only the final JSON summary line.", flags=("--json",))
-    keep: bool = setting(False, "Keep the run's existing keys instead of clearing them.")
+    keep: bool = setting(False, "With --redis: continue the run's existing keys (and checkpoints).")
     timeout_s: float = setting(600.0, "Give up (and stop everything) after this many seconds.")
+
+    def __post_init__(self) -> None:
+        if self.redis_url is not None:
+            check_redis_url(self.redis_url, "redis")
 
 
 @dataclasses.dataclass
@@ -86,6 +92,8 @@ class Tally:
             "scored": self.scored,
             "trained": self.trained,
             "dead": self.dead,
+            "queued_rollouts": self.rollouts_queued,
+            "queued_ready": self.ready_queued,
             "lost": self.lost,
         }
 
@@ -128,31 +136,25 @@ def read_tally(client: Any, keys: RunKeys, metrics: Path, window: int = 5) -> Ta
     )
 
 
-def _redis(url: str | None) -> tuple[str, RedisServer | None]:
-    """The Redis to use: the given URL, else localhost:6379 when it answers, else a private server."""
-    candidates = [url] if url else ["redis://127.0.0.1:6379/0"]
-    for cand in candidates:
-        try:
-            client = connect_sync(cand, socket_timeout_s=1.0)
-            client.ping()
-            client.close()
-            return cand, None
-        except Exception:
-            if url:
-                raise SystemExit(f"gkd demo: Redis at {mask_url(url)} does not answer") from None
-    server = RedisServer().start()
-    return server.url, server
-
-
-def _prompts(path: Path, n: int = 200) -> None:
-    """JSONL of prompt/completion pairs cut from the embedded corpus (the student may regenerate them)."""
-    rng = random.Random(7)
-    with path.open("w") as fh:
-        for line in corpus(n, seed=11):
-            words = line.split()
-            cut = rng.randint(2, 4)
-            prompt, completion = " ".join(words[:cut]), " " + " ".join(words[cut:])
-            fh.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+def _redis(s: DemoSettings) -> tuple[str, RedisServer | None]:
+    """The Redis to use: a private server, or the given URL (where the run must be new, or --keep)."""
+    if s.redis_url is None:
+        server = RedisServer().start()
+        return server.url, server
+    client = connect_sync(s.redis_url, socket_timeout_s=2.0)
+    try:
+        client.ping()
+        existing = sum(1 for _ in client.scan_iter(match=s.run.keys.pattern, count=1000))
+    finally:
+        client.close()
+    if existing and not s.keep:
+        run = s.run.name
+        raise SettingsError(
+            f"run {run!r} already has {existing} keys in Redis at {mask_url(s.redis_url)}: expected a new "
+            f"run (the demo does not clear keys it did not write); pass --run NEW_NAME, --keep to continue "
+            f"it, or clear it first (gkd runs delete {run} --redis URL)"
+        )
+    return s.redis_url, None
 
 
 def commands(s: DemoSettings, teacher: str, student: str, port: int, workdir: Path) -> dict[str, list[str]]:
@@ -192,18 +194,16 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
     workdir = Path(s.workdir)
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     say: Callable[..., None] = (lambda *_: None) if s.json_output else (lambda *a: print(*a, flush=True))
-    url, private = _redis(s.redis_url)
-    say(f"redis: {mask_url(url)}" + (" (private server started by the demo)" if private else ""))
+    url, private = _redis(s)
+    say(f"redis: {mask_url(url)}" + (" (a private redis-server, stopped at the end)" if private else ""))
     keys = s.run.keys
     client = connect_sync(url)
-    if not s.keep:
-        for key in client.scan_iter(match=keys.pattern):
-            client.delete(key)
+    if not s.keep:  # a new run: checkpoints of an earlier demo would be resumed by nothing
         shutil.rmtree(workdir / "ckpt", ignore_errors=True)
     models = tiny_models() if not (s.teacher and s.student) else None
     teacher = s.teacher or str(models.teacher)  # type: ignore[union-attr]
     student = s.student or str(models.student)  # type: ignore[union-attr]
-    _prompts(workdir / "prompts.jsonl")
+    write_prompts(workdir / "prompts.jsonl")
     env = env_without_proxy()
     env.update({"GKD_RUN": s.run.name, "GKD_REDIS_URL": url, "HF_HUB_OFFLINE": "1"})
     env.update({"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")})

@@ -181,7 +181,35 @@ def tiny_models(
     return out
 
 
-if __name__ == "__main__":
-    import sys
+def write_prompts(path: str | os.PathLike[str], n: int = 200) -> None:
+    """JSONL of prompt/completion pairs cut from the corpus (the student may regenerate the completions)."""
+    import json
 
-    print(tiny_models(servable="--servable" in sys.argv[1:]))
+    rng = random.Random(7)
+    with open(path, "w") as fh:
+        for line in corpus(n, seed=11):
+            words = line.split()
+            cut = rng.randint(2, 4)
+            prompt, completion = " ".join(words[:cut]), " " + " ".join(words[cut:])
+            fh.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.local.tiny_models",
+        description="Build the tiny teacher and student offline (once; cached under .gkd/models).",
+    )
+    p.add_argument("--servable", action="store_true", help="head size 32, as vLLM's CPU backend needs")
+    p.add_argument("--prompts", metavar="FILE", help="also write a JSONL prompt file for them here")
+    a = p.parse_args(argv)
+    models = tiny_models(servable=a.servable)
+    print(f"teacher: {models.teacher}\nstudent: {models.student}")
+    if a.prompts:
+        write_prompts(a.prompts)
+        print(f"prompts: {a.prompts}")
+
+
+if __name__ == "__main__":
+    main()

@@ -15,6 +15,7 @@ reply was lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import random
@@ -26,12 +27,19 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import RedisUnavailable, RetryableError, SettingsError, WireFormatError
-from pipeline.produce.prompts import PromptItem, load_prompts
+from pipeline.errors import (
+    RedisUnavailable,
+    RetryableError,
+    SettingsError,
+    StreamGroupMissing,
+    WireFormatError,
+)
+from pipeline.models import check_source
+from pipeline.produce.prompts import PromptFileError, PromptItem, load_prompts
 from pipeline.produce.student_gen import Generator, LocalGenerator, Sampling, ServerGenerator
 from pipeline.queue import schema as K
 from pipeline.queue.backpressure import Backpressure
-from pipeline.queue.connection import RedisRetry, connect
+from pipeline.queue.connection import RedisRetry, connect, wait_for_redis
 from pipeline.queue.runstate import Heartbeat, now_ms, read_config, read_policy
 from pipeline.queue.schema import HB, Config, Role
 from pipeline.queue.streams import add_rollouts, ensure_groups
@@ -90,6 +98,8 @@ class ProducerSummary:
     skipped: int = 0
     skipped_scored: int = 0
     """Rollouts left out because a --skip-scored dataset already holds their ids."""
+    cut: int = 0
+    """Rollouts whose completion was cut to fit the teacher's context."""
 
 
 class Producer:
@@ -107,6 +117,7 @@ class Producer:
             raise SettingsError(
                 f"batch_size, max_new_tokens: expected >= 1, got {s.batch_size}, {s.max_new_tokens}"
             )
+        check_source(s.student, "--student", tokenizer_only=bool(s.student_server))
         self.s, self.stop = s, stop
         self.keys = s.run.keys
         self.summary = ProducerSummary()
@@ -117,10 +128,14 @@ class Producer:
         self._batches = 0
         self.retry = RedisRetry(f"rollouts {s.name}", first_s=0.2)
         self.scored: list[Any] = []  # ScoredIndex of each --skip-scored folder
+        self.max_tokens: int | None = None
+        """Longest rollout the run's teacher accepts (its context less the token it generates), once known."""
 
     async def run(self) -> ProducerSummary:
         from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # a bar per policy load would flood the log
         s = self.s
         self.tokenizer = AutoTokenizer.from_pretrained(s.student)
         items = load_prompts(s.prompts, self.tokenizer)
@@ -135,13 +150,18 @@ class Producer:
         heartbeat = Heartbeat(self.r, self.keys, s.name, Role.PRODUCER, fields=self._heartbeat_fields)
         hb = asyncio.create_task(heartbeat.run())
         try:
+            if not await wait_for_redis(self.r, f"rollouts {s.name}", self.stop):
+                return self.summary
             await self.retry.call("create groups", lambda: ensure_groups(self.r, self.keys), stop=self.stop)
             await self._load_scored()
+            await self._fit_context(items, refuse=True)
             await self._follow_policy(force=True)
             await self._loop(items)
         finally:
             hb.cancel()
             await asyncio.gather(hb, return_exceptions=True)
+            with contextlib.suppress(RedisUnavailable, StreamGroupMissing):
+                await heartbeat.remove()  # a clean exit leaves `gkd status` (and `gkd runs`) at once
             if self.gen is not None:
                 await self.gen.close()
             await self.r.aclose()
@@ -161,6 +181,7 @@ class Producer:
                     return
                 if time.monotonic() - last_poll >= s.policy_poll_s:
                     await self._follow_policy()
+                    await self._fit_context(items, refuse=False)
                     last_poll = time.monotonic()
                 left = s.num_rollouts - self.summary.produced if s.num_rollouts else s.batch_size
                 batch = [items[i] for i in order[start : start + min(s.batch_size, left)]]
@@ -221,6 +242,13 @@ class Producer:
         out: list[Rollout] = []
         for item, student in zip(batch, on_policy, strict=True):
             completion = generated[item.index] if student else item.completion_ids
+            room = self.max_tokens - len(item.prompt_ids) if self.max_tokens is not None else None
+            if room is not None and room < 1:
+                self.summary.skipped += 1  # too long for the teacher (said once, when its context came)
+                continue
+            if completion and room is not None and len(completion) > room:
+                completion = completion[:room]  # what the teacher can score; trained like any rollout
+                self.summary.cut += 1
             if not completion:
                 self.summary.skipped += 1
                 log.warning("prompt %d (line %d): empty completion, skipped", item.index, item.line)
@@ -297,6 +325,31 @@ class Producer:
                 cursor = "(" + page[-1][0].decode()
         return False
 
+    async def _fit_context(self, items: list[PromptItem], refuse: bool) -> None:
+        """Learn the teacher's context from the run config (a worker records it). Prompts that cannot fit
+        with one completion token are refused at start (`refuse`), or skipped (said once) later."""
+        try:
+            raw = (await read_config(self.r, self.keys)).get(Config.TEACHER_MAX_MODEL_LEN)
+        except RedisUnavailable:
+            return
+        if raw is None or not raw.isdigit() or self.max_tokens == int(raw) - 1:
+            return
+        self.max_tokens = int(raw) - 1  # the teacher generates one token after the rollout
+        longest = self.max_tokens - 1
+        over = [i for i in items if len(i.prompt_ids) > longest]
+        if not over:
+            return
+        lines = ", ".join(str(i.line) for i in over[:10]) + (", ..." if len(over) > 10 else "")
+        what = (
+            f"{self.s.prompts}: {len(over)} prompts longer than the run's teacher accepts: expected at most "
+            f"{longest} tokens (its context of {self.max_tokens + 1} less a completion token and the one it "
+            f"generates), got up to {max(len(i.prompt_ids) for i in over)} (lines {lines})"
+        )
+        if refuse:
+            fix = "shorten or drop those lines, or serve a teacher with a longer context"
+            raise PromptFileError(f"{what}; {fix}")
+        log.error("%s; they are skipped from now on", what)
+
     async def _generator(self) -> Generator:
         """The student generator, built on first use from the policy in use (or --student)."""
         if self.gen is None:
@@ -327,7 +380,7 @@ class Producer:
         try:
             version, path = await read_policy(self.r, self.keys)
         except RedisUnavailable as exc:
-            log.warning("reading the policy failed (%r); keeping version %d", exc, self.version)
+            log.warning("reading the policy failed (%s); keeping version %d", exc, self.version)
             return
         if version == self.version and not force:
             return
@@ -336,7 +389,7 @@ class Producer:
                 await self.gen.load(path)
             except (OSError, ValueError, RetryableError) as exc:
                 log.error(
-                    "loading policy version %d from %s failed (%r); keeping version %d",
+                    "loading policy version %d from %s failed (%s); keeping version %d",
                     version,
                     path,
                     exc,

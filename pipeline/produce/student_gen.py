@@ -174,7 +174,7 @@ class ServerGenerator:
                 return await resp.json(content_type=None)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise RetryableError(
-                f"student server {self.url}{path}: expected a response, got {exc!r}"
+                f"student server {self.url}{path}: expected a response, got {type(exc).__name__}: {exc}"
             ) from exc
 
     async def generate(self, prompts: list[list[int]], seed: int) -> list[list[int]]:

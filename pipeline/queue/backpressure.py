@@ -9,12 +9,17 @@ at most one batch, so Redis memory stays bounded by high + producers x batch, ho
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from pipeline.notice import WaitNotice
 from pipeline.queue.schema import Stream
+
+log = logging.getLogger("gkd.backpressure")
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class Backpressure:
         self.poll_s = poll_s
         self.max_poll_s = max_poll_s
         self.paused = False
+        self._notice = WaitNotice(log)
 
     async def level(self) -> tuple[int, int]:
         """(entries, payload bytes) waiting or in flight in the stream."""
@@ -75,6 +81,14 @@ class Backpressure:
 
     def _below_low(self, n: int, b: int) -> bool:
         return n <= self.marks.low_entries and b <= self.marks.low_bytes
+
+    def _paused_text(self, n: int, b: int) -> str:
+        m, run = self.marks, self.stream.run.run
+        return (
+            f"paused: {self.stream.key} holds {n} entries ({b / 2**20:.1f} MB), at its high-water mark "
+            f"({m.high_entries} entries or {m.high_bytes / 2**20:.0f} MB); waiting until its readers bring "
+            f"it down to {m.low_entries} entries (gkd status --run {run})"
+        )
 
     async def wait_for_room(self, stop: asyncio.Event | None = None) -> float:
         """Return at once below the high mark; else wait until the level falls to the low mark.
@@ -94,6 +108,9 @@ class Backpressure:
                 n, b = await self.level()
                 if self._below_low(n, b):
                     break
+                self._notice.waiting(functools.partial(self._paused_text, n, b))
         finally:
             self.paused = False
+            self._notice.over()
+        self._notice = WaitNotice(log)
         return time.monotonic() - start

@@ -39,6 +39,8 @@ from pipeline.errors import (
     RedisUnavailable,
     StreamGroupMissing,
 )
+from pipeline.notice import WaitNotice
+from pipeline.settings import mask_url
 
 log = logging.getLogger("gkd.redis")
 T = TypeVar("T")
@@ -61,21 +63,32 @@ _CLASS_CODES: dict[type[BaseException], str] = {
 _FAILURES = (rex.RedisError, OSError)
 
 
-def translate(exc: BaseException) -> GKDError:
-    """The project's error for a redis-py (or socket) failure; see the module docstring."""
+def translate(exc: BaseException, where: str = "") -> GKDError:
+    """The project's error for a redis-py (or socket) failure; see the module docstring. `where` is the
+    server's URL, password masked: every message about the server names it."""
     text = f"{type(exc).__name__}: {exc}"
+    at = f" at {where}" if where else ""
     if isinstance(exc, rex.AuthenticationError | rex.AuthorizationError):
-        return RedisAuthError(f"Redis refused the credentials of the URL ({text})")
+        return _auth_error(at, text)
+    if isinstance(exc, rex.BusyLoadingError):
+        return RedisUnavailable(f"Redis{at} is loading its data ({text})")
     if isinstance(exc, rex.ConnectionError | rex.TimeoutError | OSError):
-        return RedisUnavailable(text)  # BusyLoadingError (LOADING) is a ConnectionError too
+        return RedisUnavailable(f"cannot reach Redis{at} ({text})")
     code = _code(exc)
     if code == "NOGROUP":
         return StreamGroupMissing(f"stream or consumer group missing (Redis lost its data?): {exc}")
     if code in _TRANSIENT_CODES:
-        return RedisUnavailable(text)
+        return RedisUnavailable(f"Redis{at} cannot serve now ({text})")
     if code in _AUTH_CODES:
-        return RedisAuthError(f"Redis refused the credentials of the URL ({text})")
+        return _auth_error(at, text)
     return RedisCommandError(code, text)
+
+
+def _auth_error(at: str, text: str) -> RedisAuthError:
+    return RedisAuthError(
+        f"Redis{at} refused the credentials of the URL ({text}); expected the server's password: fix it "
+        "in --redis or GKD_REDIS_URL (redis://:PASSWORD@host:port/db)"
+    )
 
 
 def _code(exc: BaseException) -> str:
@@ -102,18 +115,27 @@ def _translated(results: list[Any]) -> list[Any]:
     return [translate(x) if isinstance(x, _FAILURES) else x for x in results]
 
 
+def where(client: Any) -> str:
+    """The URL (password masked) a client of `connect`/`connect_sync` talks to."""
+    return str(getattr(client, "gkd_where", "") or "")
+
+
 class _Pipeline(aioclient.Pipeline):
+    gkd_where = ""
+
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
         try:
             out = _translated(await super().execute(raise_on_error))
         except _FAILURES as exc:
             _cancelled(exc)
-            raise translate(exc) from exc
+            raise translate(exc, self.gkd_where) from exc
         _cancelled()
         return out
 
 
 class _Client(aioredis.Redis):
+    gkd_where = ""
+
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         try:
             out = await super().execute_command(*args, **options)
@@ -121,33 +143,41 @@ class _Client(aioredis.Redis):
             raise  # redis-py's Script loads the script and calls again
         except _FAILURES as exc:
             _cancelled(exc)
-            raise translate(exc) from exc
+            raise translate(exc, self.gkd_where) from exc
         _cancelled()
         return out
 
     def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> _Pipeline:
-        return _Pipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+        pipe = _Pipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+        pipe.gkd_where = self.gkd_where
+        return pipe
 
 
 class _SyncPipeline(redis.client.Pipeline):
+    gkd_where = ""
+
     def execute(self, raise_on_error: bool = True) -> list[Any]:
         try:
             return _translated(super().execute(raise_on_error))
         except _FAILURES as exc:
-            raise translate(exc) from exc
+            raise translate(exc, self.gkd_where) from exc
 
 
 class _SyncClient(redis.Redis):
+    gkd_where = ""
+
     def execute_command(self, *args: Any, **options: Any) -> Any:
         try:
             return super().execute_command(*args, **options)
         except rex.NoScriptError:
             raise
         except _FAILURES as exc:
-            raise translate(exc) from exc
+            raise translate(exc, self.gkd_where) from exc
 
     def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> _SyncPipeline:
-        return _SyncPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+        pipe = _SyncPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+        pipe.gkd_where = self.gkd_where
+        return pipe
 
 
 def connect(url: str, *, socket_timeout_s: float = 10.0, connect_timeout_s: float = 5.0) -> aioredis.Redis:
@@ -163,6 +193,7 @@ def connect(url: str, *, socket_timeout_s: float = 10.0, connect_timeout_s: floa
         retry=Retry(NoBackoff(), 0),
         health_check_interval=30,
     )
+    client.gkd_where = mask_url(url)  # type: ignore[attr-defined]
     return client
 
 
@@ -175,6 +206,7 @@ def connect_sync(url: str, *, socket_timeout_s: float = 10.0) -> redis.Redis:
         socket_connect_timeout=5.0,
         retry=Retry(NoBackoff(), 0),
     )
+    client.gkd_where = mask_url(url)  # type: ignore[attr-defined]
     return client
 
 
@@ -218,6 +250,7 @@ class RedisRetry:
         self.max_s = max_s
         self.on_failure = on_failure
         self._down_since: float | None = None
+        self._notice = WaitNotice(log, level=logging.WARNING)
 
     @property
     def down(self) -> bool:
@@ -265,9 +298,37 @@ class RedisRetry:
         if self._down_since is None:
             self._down_since = time.monotonic()
             log.warning("%s: %s failed (%s); retrying", self.who, what, exc)
+        self._notice.waiting(f"{self.who}: still retrying ({what}: {exc})")
 
     def recovered(self) -> None:
         if self._down_since is not None:
             down_s = time.monotonic() - self._down_since
             self._down_since = None
+            self._notice.over()
             log.info("%s: Redis answers again after %.1fs", self.who, down_s)
+
+
+async def wait_for_redis(r: aioredis.Redis, who: str, stop: Stop | None = None) -> bool:
+    """Wait until Redis answers a PING, saying so (with the URL) at once when it does not, and every ~30 s
+    while it still does not. Returns False if `stop` was set first. Raises RedisAuthError (a wrong
+    password cannot get better by waiting)."""
+    notice = WaitNotice(log, level=logging.WARNING)
+    delay, since = 0.0, time.monotonic()
+    while stop is None or not stop.is_set():
+        try:
+            await r.ping()
+        except RedisUnavailable as exc:
+            if not delay:
+                hint = "start it, or point --redis / GKD_REDIS_URL at it"
+                log.warning("%s: waiting for Redis: %s; %s", who, exc, hint)
+            notice.waiting(f"{who}: still waiting for Redis ({exc})")
+            delay = min(max(delay * 2, 0.1), 2.0)
+            if stop is not None:
+                await wait_event(stop, delay)
+            else:
+                await asyncio.sleep(delay)
+            continue
+        if delay:
+            log.info("%s: Redis at %s answers (after %.1fs)", who, where(r), time.monotonic() - since)
+        return True
+    return False

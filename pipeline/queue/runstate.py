@@ -13,27 +13,44 @@ from collections.abc import Callable, Mapping
 
 import redis.asyncio as aioredis
 
-from pipeline.errors import ConfigMismatch, RedisUnavailable, StreamGroupMissing
+from pipeline.errors import ConfigMismatch, PolicyRegression, RedisUnavailable, StreamGroupMissing
 from pipeline.queue import schema as K
 from pipeline.queue.schema import HB, RunKeys
 
 log = logging.getLogger("gkd.runstate")
 
-# KEYS: config. ARGV: field, value pairs. Writes missing fields; returns [field, stored, ours] for
-# each field whose stored value differs. Atomic, so two processes racing to create a run agree.
+# KEYS: config. ARGV: "1" to write missing fields (else only compare), then field, value pairs. Returns
+# [field, stored, ours] for each field whose stored value differs, and writes nothing if one does.
+# Atomic, so two processes racing to create a run agree.
 _CHECK_CONFIG = """
 local diff = {}
-for i = 1, #ARGV, 2 do
+local missing = {}
+for i = 2, #ARGV, 2 do
   local cur = redis.call('HGET', KEYS[1], ARGV[i])
   if not cur then
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    missing[#missing + 1] = ARGV[i]
+    missing[#missing + 1] = ARGV[i + 1]
   elseif cur ~= ARGV[i + 1] then
     diff[#diff + 1] = ARGV[i]
     diff[#diff + 1] = cur
     diff[#diff + 1] = ARGV[i + 1]
   end
 end
+if #diff == 0 and #missing > 0 and ARGV[1] == '1' then
+  redis.call('HSET', KEYS[1], unpack(missing))
+end
 return diff
+"""
+
+# KEYS: policy. ARGV: version, then field, value pairs. Writes them unless the stored version is higher;
+# returns the stored version then (a published policy version never decreases), else nil.
+_PUBLISH_POLICY = """
+local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[2]) or '-1')
+if cur > tonumber(ARGV[1]) then
+  return cur
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return false
 """
 
 
@@ -45,18 +62,22 @@ def _s(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
 
-async def check_run_config(r: aioredis.Redis, keys: RunKeys, settings: Mapping[str, object]) -> None:
-    """Record this process's fixed run settings, or refuse to join a run whose stored ones differ.
+async def check_run_config(
+    r: aioredis.Redis, keys: RunKeys, settings: Mapping[str, object], *, record: bool = True
+) -> None:
+    """Refuse to join a run whose stored fixed settings differ from this process's; with `record`,
+    store those not stored yet (the first process to name one fixes it).
 
-    Settings not stored yet are added (the first process to name one fixes it). Raises
-    ConfigMismatch naming every differing setting with the run's value and ours.
+    A process checks without `record` as soon as it can (refusing early), and records only once its
+    own start-up checks have passed: a process that fails to start fixes nothing for the run.
+    Raises ConfigMismatch naming every differing setting with the run's value and ours.
     """
     args: list[str] = []
     for name, value in sorted(settings.items()):
         args += [name, str(value)]
     if not args:
         return
-    diff = await r.eval(_CHECK_CONFIG, 1, keys.config, *args)
+    diff = await r.eval(_CHECK_CONFIG, 1, keys.config, "1" if record else "0", *args)
     if diff:
         parts = [
             f"{_s(diff[i])}: run has {_s(diff[i + 1])!r}, this process has {_s(diff[i + 2])!r}"
@@ -64,7 +85,7 @@ async def check_run_config(r: aioredis.Redis, keys: RunKeys, settings: Mapping[s
         ]
         raise ConfigMismatch(
             f"run {keys.run!r} was started with different settings ({'; '.join(parts)}); "
-            f"use the run's settings or another --run name"
+            f"use the run's settings, another --run name, or clear the run (gkd runs delete {keys.run})"
         )
 
 
@@ -82,6 +103,12 @@ async def live_workers(r: aioredis.Redis, keys: RunKeys) -> dict[str, dict[str, 
         if raw:
             out[keys.worker_name(_s(key))] = {_s(k): _s(v) for k, v in raw.items()}
     return out
+
+
+async def record_run_info(r: aioredis.Redis, keys: RunKeys, info: Mapping[str, object]) -> None:
+    """Store informational run-config fields (latest writer wins; never compared)."""
+    if info:
+        await r.hset(keys.config, mapping={k: str(v) for k, v in info.items()})
 
 
 async def incr_stats(r: aioredis.Redis, keys: RunKeys, counts: Mapping[str, int]) -> None:
@@ -179,15 +206,25 @@ class Heartbeat:
 
 
 async def publish_policy(r: aioredis.Redis, keys: RunKeys, version: int, checkpoint: str) -> None:
-    """Announce a new student policy; producers reload when the version changes."""
-    await r.hset(
-        keys.policy,
-        mapping={
-            K.POLICY_VERSION: str(version),
-            K.POLICY_CHECKPOINT: checkpoint,
-            K.POLICY_UPDATED_MS: str(now_ms()),
-        },
-    )
+    """Announce a new student policy; producers reload when the version changes.
+
+    The published version never decreases: raises PolicyRegression (nothing written) when the run
+    already has a higher one.
+    """
+    fields = [
+        K.POLICY_VERSION,
+        str(version),
+        K.POLICY_CHECKPOINT,
+        checkpoint,
+        K.POLICY_UPDATED_MS,
+        str(now_ms()),
+    ]
+    higher = await r.eval(_PUBLISH_POLICY, 1, keys.policy, str(version), *fields)
+    if higher is not None:
+        raise PolicyRegression(
+            f"run {keys.run!r} already has policy version {int(higher)}; refusing to publish version "
+            f"{version} ({checkpoint}): producers would go back to an older policy"
+        )
 
 
 async def read_policy(r: aioredis.Redis, keys: RunKeys) -> tuple[int, str | None]:

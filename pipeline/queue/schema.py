@@ -98,6 +98,13 @@ class Config:
     LOSS_MODE = "loss_mode"
     TOKENIZER_FINGERPRINT = "tokenizer_fingerprint"
     """Set by `gkd replay` from the dataset's manifest, when it has one."""
+    TEACHER_TOKENIZER = "teacher_tokenizer"
+    """Fingerprint of the teacher's tokenization of probe texts (pipeline.vocab); the student's must match."""
+    TEACHER_TOKENIZER_SIZE = "teacher_tokenizer_size"
+    """Tokens in the teacher's tokenizer, when its server says: the student's vocabulary must cover them."""
+    TEACHER_MAX_MODEL_LEN = "teacher_max_model_len"
+    """Longest sequence the run's teachers accept; recorded, not compared (a teacher may be restarted
+    with another context length). Producers refuse prompts that cannot fit."""
 
 
 class Stage:

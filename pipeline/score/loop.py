@@ -21,10 +21,11 @@ from pipeline.errors import (
     StreamGroupMissing,
     WireFormatError,
 )
+from pipeline.notice import WaitNotice
 from pipeline.queue.backpressure import Backpressure
-from pipeline.queue.connection import RedisRetry, connect, wait_event
+from pipeline.queue.connection import RedisRetry, connect, wait_event, wait_for_redis, where
 from pipeline.queue.lease import Entry, Held, StreamConsumer
-from pipeline.queue.runstate import Heartbeat, check_run_config, now_ms
+from pipeline.queue.runstate import Heartbeat, check_run_config, now_ms, record_run_info
 from pipeline.queue.schema import HB, Config, Role, Stage, Stat
 from pipeline.queue.streams import ensure_groups
 from pipeline.score.handoff import HandoffBatcher
@@ -36,6 +37,9 @@ from pipeline.teacher.client import TeacherClient, TeacherConfig, TeacherScores
 from pipeline.wire.codec import Rollout, ScoredSample, decode_rollout, encode_scored
 
 log = logging.getLogger("gkd.worker")
+
+#: While stopping, how often the worker says how many rollouts are still in flight and for how long.
+COUNTDOWN_EVERY_S = 5.0
 
 
 class TeacherWorker:
@@ -73,6 +77,12 @@ class TeacherWorker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
         self._stop = asyncio.Event()
+        self._hurry = asyncio.Event()
+        self._idle = WaitNotice(log)
+
+    def hurry(self) -> None:
+        """Stop waiting for in-flight rollouts (a second Ctrl-C): hand them back now."""
+        self._hurry.set()
 
     # ---------------------------------------------------------------------------------- lifecycle
 
@@ -119,16 +129,20 @@ class TeacherWorker:
         return self.report
 
     async def _start(self) -> bool:
-        """The start-up checks; False if the worker was stopped while waiting for Redis."""
+        """The start-up checks; False if the worker was stopped while waiting for Redis.
+
+        The run config is compared first (refusing at once) and recorded last: a worker that fails to
+        start fixes nothing for the run."""
         if not await self._wait_for_redis():
             return False
+        own = self.run_settings.fixed(Config.K, Config.LOGPROB_DTYPE)
+        await check_run_config(self.r, self.keys, own, record=False)
         await self._start_client()
-        fixed = {
-            Config.TEACHER_MODEL: self.client.model_id,
-            **self.run_settings.fixed(Config.K, Config.LOGPROB_DTYPE),
-        }
-        await check_run_config(self.r, self.keys, fixed)
         self.metrics.serve(self.opts.metrics_port, self.opts.metrics_addr)
+        await check_run_config(self.r, self.keys, {**own, **self._teacher_fixed()})
+        if self.client.max_tokens is not None:  # producers refuse prompts that cannot fit
+            limit = {Config.TEACHER_MAX_MODEL_LEN: self.client.max_tokens + 1}
+            await record_run_info(self.r, self.keys, limit)
         # Entries an earlier process with this consumer name left pending: make them reclaimable now.
         released = 0
         cursor: bytes | None = b"0"
@@ -145,8 +159,20 @@ class TeacherWorker:
         )  # fmt: skip
         return True
 
+    def _teacher_fixed(self) -> dict[str, object]:
+        """The teacher's run-config fields: its model id and, as far as it says, its tokenizer."""
+        vocab = self.client.vocabulary
+        fixed: dict[str, object] = {Config.TEACHER_MODEL: self.client.model_id}
+        if vocab.fingerprint is not None:
+            fixed[Config.TEACHER_TOKENIZER] = vocab.fingerprint
+        if vocab.tokenizer_size is not None:
+            fixed[Config.TEACHER_TOKENIZER_SIZE] = vocab.tokenizer_size
+        return fixed
+
     async def _wait_for_redis(self) -> bool:
         """Create the consumer groups, waiting for a Redis that is not up yet; False if stopped first."""
+        if not await wait_for_redis(self.r, f"worker {self.name}", self._stop):
+            return False
         try:
             await self.retry.call("start", lambda: ensure_groups(self.r, self.keys), stop=self._stop)
         except RedisUnavailable:
@@ -171,12 +197,28 @@ class TeacherWorker:
                 delay = min(delay * 2, self.opts.outage_backoff_max_s, 2.0)
 
     async def _drain(self) -> None:
-        """Give in-flight rollouts `grace_s` to finish; the caller cancels the rest (then released)."""
-        if self._tasks:
-            log.info("worker %s: stopping; %d rollouts in flight, grace %.1fs",
-                     self.name, len(self._tasks), self.opts.grace_s)  # fmt: skip
+        """Give in-flight rollouts `grace_s` to finish (or until `hurry()`), counting down in the log;
+        the caller cancels the rest (then released)."""
+        if not self._tasks:
+            return
+        deadline = time.monotonic() + self.opts.grace_s
+        log.info("worker %s: stopping; %d rollouts in flight get %.0f s to finish, then the rest is handed "
+                 "back (stop again, e.g. Ctrl-C, to hand them back now)",
+                 self.name, len(self._tasks), self.opts.grace_s)  # fmt: skip
+        hurry = asyncio.ensure_future(self._hurry.wait())
+        said = time.monotonic()
+        try:
             # A task ends once its result is published (or dead-lettered): this covers the handoffs.
-            await asyncio.wait(set(self._tasks), timeout=self.opts.grace_s)
+            while self._tasks and not self._hurry.is_set() and (left := deadline - time.monotonic()) > 0:
+                await asyncio.wait({*self._tasks, hurry}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                if time.monotonic() - said >= COUNTDOWN_EVERY_S and self._tasks:
+                    said = time.monotonic()
+                    log.info("worker %s: %d rollouts still in flight; handing them back in %.0f s",
+                             self.name, len(self._tasks), max(deadline - said, 0))  # fmt: skip
+        finally:
+            hurry.cancel()
+        if self._hurry.is_set() and self._tasks:
+            log.info("worker %s: stopped again: handing back %d rollouts now", self.name, len(self._tasks))
 
     async def _shutdown(self) -> None:
         left = self._owned.entries()
@@ -218,8 +260,10 @@ class TeacherWorker:
                     # A full reclaim batch means more may be stale: look again at once.
                     next_reclaim = 0.0 if free == 0 else time.monotonic() + self._reclaim_every_s()
                 if free > 0:
-                    for entry in await self.consumer.read(free, block_ms=self.opts.read_block_ms):
+                    got = await self.consumer.read(free, block_ms=self.opts.read_block_ms)
+                    for entry in got:
                         self._spawn(entry)
+                    self._note_idle(bool(got or self._tasks))
                 self.retry.recovered()
                 delay = 0.0
             except RedisUnavailable as exc:
@@ -230,6 +274,18 @@ class TeacherWorker:
                     "worker %s: consumer groups missing (Redis lost its data?); recreating", self.name
                 )
                 regroup = True
+
+    def _note_idle(self, busy: bool) -> None:
+        if busy:
+            self._idle.over()
+            return
+        run = self.keys.run
+        self._idle.waiting(
+            lambda: (
+                f"worker {self.name}: no rollouts to score in {self.keys.rollouts.key} (Redis at "
+                f"{where(self.r)}); is a producer feeding run {run!r}? (gkd status --run {run})"
+            )
+        )
 
     def _reclaim_every_s(self) -> float:
         return min(max(self.flow.lease_ms / 2000, 0.05), 10.0)

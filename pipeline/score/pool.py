@@ -31,6 +31,9 @@ log = logging.getLogger("gkd.workers")
 #: A child that fails within this many seconds of its start failed to start: the pool gives up.
 START_FAILURE_WINDOW_S = 15.0
 
+#: Environment variable naming the supervisor's pid in its children (they stop when it is gone).
+SUPERVISOR_ENV = "GKD_SUPERVISOR_PID"
+
 
 @dataclass
 class WorkerSettings(CommonSettings):
@@ -104,7 +107,16 @@ def _child_env(s: WorkerSettings) -> dict[str, str]:
     env = dict(os.environ)
     secrets = {"--redis-url": s.run.redis_url, "--api-key": s.api_key}
     env.update({secret_flags(WorkerSettings)[flag]: v for flag, v in secrets.items() if v})
+    env[SUPERVISOR_ENV] = str(os.getpid())
     return env
+
+
+def _spawn(
+    argv: list[str], s: WorkerSettings, base: str, i: int, env: dict[str, str]
+) -> subprocess.Popen[bytes]:
+    # In a session of its own: a Ctrl-C in the terminal reaches the supervisor only, which forwards it
+    # once (a child that also got it from the terminal would take the forwarded copy for a second Ctrl-C).
+    return subprocess.Popen(_child_cmd(argv, s, base, i), env=env, start_new_session=True)
 
 
 def supervise(s: WorkerSettings, argv: list[str], stop_requested: bool = False) -> int:
@@ -127,7 +139,7 @@ def supervise(s: WorkerSettings, argv: list[str], stop_requested: bool = False) 
     stopping = stopping or stop_requested
     try:
         for i in range(s.procs if not stopping else 0):
-            procs.append(subprocess.Popen(_child_cmd(argv, s, base, i), env=env))
+            procs.append(_spawn(argv, s, base, i, env))
             started.append(time.monotonic())
         log.info("pool %s: %d worker processes started", base, s.procs)
         while any(p.poll() is None for p in procs):
@@ -142,7 +154,7 @@ def supervise(s: WorkerSettings, argv: list[str], stop_requested: bool = False) 
                     forward(signal.SIGTERM, None)
                     break
                 log.warning("pool %s: worker %d exited with %d; restarting it", base, i, rc)
-                procs[i] = subprocess.Popen(_child_cmd(argv, s, base, i), env=env)
+                procs[i] = _spawn(argv, s, base, i, env)
                 started[i] = time.monotonic()
         _reap(procs, s.loop.grace_s + 10)
     finally:

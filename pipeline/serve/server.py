@@ -18,21 +18,24 @@ import hmac
 import logging
 import os
 import signal
+import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from pipeline.errors import ApiError
+from pipeline.errors import ApiError, SettingsError
+from pipeline.notice import NOTICE_EVERY_S
 from pipeline.serve.api import render_binary, render_choice, validate_completion
 from pipeline.serve.batcher import Batcher, BatcherConfig
 from pipeline.serve.vllm_engine import VllmEngine
 from pipeline.settings import setting
 from pipeline.teacher import vllm
 from pipeline.teacher.binary import BINARY
+from pipeline.vocab import TOKENIZER_SIZE_FIELD
 
 log = logging.getLogger("gkd.teacher.server")
 
@@ -88,6 +91,22 @@ def error_response(err: ApiError) -> web.Response:
     return json_response(vllm.error_body(err.status, err.message, err.type, err.param), err.status)
 
 
+@dataclass
+class Tally:
+    """What the server did since the last summary (`log_summaries`)."""
+
+    requests: int = 0
+    prompts: int = 0
+    positions: int = 0
+    refused: int = 0
+    """Requests answered with an error (4xx, 5xx)."""
+    since: float = field(default_factory=time.monotonic)
+
+
+#: How often `gkd teacher` logs what it served.
+SUMMARY_EVERY_S = NOTICE_EVERY_S
+
+
 class TeacherServer:
     """The model, tokenizer and batcher behind the routes."""
 
@@ -110,6 +129,7 @@ class TeacherServer:
                 model, settings.device, BatcherConfig(settings.max_batch_tokens, settings.max_wait_ms, pad)
             )
         self.pending = 0
+        self.tally = Tally()
         self.created = int(time.time())
         self._decoded: list[str] | None = None
         self.id_strs = [str(i) for i in range(self.vocab_size)]
@@ -154,6 +174,7 @@ class TeacherServer:
         try:
             return await handler(request)
         except ApiError as err:
+            self.tally.refused += 1
             return error_response(err)
         except web.HTTPException as exc:
             if exc.status == 404:
@@ -177,6 +198,7 @@ class TeacherServer:
             parent=None,
             permission=[],
             **BINARY.card(),  # opt-in binary top-k (pipeline/teacher/binary)
+            **{TOKENIZER_SIZE_FIELD: len(self.tokenizer)},  # workers record it for the trainer's check
         )
         return json_response(body)
 
@@ -199,6 +221,9 @@ class TeacherServer:
                 "TooManyRequests",
             )
         self.pending += len(req.prompts)
+        self.tally.requests += 1
+        self.tally.prompts += len(req.prompts)
+        self.tally.positions += sum(len(p) for p in req.prompts)
         try:
             results = await asyncio.gather(*(self.batcher.submit(ids, req.job_k) for ids in req.prompts))
         finally:
@@ -248,7 +273,9 @@ def load(settings: TeacherServerSettings) -> tuple[Any, Any]:
     """(model in eval mode on the device, tokenizer) for `settings.model`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a bar per load, redrawn in logs that are not a terminal
     tokenizer = AutoTokenizer.from_pretrained(settings.model)
     if settings.engine == "vllm":
         return VllmEngine(settings), tokenizer
@@ -283,9 +310,54 @@ async def start_server(
     runner = web.AppRunner(server.app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise _port_error(settings, exc) from None
     port = runner.addresses[0][1]
     return RunningServer(server, runner, f"http://{settings.host}:{port}")
+
+
+def _port_error(settings: TeacherServerSettings, exc: OSError) -> SettingsError:
+    where = f"{settings.host}:{settings.port}"
+    return SettingsError(
+        f"port: expected {where} to be free for the server, got {exc.strerror or exc}; stop what listens "
+        f"there, or pass another --port (0: any free port)"
+    )
+
+
+def check_port(settings: TeacherServerSettings) -> None:
+    """Raise SettingsError when the server could not bind its address (checked before the model loads)."""
+    if settings.port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise SettingsError(f"host: expected an address to bind, got {settings.host!r} ({exc})") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            raise _port_error(settings, exc) from None
+
+
+async def log_summaries(server: TeacherServer, url: str, every_s: float = SUMMARY_EVERY_S) -> None:
+    """Every `every_s`: what was served since the last summary, or that nothing was (until cancelled)."""
+    while True:
+        await asyncio.sleep(every_s)
+        t, server.tally = server.tally, Tally()
+        span = time.monotonic() - t.since
+        if t.requests or t.refused:
+            log.info(
+                "last %.0f s: %d requests (%d prompts, %d positions, %.0f positions/s), %d refused, "
+                "%d prompts pending now",
+                span, t.requests, t.prompts, t.positions, t.positions / span, t.refused, server.pending,
+            )  # fmt: skip
+        else:
+            log.info("no requests in the last %.0f s; serving %s on %s", span, server.model_name, url)
 
 
 def set_threads(settings: TeacherServerSettings) -> int:
@@ -297,11 +369,11 @@ def set_threads(settings: TeacherServerSettings) -> int:
     return n
 
 
-async def serve(settings: TeacherServerSettings) -> None:
-    """Run until SIGINT/SIGTERM."""
+async def serve(settings: TeacherServerSettings, model: Any = None, tokenizer: Any = None) -> None:
+    """Run until SIGINT/SIGTERM (`model`, `tokenizer`: loaded already, else loaded here)."""
     if settings.engine != "vllm":  # vLLM's engine core sets its own threads
         set_threads(settings)
-    running = await start_server(settings)
+    running = await start_server(settings, model, tokenizer)
     log.info(
         "gkd teacher serving %s on %s (max_logprobs=%d, device=%s, dtype=%s)",
         running.server.model_name,
@@ -314,6 +386,8 @@ async def serve(settings: TeacherServerSettings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    summaries = asyncio.create_task(log_summaries(running.server, running.url))
     await stop.wait()
+    summaries.cancel()
     log.info("gkd teacher stopping")
     await running.stop()

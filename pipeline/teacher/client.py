@@ -40,10 +40,12 @@ from pipeline.teacher.endpoints import Endpoint, EndpointSet
 from pipeline.teacher.http import HttpLimits, make_session, request, status_of
 from pipeline.teacher.protocol import PROTOCOL_NAMES, TeacherProtocol, select
 from pipeline.teacher.startup import (
+    TeacherVocabulary,
     check_tokenizer,
     detect_backend,
     discover_model,
     probe_health,
+    probe_vocabulary,
     read_model_cards,
 )
 
@@ -146,6 +148,8 @@ class TeacherClient:
         self.max_tokens: int | None = None
         """Longest rollout (T) the teachers accept: max_model_len - 1, as one token is generated (None:
         unknown). Read at start; a longer rollout fails at once with TeacherBadRequest."""
+        self.vocabulary = TeacherVocabulary(None, None)
+        """The teacher's tokenizer fingerprint and size, as far as its server says (read at start)."""
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -202,6 +206,8 @@ class TeacherClient:
             await self._probe_k(ep)
         if self.config.student_tokenizer:
             await check_tokenizer(session, first, self._model_id, self.config.student_tokenizer, self._limits)
+        card = proto.offers_binary  # a vLLM-style /v1/models card
+        self.vocabulary = await probe_vocabulary(session, first, self._model_id, self._limits, card=card)
         self._started = True
         log.info(
             "teacher client ready: backend=%s model=%s k=%d endpoints=%s (healthy %d)",

@@ -148,7 +148,10 @@ async def request(
             f"teacher {url}: bad HTTP response ({exc.status} {exc.message})"
         ) from None
     except (aiohttp.ClientError, OSError) as exc:
-        raise TeacherConnectionError(f"teacher {url}: cannot connect or connection lost ({exc!r})") from None
+        # str(), not repr(): aiohttp's repr dumps its internal ConnectionKey(...).
+        raise TeacherConnectionError(
+            f"teacher {url}: cannot connect or connection lost ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 async def _read_limited(resp: aiohttp.ClientResponse, max_bytes: int, url: str) -> bytes:

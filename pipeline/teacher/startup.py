@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -24,17 +25,10 @@ from pipeline.teacher.binary import BINARY
 from pipeline.teacher.endpoints import Endpoint
 from pipeline.teacher.http import HttpLimits, request, status_of
 from pipeline.teacher.protocol import TeacherProtocol
+from pipeline.vocab import PROBE_TEXTS, TOKENIZER_SIZE_FIELD, fingerprint
 
 HEALTH_PATH = "/health"
 TOKENIZE_PATH = "/tokenize"
-#: Texts whose tokenization must agree between student and teacher (spaces, digits, punctuation,
-#: non-ASCII, newlines: where tokenizers commonly differ).
-PROBE_TEXTS = (
-    "The quick brown fox jumps over the lazy dog.",
-    "  Two leading spaces, 12345 digits, and a tab\there.",
-    "Unicode: naïve café, 東京, emoji 🙂, math ∑x².",
-    "line one\nline two\n\nend",
-)
 
 
 async def probe_health(
@@ -119,6 +113,47 @@ async def read_model_cards(
         limit = cards[0].get("max_model_len") if cards else None
         ep.max_model_len = limit if isinstance(limit, int) and not isinstance(limit, bool) else None
         ep.binary = binary and BINARY.advertised(body)
+
+
+@dataclass(frozen=True)
+class TeacherVocabulary:
+    """What a teacher says about its tokenizer (None: it does not say); recorded in the run config."""
+
+    fingerprint: str | None
+    """`pipeline.vocab.fingerprint` of its /tokenize answers for the probe texts."""
+    tokenizer_size: int | None
+    """Tokens in its tokenizer (the reference server's model card)."""
+
+
+async def probe_vocabulary(
+    session: aiohttp.ClientSession, url: str, model: str | None, limits: HttpLimits, *, card: bool
+) -> TeacherVocabulary:
+    """The teacher's tokenizer fingerprint (POST /tokenize of the probe texts) and size (from its
+    /v1/models card, when `card`: a vLLM-style server); what a server does not offer stays None."""
+    ids: list[Any] = []
+    for text in PROBE_TEXTS:
+        body: dict[str, Any] = {"prompt": text, "add_special_tokens": False}
+        if model:
+            body["model"] = model
+        try:
+            raw, _ = await request(session, "POST", url + TOKENIZE_PATH, body=body, limits=limits)
+            tokens = orjson.loads(raw).get("tokens")
+        except (TeacherBadRequest, MalformedResponse, orjson.JSONDecodeError, AttributeError):
+            ids = []
+            break
+        if not isinstance(tokens, list):
+            ids = []
+            break
+        ids.append(tokens)
+    size = None
+    if card:
+        try:
+            cards = vllm.model_cards(await _get_json(session, url + vllm.MODELS_PATH, limits))
+        except GKDError:
+            cards = []
+        size = cards[0].get(TOKENIZER_SIZE_FIELD) if cards else None
+    counted = isinstance(size, int) and not isinstance(size, bool)
+    return TeacherVocabulary(fingerprint(ids) if ids else None, size if counted else None)
 
 
 async def check_tokenizer(

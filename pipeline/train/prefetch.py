@@ -91,8 +91,9 @@ class Prefetcher:
             self._task = self.io.submit(self._run())
 
     def get(self, timeout_s: float = 1.0) -> Batch | None:
-        """The next micro-batch, on the device; None when the stream is idle (nothing new arrived within
-        the read block time and no partial micro-batch is left) or after `timeout_s` without one.
+        """The next micro-batch, on the device; None after `timeout_s` without one (`idle` then says
+        whether the stream ran dry: nothing new within the read block time, no partial micro-batch left).
+        Blocks for the timeout even on an idle stream: a trainer without data must not spin.
 
         Raises the background task's error if it failed.
         """
@@ -107,8 +108,8 @@ class Prefetcher:
                 return batch
             if self.error is not None:
                 raise RuntimeError(f"prefetch failed: {self.error!r}") from self.error
-            if self._idle.is_set() or deadline <= 0:
-                return self._take_nowait()  # a batch may have landed just before the idle flag
+            if deadline <= 0:
+                return self._take_nowait()
             try:
                 batch = self._q.get(timeout=0.02)
             except queue.Empty:

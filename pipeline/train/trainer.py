@@ -32,8 +32,10 @@ from typing import Any
 import torch
 
 from pipeline.errors import SettingsError
-from pipeline.queue.connection import connect
-from pipeline.queue.runstate import check_run_config
+from pipeline.models import check_source
+from pipeline.notice import WaitNotice
+from pipeline.queue.connection import connect, wait_for_redis, where
+from pipeline.queue.runstate import check_run_config, read_policy, read_config
 from pipeline.queue.schema import HB, Config
 from pipeline.sections import CommonSettings, FlowSettings, RunSettings
 from pipeline.settings import section, setting
@@ -49,6 +51,14 @@ from pipeline.train.ready import ReadyLeases
 from pipeline.train.sharding import SHARDINGS
 from pipeline.train.step import LossConfig, StepStats, train_step
 from pipeline.train.student import build_student
+from pipeline.train.startup import (
+    check_output_dir,
+    check_policy_floor,
+    schedule_change,
+    schedule_of,
+    start_point,
+)
+from pipeline.vocab import check_student, tokenizer_fingerprint
 from pipeline.wire.codec import ScoredSample
 
 log = logging.getLogger("gkd.train")
@@ -138,17 +148,28 @@ class TrainSummary:
     """What a run did (returned by `train`, for tests and benchmarks)."""
 
     steps: int = 0
+    """The optimizer step reached (counting the steps of the checkpoint a resume started from)."""
     samples: int = 0
+    """Samples trained by this process."""
     checkpoint: str | None = None
+    """The latest checkpoint: written by this process, or the one it resumed from."""
     history: list[dict[str, float]] = field(default_factory=list)
+    start_step: int = 0
+    """The step this process started at (a resume's checkpoint step; 0 for a new run)."""
+    started: bool = True
+    """False when stopped before it could start (still waiting for Redis)."""
+
+
+class _Stopped(Exception):
+    """Stopped (SIGTERM, Ctrl-C) before the trainer could start (still waiting for Redis)."""
 
 
 class Trainer:
     """One rank of a training job. `run()` loops until max steps, stop, SIGTERM or idle exit."""
 
     def __init__(self, s: TrainSettings, stop: threading.Event | None = None) -> None:
-        if not s.student:
-            raise SettingsError("student: expected a model folder or Hugging Face id (--student), got none")
+        check_source(s.student, "--student")
+        check_output_dir(s.output_dir)
         for name in ("grad_accum", "batch_tokens", "checkpoint_every", "log_every"):
             if getattr(s, name) < 1:
                 raise SettingsError(f"{name}: expected >= 1, got {getattr(s, name)}")
@@ -169,16 +190,26 @@ class Trainer:
         self.step = 0
         self.version = 0
         self.last_ckpt_step = -1
+        self._vocab_checked = False
+        self.idle_notice = WaitNotice(log)
+        fixed = s.run.fixed(Config.K, Config.LOSS_MODE)
         try:
-            self.io.run(check_run_config(self.r, self.keys, s.run.fixed(Config.K, Config.LOSS_MODE)))
+            waited = wait_for_redis(self.r, f"trainer {self.consumer_name}", self.stop)
+            if not self.io.run(waited, timeout_s=None):
+                raise _Stopped
+            # Refuse early, but fix nothing for the run until this trainer has passed every check.
+            self.io.run(check_run_config(self.r, self.keys, fixed, record=False))
+            self._check_policy_floor()
             self.ready = ReadyLeases(
                 self.io, self.r, self.keys, self.consumer_name, lease_ms=s.flow.lease_ms, stop=self.stop
             )
             self._load_model()
+            self._check_vocabulary(required=False)
+            self.io.run(check_run_config(self.r, self.keys, fixed))
         except BaseException:
             self._close_io()
             raise
-        self.summary = TrainSummary(steps=self.step)
+        self.summary = TrainSummary(steps=self.step, start_step=self.step, checkpoint=self.resumed_from)
         self.sink = (
             MetricsSink(Path(s.output_dir), MetricsSink.tensorboard_writer(s.tensorboard_dir))
             if self.dist.is_main
@@ -188,6 +219,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
+    def _check_policy_floor(self) -> None:
+        """Refuse to start below the run's published policy version (pipeline.train.startup)."""
+        s = self.s
+        latest, version = start_point(s.output_dir, s.resume)
+        published = self.io.run(read_policy(self.r, self.keys))
+        check_policy_floor(
+            self.keys.run, published, resume=s.resume, output_dir=s.output_dir, latest=latest,
+            start_version=version,
+        )  # fmt: skip
+
+    def _check_vocabulary(self, required: bool) -> None:
+        """Refuse a student that does not cover the teacher's vocabulary, as far as the run config says.
+        Until a worker has recorded the teacher's tokenizer the check waits for the first batch
+        (`required`: check whatever is recorded by then)."""
+        if self._vocab_checked:
+            return
+        config = self.io.run(read_config(self.r, self.keys))
+        if not required and Config.TEACHER_TOKENIZER not in config:
+            log.info("the run's teacher tokenizer is not recorded yet: checking the student against it later")
+            return
+        fp = tokenizer_fingerprint(self.tokenizer) if self.tokenizer is not None else None
+        s = self.s
+        check_student(config, student=s.student, vocab_size=self.vocab, fingerprint_=fp, run=self.keys.run)
+        self._vocab_checked = True
+
     def _load_model(self) -> None:
         """The student, its optimizer and LR schedule; their state from the latest checkpoint on --resume."""
         s = self.s
@@ -195,6 +251,7 @@ class Trainer:
         self.tokenizer, self.vocab = self.student.tokenizer, self.student.vocab
         self.exports = PolicyExporter(self.student.lm, self.tokenizer, self.dist)
         latest = ckpt.latest_checkpoint(s.output_dir) if s.resume else None
+        self.resumed_from = str(latest) if latest is not None else None
         if latest is not None:
             self._resume(latest)
         elif s.resume:
@@ -208,6 +265,7 @@ class Trainer:
         )
         self.step = self.last_ckpt_step = state.step
         self.version = state.policy_version
+        self._apply_schedule(state.extra.get("schedule", {}))
         # A crash may have come between writing the checkpoint and acknowledging what it includes.
         n = self.ready.settle_listed(state.entries, d.rank, d.world_size)
         log.info("resumed from %s (step %d); acknowledged %d entries it includes", latest, self.step, n)
@@ -216,6 +274,21 @@ class Trainer:
                 self.ready.publish(self.version, str(latest))
         else:  # the crash came before its export was written
             self.exports.start(st.lm, latest, self.version)
+
+    def _apply_schedule(self, saved: dict[str, Any]) -> None:
+        """Resume under this run's LR settings, saying how they differ from the checkpoint's."""
+        s = self.s
+        scheduler, optimizer = self.student.scheduler, self.student.optimizer
+        # LambdaLR restores the checkpoint's base LR and keeps our (new) lambda: set both from ours, so a
+        # changed --lr applies too; unchanged settings give exactly the LR the checkpoint had.
+        scheduler.base_lrs = [s.lr for _ in scheduler.base_lrs]
+        factor = scheduler.lr_lambdas[0](self.step)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = s.lr
+            group["lr"] = s.lr * factor
+        note = schedule_change(saved, s, self.step, s.lr * factor)
+        if note:
+            log.warning("%s", note)
 
     def _check(self, sample: ScoredSample) -> Verdict:
         """Dead-letter what can never train here; skip (count) stale student rollouts."""
@@ -296,10 +369,13 @@ class Trainer:
                 if stop or idles == d.world_size:
                     break
                 if not has:
+                    self.idle_notice.waiting(self._waiting_for)
                     if starving:
                         self._starved_checkpoint()
                         last_data = time.monotonic()  # the acks may let workers go on: wait again
                     continue
+                self.idle_notice.over()
+                self._check_vocabulary(required=True)  # when no worker had recorded the teacher at start
                 log_step = (self.step + 1) % s.log_every == 0 or self.step == 0
                 st = train_step(
                     self.student.module,
@@ -324,6 +400,14 @@ class Trainer:
         self.exports.wait()
         self._publish_exports()
         return self.summary
+
+    def _waiting_for(self) -> str:
+        run = self.keys.run
+        return (
+            f"trainer {self.consumer_name}: waiting for scored samples in {self.keys.ready.key} (Redis at "
+            f"{where(self.r)}), at step {self.step}; is a worker pool scoring run {run!r} and a producer "
+            f"feeding it? (gkd status --run {run})"
+        )
 
     def _collect(self, pf: Prefetcher) -> list[Batch]:
         """Up to --grad-accum micro-batches; fewer when the stream runs dry (or a stop is requested)."""
@@ -390,6 +474,7 @@ class Trainer:
             world_size=d.world_size,
             entries={m["consumer"]: m["entries"] for m in everyone},
             created_ms=int(time.time() * 1000),
+            extra={"schedule": schedule_of(self.s)},  # a resume says how its schedule differs
         )
         self.exports.wait()  # the previous export writes into a checkpoint folder that pruning may remove
         path = ckpt.save_checkpoint(
@@ -443,7 +528,10 @@ async def _connect(url: str) -> Any:
 
 def train(s: TrainSettings, stop: threading.Event | None = None) -> TrainSummary:
     """Run one rank of `gkd train` to its end (max steps, stop event, SIGTERM, idle exit)."""
-    trainer = Trainer(s, stop)
+    try:
+        trainer = Trainer(s, stop)
+    except _Stopped:
+        return TrainSummary(started=False)
     try:
         summary = trainer.run()
     except BaseException:

@@ -38,10 +38,10 @@ def best_of(fn: Callable[[], Any], reps: int) -> float:
 
 
 def run(args: list[str]) -> list[dict[str, Any]]:
-    p = argparse.ArgumentParser(prog="gkd bench codec")
-    p.add_argument("--t", type=int, default=4096)
-    p.add_argument("--k", type=int, default=64)
-    p.add_argument("--reps", type=int, default=50)
+    p = argparse.ArgumentParser(prog="gkd bench codec", description=__doc__.splitlines()[0])
+    p.add_argument("--t", type=int, default=4096, help="tokens of the sample (default 4096)")
+    p.add_argument("--k", type=int, default=64, help="teacher top-k per position (default 64)")
+    p.add_argument("--reps", type=int, default=50, help="repetitions; the fastest counts (default 50)")
     a = p.parse_args(args)
     s = sample(a.t, a.k)
     buf = encode_scored(s)

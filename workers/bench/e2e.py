@@ -235,10 +235,10 @@ def run_async(redis_url: str, url: str, student: Path, rollouts: list[tuple[list
 
 def run(args: list[str]) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(prog="gkd bench e2e")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--k", type=int, default=16)
-    p.add_argument("--batch-tokens", type=int, default=2048)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--steps", type=int, default=20, help="trainer steps of each side (default 20)")
+    p.add_argument("--k", type=int, default=16, help="teacher top-k (default 16)")
+    p.add_argument("--batch-tokens", type=int, default=2048, help="trainer token budget per batch")
+    p.add_argument("--lr", type=float, default=3e-3, help="student learning rate")
     p.add_argument("--workdir", default=None, help="keep bodies and logs here (default: a temp folder)")
     p.add_argument("--timeout-s", type=float, default=300.0, help="give up on the async side after this")
     p.add_argument("--delay-ms", type=float, default=0.0, help="teacher delay (0: one measured train step)")

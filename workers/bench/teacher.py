@@ -145,7 +145,7 @@ def run(argv: list[str]) -> list[dict[str, Any]]:
     p.add_argument("--k", type=int, nargs="+", default=[20, 64], help="top-k values to measure")
     p.add_argument("--rollouts", type=int, default=200, help="rollouts per server and k")
     p.add_argument("--concurrency", type=int, default=32, help="worker rollouts in flight")
-    p.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
+    p.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS, help="servers to measure")
     args = p.parse_args(argv)
     if importlib.util.find_spec("vllm") is None:
         print(

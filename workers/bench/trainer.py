@@ -143,12 +143,12 @@ def _on_cuda(device: str) -> bool:
 
 def run(args: list[str]) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(prog="gkd bench trainer")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=30, help="measured steps per run (default 30)")
     p.add_argument("--t", type=int, default=256, help="tokens per sample")
-    p.add_argument("--k", type=int, default=64)
-    p.add_argument("--batch-tokens", type=int, default=2048)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--k", type=int, default=64, help="teacher top-k (default 64)")
+    p.add_argument("--batch-tokens", type=int, default=2048, help="token budget of a micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"), help="training device")
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="torch CPU threads")
     p.add_argument("--student", default=None, help="student model folder (default: the tiny student)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="bf16: bf16 precision")

@@ -294,7 +294,7 @@ def run(args: list[str]) -> list[dict[str, Any]]:
     )
     p.add_argument("--latency-ms", type=float, default=50.0, help="fixed teacher latency")
     p.add_argument("--concurrency", type=int, default=64, help="worker rollouts in flight")
-    p.add_argument("--baseline-threads", type=int, default=8)
+    p.add_argument("--baseline-threads", type=int, default=8, help="threads of the blocking baseline")
     a = p.parse_args(args)
     from pipeline.local.redis_server import RedisServer
 

@@ -211,6 +211,8 @@ COMMAND_SETTINGS = (
     "pipeline.local.demo:DemoSettings",
     "workers.status:StatusSettings",
     "workers.runs:RunsSettings",
+    "pipeline.dataset.exporter:ExportSettings",
+    "pipeline.dataset.replayer:ReplaySettings",
 )
 
 

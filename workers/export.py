@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 
-from pipeline.errors import GKDError
 from pipeline.settings import parse, redacted
 
 log = logging.getLogger("gkd.export")
@@ -24,26 +22,18 @@ def main(argv: list[str]) -> int:
     s = parse(ExportSettings, argv, prog="gkd export", description=__doc__.splitlines()[0])
     logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.debug("settings: %s", redacted(s))
-    try:
-        from pipeline.dataset.exporter import Exporter
-        from pipeline.dataset.format import require_pyarrow
+    from pipeline.dataset.exporter import Exporter
+    from pipeline.dataset.format import require_pyarrow
 
-        require_pyarrow()
-        exporter = Exporter(s)
-    except GKDError as exc:
-        print(f"gkd export: {exc}", file=sys.stderr)
-        return 2
+    require_pyarrow()  # a refusal is one line and exit status 2 (workers/cli.py)
+    exporter = Exporter(s)
 
     async def run() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        try:
-            summary = await exporter.run(stop)
-        except GKDError as exc:
-            log.error("refusing to export: %s", exc)
-            return 2
+        summary = await exporter.run(stop)
         log.info(
             "export done: %d samples in %d shards this run, %d dead-lettered, %d settled from before",
             summary.samples, summary.shards, summary.dead, summary.settled,

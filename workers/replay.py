@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 
-from pipeline.errors import GKDError
 from pipeline.settings import parse, redacted
 
 log = logging.getLogger("gkd.replay")
@@ -24,26 +22,18 @@ def main(argv: list[str]) -> int:
     s = parse(ReplaySettings, argv, prog="gkd replay", description=__doc__.splitlines()[0])
     logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log.debug("settings: %s", redacted(s))
-    try:
-        from pipeline.dataset.format import require_pyarrow
-        from pipeline.dataset.replayer import Replayer
+    from pipeline.dataset.format import require_pyarrow
+    from pipeline.dataset.replayer import Replayer
 
-        require_pyarrow()
-        replayer = Replayer(s)
-    except GKDError as exc:
-        print(f"gkd replay: {exc}", file=sys.stderr)
-        return 2
+    require_pyarrow()  # a refusal is one line and exit status 2 (workers/cli.py)
+    replayer = Replayer(s)
 
     async def run() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        try:
-            summary = await replayer.run(stop)
-        except GKDError as exc:
-            log.error("refusing to replay: %s", exc)
-            return 2
+        summary = await replayer.run(stop)
         log.info(
             "replay done: %d samples written by this process, %d epoch(s) complete in the run, "
             "%d rollouts scored from the dataset, %d handed back",

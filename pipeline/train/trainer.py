@@ -35,7 +35,7 @@ from pipeline.errors import SettingsError
 from pipeline.models import check_source
 from pipeline.notice import WaitNotice
 from pipeline.queue.connection import connect, wait_for_redis, where
-from pipeline.queue.runstate import check_run_config, read_policy, read_config
+from pipeline.queue.runstate import check_run_config, read_config, read_policy
 from pipeline.queue.schema import HB, Config
 from pipeline.sections import CommonSettings, FlowSettings, RunSettings
 from pipeline.settings import section, setting

@@ -49,8 +49,6 @@ from pipeline.train.optim import SCHEDULES
 from pipeline.train.prefetch import TRAIN, Prefetcher, Verdict
 from pipeline.train.ready import ReadyLeases
 from pipeline.train.sharding import SHARDINGS
-from pipeline.train.step import LossConfig, StepStats, train_step
-from pipeline.train.student import build_student
 from pipeline.train.startup import (
     check_output_dir,
     check_policy_floor,
@@ -58,6 +56,8 @@ from pipeline.train.startup import (
     schedule_of,
     start_point,
 )
+from pipeline.train.step import LossConfig, StepStats, train_step
+from pipeline.train.student import build_student
 from pipeline.vocab import check_student, tokenizer_fingerprint
 from pipeline.wire.codec import ScoredSample
 

@@ -10,6 +10,7 @@ processes inherit); anything else is a bug and keeps Python's traceback (exit st
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 import traceback
@@ -79,7 +80,18 @@ def run_command(name: str, fn: Callable[[], int]) -> int:
         return 2
 
 
+def _interrupted_exit() -> None:
+    """After Ctrl-C, leave now: threads still loading a model (non-daemon, maybe for minutes) must not
+    hold the exit, and nothing may raise a second KeyboardInterrupt during interpreter shutdown."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(130)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # torch logs cache statistics at INFO from an atexit hook: noise at the end of every command's log.
+    logging.getLogger("torch").setLevel(logging.WARNING)
     args = list(sys.argv[1:] if argv is None else argv)
     if "--debug" in args:
         args.remove("--debug")
@@ -104,7 +116,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: int = module.main(rest)
         return result
 
-    return run_command(name, body)
+    status = run_command(name, body)
+    if status == 130 and argv is None:  # the program itself (not a caller in this process) was interrupted
+        _interrupted_exit()
+    return status
 
 
 if __name__ == "__main__":

@@ -49,6 +49,12 @@ class WaitNotice:
         text = what() if callable(what) else what
         self.log.log(self.level, "%s (waiting %.0f s)", text, now - self._since)
 
+    def due(self) -> bool:
+        """Whether the next `waiting()` call would speak (to build an expensive message only then)."""
+        if self._since is None:
+            return False
+        return self.clock() - (self._said if self._said is not None else self._since) >= self.every_s
+
     def over(self) -> None:
         """The wait ended (work arrived): the next wait starts counting from zero."""
         self._since = self._said = None

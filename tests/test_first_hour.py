@@ -353,6 +353,7 @@ def test_ctrl_c_while_the_teacher_loads_is_one_line(tmp_path: Path) -> None:
 
 
 def test_an_idle_trainer_blocks_and_says_what_it_waits_for(redis_url: str, tmp_path: Path) -> None:
+    redis.Redis.from_url(redis_url).hset(RunKeys("busy").stats, Stat.SCORED, 1)  # where the data may be
     log = tmp_path / "train.log"
     args = ["train", "--redis", redis_url, "--run", "idle", "--student", str(tiny_models().student),
             "--output-dir", str(tmp_path / "out")]  # fmt: skip
@@ -365,6 +366,7 @@ def test_an_idle_trainer_blocks_and_says_what_it_waits_for(redis_url: str, tmp_p
         busy = (_cpu_s(proc.pid) - cpu0) / (time.monotonic() - t0)
         assert busy < 0.25, f"an idle trainer used {busy:.0%} of a core"
         assert f"Redis at {redis_url}" in text and "gkd status --run idle" in text
+        assert "other runs in this Redis: busy" in _wait_log(proc, log, "other runs in this Redis", 30)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
     finally:
@@ -431,6 +433,28 @@ def test_a_second_ctrl_c_hands_the_workers_rollouts_back_at_once(redis_url: str,
             assert len(handed) == 6 and r.xlen(keys.rollouts.key) == 6, text
             assert all(e["time_since_delivered"] > 60_000 for e in handed)  # reclaimable at once
         finally:
+            await fake.stop()
+
+    asyncio.run(main())
+
+
+def test_an_idle_worker_says_what_it_waits_for_and_which_runs_have_data(
+    redis_url: str, tmp_path: Path
+) -> None:
+    async def main() -> None:
+        redis.Redis.from_url(redis_url).hset(RunKeys("busy").stats, Stat.SCORED, 1)
+        fake = await FakeTeacher(k_max=8).start()
+        log = tmp_path / "workers.log"
+        args = ["workers", "--redis", redis_url, "--run", "empty", "--teacher", fake.url, "--k", "4"]
+        proc = _spawn(args, log, GKD_NOTICE_EVERY_S="1")
+        try:
+            text = await asyncio.to_thread(_wait_log, proc, log, "other runs in this Redis: busy", 60)
+            assert "no rollouts to score in gkd:{empty}:rollouts" in text and "gkd status --run empty" in text
+            proc.send_signal(signal.SIGINT)
+            assert await asyncio.to_thread(proc.wait, 30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
             await fake.stop()
 
     asyncio.run(main())

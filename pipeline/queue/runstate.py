@@ -105,6 +105,19 @@ async def live_workers(r: aioredis.Redis, keys: RunKeys) -> dict[str, dict[str, 
     return out
 
 
+async def other_runs(r: aioredis.Redis, keys: RunKeys, limit_keys: int = 20_000) -> list[str]:
+    """Names of the other runs that have keys in this Redis (scans at most `limit_keys` keys): what an idle
+    process names when its --run may be mistyped or forgotten."""
+    runs: set[str] = set()
+    n = 0
+    async for key in r.scan_iter(match=K.ALL_RUNS_PATTERN, count=1000):
+        runs.add(K.run_of_key(_s(key)))
+        n += 1
+        if n >= limit_keys:
+            break
+    return sorted(runs - {keys.run})
+
+
 async def record_run_info(r: aioredis.Redis, keys: RunKeys, info: Mapping[str, object]) -> None:
     """Store informational run-config fields (latest writer wins; never compared)."""
     if info:

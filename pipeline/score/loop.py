@@ -25,7 +25,7 @@ from pipeline.notice import WaitNotice
 from pipeline.queue.backpressure import Backpressure
 from pipeline.queue.connection import RedisRetry, connect, wait_event, wait_for_redis, where
 from pipeline.queue.lease import Entry, Held, StreamConsumer
-from pipeline.queue.runstate import Heartbeat, check_run_config, now_ms, record_run_info
+from pipeline.queue.runstate import Heartbeat, check_run_config, now_ms, other_runs, record_run_info
 from pipeline.queue.schema import HB, Config, Role, Stage, Stat
 from pipeline.queue.streams import ensure_groups
 from pipeline.score.handoff import HandoffBatcher
@@ -263,7 +263,7 @@ class TeacherWorker:
                     got = await self.consumer.read(free, block_ms=self.opts.read_block_ms)
                     for entry in got:
                         self._spawn(entry)
-                    self._note_idle(bool(got or self._tasks))
+                    await self._note_idle(bool(got or self._tasks))
                 self.retry.recovered()
                 delay = 0.0
             except RedisUnavailable as exc:
@@ -275,16 +275,21 @@ class TeacherWorker:
                 )
                 regroup = True
 
-    def _note_idle(self, busy: bool) -> None:
+    async def _note_idle(self, busy: bool) -> None:
+        """Count an idle read; every ~30 s of them, say what the worker waits for (and which other runs
+        this Redis holds: a mistyped or forgotten --run)."""
         if busy:
             self._idle.over()
             return
+        if not self._idle.due():
+            self._idle.waiting("")  # counts the wait; silent until it is due
+            return
         run = self.keys.run
+        others = await other_runs(self.r, self.keys)
+        elsewhere = f"; other runs in this Redis: {', '.join(others[:5])}" if others else ""
         self._idle.waiting(
-            lambda: (
-                f"worker {self.name}: no rollouts to score in {self.keys.rollouts.key} (Redis at "
-                f"{where(self.r)}); is a producer feeding run {run!r}? (gkd status --run {run})"
-            )
+            f"worker {self.name}: no rollouts to score in {self.keys.rollouts.key} (Redis at "
+            f"{where(self.r)}); is a producer feeding run {run!r}? (gkd status --run {run}){elsewhere}"
         )
 
     def _reclaim_every_s(self) -> float:

@@ -31,11 +31,11 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import SettingsError
+from pipeline.errors import GKDError, SettingsError
 from pipeline.models import check_source
 from pipeline.notice import WaitNotice
 from pipeline.queue.connection import connect, wait_for_redis, where
-from pipeline.queue.runstate import check_run_config, read_config, read_policy
+from pipeline.queue.runstate import check_run_config, other_runs, read_config, read_policy
 from pipeline.queue.schema import HB, Config
 from pipeline.sections import CommonSettings, FlowSettings, RunSettings
 from pipeline.settings import section, setting
@@ -403,10 +403,15 @@ class Trainer:
 
     def _waiting_for(self) -> str:
         run = self.keys.run
+        try:
+            others = self.io.run(other_runs(self.r, self.keys), timeout_s=10)
+        except (GKDError, TimeoutError):
+            others = []
+        elsewhere = f"; other runs in this Redis: {', '.join(others[:5])}" if others else ""
         return (
             f"trainer {self.consumer_name}: waiting for scored samples in {self.keys.ready.key} (Redis at "
             f"{where(self.r)}), at step {self.step}; is a worker pool scoring run {run!r} and a producer "
-            f"feeding it? (gkd status --run {run})"
+            f"feeding it? (gkd status --run {run}){elsewhere}"
         )
 
     def _collect(self, pf: Prefetcher) -> list[Batch]:

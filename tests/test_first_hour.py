@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -629,3 +630,55 @@ def test_a_resume_says_how_its_schedule_changes_and_when_nothing_is_left(
     longer = train(dataclasses.replace(again, max_steps=5))
     assert (longer.start_step, longer.steps) == (3, 5)
     assert "--max-steps 3 -> 5: the schedule is rebuilt to step 5" in caplog.text.replace(")", "")
+
+
+def test_a_student_of_another_vocabulary_is_refused_by_its_samples_when_nothing_is_recorded(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """A teacher server without /tokenize records no fingerprint: the samples themselves give it away."""
+    import dataclasses
+
+    from tests.test_trainer import K, fill
+
+    beyond = [dataclasses.replace(x, topk_ids=x.topk_ids + 1000) for x in _scored(20, K)]
+    fill(redis_url, RunKeys.for_run("alien"), beyond)
+    student = str(tiny_models().student)
+    args = ["train", "--redis", redis_url, "--run", "alien", "--student", student, "--k", str(K),
+            "--output-dir", str(tmp_path)]  # fmt: skip
+    proc = run_inline(args)
+    assert_refused(
+        proc, "train", "the last 20 samples of run 'alien'", "vocabulary of 320 tokens", "expected a"
+    )
+    assert redis.Redis.from_url(redis_url).xlen(RunKeys("alien").dead.key) == 20  # one read of all 20
+
+
+async def test_the_teacher_server_says_what_it_served_and_when_it_is_idle(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    import aiohttp
+
+    from pipeline.serve.server import TeacherServerSettings, log_summaries, start_server
+
+    settings = TeacherServerSettings(model=str(tiny_models().teacher), port=0, max_logprobs=8)
+    running = await start_server(settings)
+    caplog.set_level(logging.INFO, "gkd.teacher.server")
+    summaries = asyncio.create_task(log_summaries(running.server, running.url, every_s=0.5))
+    try:
+        async with aiohttp.ClientSession() as session:
+            body = {"prompt": [1, 2, 3, 4], "max_tokens": 1, "prompt_logprobs": 4}
+            for _ in range(3):
+                async with session.post(running.url + "/v1/completions", json=body) as resp:
+                    assert resp.status == 200
+        deadline = time.monotonic() + 10
+        while "no requests in the last" not in caplog.text and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+    finally:
+        summaries.cancel()
+        await running.stop()
+    served = re.findall(r"(\d+) requests \((\d+) prompts, (\d+) positions", caplog.text)
+    assert [sum(int(x[i]) for x in served) for i in range(3)] == [3, 3, 12], caplog.text  # may span summaries
+    assert re.search(
+        rf"no requests in the last \d+ s; serving {re.escape(settings.model)} on {running.url}", caplog.text
+    )

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import GKDError, SettingsError
+from pipeline.errors import GKDError, SettingsError, TeacherIncompatible
 from pipeline.models import check_source
 from pipeline.notice import WaitNotice
 from pipeline.queue.connection import connect, wait_for_redis, where
@@ -62,6 +62,9 @@ from pipeline.vocab import check_student, tokenizer_fingerprint
 from pipeline.wire.codec import ScoredSample
 
 log = logging.getLogger("gkd.train")
+
+#: Samples in a row beyond the student's vocabulary, none trained yet, that make a trainer refuse.
+OUTSIDE_VOCAB_REFUSAL = 16
 
 
 @dataclass
@@ -191,6 +194,7 @@ class Trainer:
         self.version = 0
         self.last_ckpt_step = -1
         self._vocab_checked = False
+        self._outside_vocab = 0  # samples in a row whose ids the student's vocabulary does not cover
         self.idle_notice = WaitNotice(log)
         fixed = s.run.fixed(Config.K, Config.LOSS_MODE)
         try:
@@ -299,7 +303,9 @@ class Trainer:
             )
         top = max(int(ro.input_ids.max()), int(sample.topk_ids.max()))
         if top >= self.vocab:
+            self._outside_vocab += 1
             return Verdict("dead", f"token id {top} outside the student's vocabulary of {self.vocab}")
+        self._outside_vocab = 0
         if (
             s.max_staleness is not None
             and ro.source == "student"
@@ -369,6 +375,7 @@ class Trainer:
                 if stop or idles == d.world_size:
                     break
                 if not has:
+                    self._refuse_another_vocabulary()
                     self.idle_notice.waiting(self._waiting_for)
                     if starving:
                         self._starved_checkpoint()
@@ -400,6 +407,18 @@ class Trainer:
         self.exports.wait()
         self._publish_exports()
         return self.summary
+
+    def _refuse_another_vocabulary(self) -> None:
+        """Without a recorded teacher tokenizer (a server without /tokenize) a student of another family is
+        caught by its samples: many in a row, none trained yet, all beyond its vocabulary."""
+        if self.step == self.summary.start_step and self._outside_vocab >= OUTSIDE_VOCAB_REFUSAL:
+            n, run = self._outside_vocab, self.keys.run
+            raise TeacherIncompatible(
+                f"the last {n} samples of run {run!r} hold teacher token ids beyond student "
+                f"{self.s.student}'s vocabulary of {self.vocab} tokens, and none trained (they are in the "
+                f"dead stream, stage trainer): the teacher uses another vocabulary; expected a student with "
+                f"the teacher's tokenizer (the same model family)"
+            )
 
     def _waiting_for(self) -> str:
         run = self.keys.run

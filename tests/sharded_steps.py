@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--student", default="", help="model folder (default: the tiny student)")
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--cpu-offload", action="store_true")
+    ap.add_argument("--loss-impl", default="fused", choices=("fused", "logits"))
     ap.add_argument("--resume", type=Path, help="start from this checkpoint folder (its step)")
     ap.add_argument("--checkpoint-at", type=int, default=0, help="checkpoint into OUT after this step")
     a = ap.parse_args()
@@ -76,6 +77,7 @@ def main() -> None:
         sharding=a.sharding,
         activation_checkpointing=a.activation_checkpointing,
         cpu_offload=a.cpu_offload,
+        loss_impl=a.loss_impl,
         lr=1e-2,
         warmup_steps=1,
         max_steps=STEPS,

@@ -33,6 +33,7 @@ from pipeline.sections import RunSettings
 from pipeline.serve.server import TeacherServerSettings, load, start_server
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.batching import BatchPacker, pack
+from pipeline.train.distributed import backend_for
 from pipeline.train.ioloop import IOLoop
 from pipeline.train.loss import MODES, draw_teacher_samples, fused_topk_gkd_loss, topk_gkd_loss
 from pipeline.train.prefetch import Prefetcher
@@ -260,9 +261,10 @@ def test_trainer_steps_with_prefetch_match_synchronous_copies_and_the_cpu(
 def test_one_process_run_under_torchrun(
     redis_url: str, device: torch.device, student: str, tmp_path: Path, sharding: str
 ) -> None:
-    """DDP, or FSDP2 with activation checkpointing and a sharded checkpoint, over one nccl rank."""
+    """DDP, or FSDP2 with activation checkpointing, CPU offload and a sharded checkpoint, over one nccl
+    rank (with gloo for the offloaded host tensors)."""
     run = f"gpu-{sharding}"
-    extra = ["--activation-checkpointing"] if sharding == "fsdp" else []
+    extra = ["--activation-checkpointing", "--cpu-offload"] if sharding == "fsdp" else []
     fill(redis_url, RunKeys.for_run(run), synthetic(16, T, K, vocab=320, seed=7))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
            "--master_port", str(free_port()), "-m", "workers.cli", "train", "--run-name", run,
@@ -275,7 +277,7 @@ def test_one_process_run_under_torchrun(
                               timeout=240, check=False)  # fmt: skip
     text = log.read_text(errors="replace")
     assert proc.returncode == 0, text[-4000:]
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = backend_for(device, host_collectives=sharding == "fsdp")
     assert f"process group: backend={backend} rank=0 world_size=1" in text, text[-4000:]
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]

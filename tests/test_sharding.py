@@ -73,6 +73,11 @@ def test_fsdp_on_2_ranks_follows_ddp_over_5_steps(ddp: Run, fsdp_dir: Path) -> N
     assert max_diff(start, ddp[1]) > 1e-2, "training must move the weights for this test to mean anything"
 
 
+def test_fsdp_with_the_logits_loss_follows_ddp_with_the_fused_loss(ddp: Run, tmp_path: Path) -> None:
+    """The fused loss (the default, run inside FSDP's root forward) and the logits loss train alike."""
+    assert_same_run(run_steps(tmp_path, "--sharding", "fsdp", "--loss-impl", "logits"), ddp)
+
+
 def test_fsdp_with_activation_checkpointing_and_cpu_offload_follows_ddp(ddp: Run, tmp_path: Path) -> None:
     assert_same_run(
         run_steps(tmp_path, "--sharding", "fsdp", "--activation-checkpointing", "--cpu-offload"), ddp

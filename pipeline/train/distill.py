@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from pipeline.train.batching import Batch, gather_logits
-from pipeline.train.loss import topk_gkd_loss
+from pipeline.train.loss import fused_topk_gkd_loss, topk_gkd_loss
 from pipeline.train.step import LossConfig
 
 
@@ -47,6 +47,40 @@ def forward_rows(model: Any, batch: Batch, mask_logits: bool) -> torch.Tensor:
     return gather_logits(model(**kwargs).logits, batch)
 
 
+def supports_fused_head(model: Any) -> bool:
+    """Whether the model's logits are exactly ``lm_head(base_model(...).last_hidden_state)``: a plain
+    linear head and nothing after it (no logit scaling or soft-capping). Then the fused loss may take the
+    last hidden states and the head's weight instead of logits. Checked on a short input (model on the
+    host), with the head's output amplified so that a soft cap, which is the identity on small logits,
+    shows.
+    """
+    head, base = model.get_output_embeddings(), getattr(model, "base_model", None)
+    if not isinstance(head, torch.nn.Linear) or base is None or base is model:
+        return False
+    vocab, gain = int(head.weight.shape[0]), 1e3
+    ids = (torch.arange(8, dtype=torch.long) * 7919 % vocab).view(1, -1)
+    hook = head.register_forward_hook(lambda _module, _inputs, out: out * gain)
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            hidden = base(input_ids=ids, use_cache=False).last_hidden_state
+            fused = torch.nn.functional.linear(hidden, head.weight, head.bias).float() * gain
+    except (TypeError, ValueError, RuntimeError, AttributeError):
+        return False
+    finally:
+        hook.remove()
+    return fused.shape == logits.shape and torch.allclose(fused, logits, rtol=1e-4, atol=1e-3)
+
+
+def hidden_rows(model: Any, batch: Batch) -> torch.Tensor:
+    """The student's last hidden states (after the final norm) at the batch's loss rows: [N, H]."""
+    out = model.base_model(
+        input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT, use_cache=False
+    )
+    hidden_BTH = out.last_hidden_state
+    return hidden_BTH.reshape(-1, hidden_BTH.shape[-1]).index_select(0, batch.positions_N)
+
+
 Stats = dict[str, float]
 
 
@@ -54,16 +88,19 @@ class DistillModule(torch.nn.Module):
     """The student with the distillation loss inside its forward: ``module(batch, ...) -> (loss, stats, kl)``.
 
     The loss runs inside the forward of the module that DDP or FSDP wraps. Under FSDP2 the LM head's
-    parameters are shards outside the root module's forward and whole tensors inside it, so a loss that
-    reads the LM-head weight itself (the fused loss) must run here; DDP sees one forward per micro-batch.
+    parameters are shards outside the root module's forward and whole tensors inside it, so the fused
+    loss, which reads the LM-head weight itself, must run here; DDP sees one forward per micro-batch.
+    `fused`: the loss from the last hidden states and the LM-head weight, never building [N, V] logits
+    (`supports_fused_head` says whether the model allows it); else from the logits of the loss rows.
     `batch` None is a pass with a loss of exactly 0 that still touches every parameter: a rank without
     data this step joins the other ranks' gradient collectives with it.
     """
 
-    def __init__(self, lm: Any, *, mask_logits: bool = False) -> None:
+    def __init__(self, lm: Any, *, mask_logits: bool = False, fused: bool = False) -> None:
         super().__init__()
         self.lm = lm
         self.mask_logits = mask_logits
+        self.fused = fused
 
     def forward(
         self, batch: Batch | None, cfg: LossConfig, normalizer: float, want_kl: bool
@@ -71,31 +108,34 @@ class DistillModule(torch.nn.Module):
         if batch is None:
             ids = torch.zeros((1, 1), dtype=torch.long, device=self._device())
             return self.lm(input_ids=ids, use_cache=False).logits.float().sum() * 0.0, {}, None
-        logits_NV = forward_rows(self.lm, batch, self.mask_logits)
-        loss, stats = topk_gkd_loss(
-            logits_NV,
-            batch.teacher_ids_NK,
-            batch.teacher_logprobs_NK,
-            beta=cfg.beta,
-            temperature=cfg.temperature,
-            mode=cfg.mode,
-            normalizer=normalizer,
-        )
+        # [N, H] hidden states for the fused loss, [N, V] logits for the other.
+        rows = hidden_rows(self.lm, batch) if self.fused else forward_rows(self.lm, batch, self.mask_logits)
+        loss, stats = self._loss(rows, batch, cfg.beta, cfg, normalizer=normalizer)
         kl: Stats | None = None
         if cfg.beta == 0.0:
             kl = {"loss_sum": stats["loss_sum"], "rows": stats["rows"]}
         elif want_kl:
             m = min(cfg.kl_rows, batch.num_loss_tokens)
             with torch.no_grad():
-                _, kl = topk_gkd_loss(
-                    logits_NV[:m].detach(),
-                    batch.teacher_ids_NK[:m],
-                    batch.teacher_logprobs_NK[:m],
-                    beta=0.0,
-                    temperature=cfg.temperature,
-                    mode=cfg.mode,
-                )
+                _, kl = self._loss(rows[:m].detach(), batch, 0.0, cfg)
         return loss, stats, kl
+
+    def _loss(
+        self, rows: torch.Tensor, batch: Batch, beta: float, cfg: LossConfig, normalizer: float | None = None
+    ) -> tuple[torch.Tensor, Stats]:
+        """The loss over the first n = len(rows) loss rows of `batch`."""
+        n = rows.shape[0]
+        common: dict[str, Any] = {
+            "beta": beta,
+            "temperature": cfg.temperature,
+            "mode": cfg.mode,
+            "normalizer": normalizer,
+        }
+        ids, logp = batch.teacher_ids_NK[:n], batch.teacher_logprobs_NK[:n]
+        if self.fused:
+            head = self.lm.get_output_embeddings()
+            return fused_topk_gkd_loss(rows, head.weight, ids, logp, bias=head.bias, **common)
+        return topk_gkd_loss(rows, ids, logp, **common)
 
     def _device(self) -> torch.device:
         return self.lm.get_input_embeddings().weight.device

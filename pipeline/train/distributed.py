@@ -82,7 +82,15 @@ def pick_device(pref: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device_pref: str, timeout_s: float = 1800.0) -> Dist:
+def backend_for(device: torch.device, host_collectives: bool = False) -> str:
+    """The process group backend: nccl on CUDA (plus gloo for host tensors when `host_collectives`:
+    FSDP with CPU offload reduces gradient norms of host tensors), gloo on the CPU."""
+    if device.type != "cuda":
+        return "gloo"
+    return "cpu:gloo,cuda:nccl" if host_collectives else "nccl"
+
+
+def init_distributed(device_pref: str, timeout_s: float = 1800.0, host_collectives: bool = False) -> Dist:
     """Join torchrun's process group when WORLD_SIZE > 1 (else run alone); bind this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -94,7 +102,7 @@ def init_distributed(device_pref: str, timeout_s: float = 1800.0) -> Dist:
     # rank (same collectives and wrapping as with many), not a plain single process.
     launched = world > 1 or "TORCHELASTIC_RUN_ID" in os.environ
     if launched and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = backend_for(device, host_collectives)
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
         log.info("process group: backend=%s rank=%d world_size=%d device=%s", backend, rank, world, device)
     return Dist(

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.errors import SettingsError
-from pipeline.train.distributed import Dist
+from pipeline.train.distributed import Dist, backend_for
 
 log = logging.getLogger("gkd.train")
 
@@ -62,11 +62,11 @@ def enable_activation_checkpointing(model: Any) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def ensure_process_group(d: Dist) -> None:
+def ensure_process_group(d: Dist, host_collectives: bool = False) -> None:
     """FSDP needs a process group even alone: a one-rank group over an in-memory store."""
     if dist.is_initialized():
         return
-    backend = "nccl" if d.device.type == "cuda" else "gloo"
+    backend = backend_for(d.device, host_collectives)
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
@@ -105,7 +105,7 @@ def _fully_shard(module: nn.Module, model: Any, d: Dist, *, bf16: bool, cpu_offl
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    ensure_process_group(d)
+    ensure_process_group(d, host_collectives=cpu_offload)
     mesh = init_device_mesh(d.device.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None

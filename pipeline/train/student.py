@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipeline.train.distill import DistillModule, supports_mask_logits
+from pipeline.train.distill import DistillModule, supports_fused_head, supports_mask_logits
 from pipeline.train.distributed import Dist
 from pipeline.train.optim import build_optimizer, build_scheduler
 from pipeline.train.sharding import enable_activation_checkpointing, shard
@@ -64,15 +64,23 @@ def build_student(s: TrainSettings, d: Dist) -> Student:
         tokenizer = None
     vocab = int(lm.get_output_embeddings().weight.shape[0])
     # The probes run a forward: on rank 0 when the others have no weights.
-    mask_logits = supports_mask_logits(lm, torch.device("cpu")) if lm.device.type != "meta" else False
-    if from_rank0:
-        mask_logits = bool(d.broadcast(mask_logits))
+    probes = [False, False]
+    if lm.device.type != "meta":
+        probes = [supports_mask_logits(lm, torch.device("cpu")), supports_fused_head(lm)]
+    mask_logits, fusable = d.broadcast(probes) if from_rank0 else probes
+    fused = s.loss_impl == "fused" and fusable
+    if s.loss_impl == "fused" and not fused:
+        log.warning(
+            "loss_impl fused: %s's logits are not a plain linear head of its last hidden states; "
+            "computing the loss from logits",
+            type(lm).__name__,
+        )
     full: dict[str, Any] = dict(lm.state_dict()) if from_rank0 and d.is_main else {}
     lm.train()
     if s.activation_checkpointing:
         enable_activation_checkpointing(lm)
     module = shard(
-        DistillModule(lm, mask_logits=mask_logits),
+        DistillModule(lm, mask_logits=mask_logits, fused=fused),
         lm,
         d,
         sharding=s.sharding,

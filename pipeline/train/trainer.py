@@ -142,6 +142,12 @@ class TrainSettings(CommonSettings):
     cpu_offload: bool = setting(
         False, "FSDP: keep parameters, gradients and optimizer state in host memory (optimizer steps on CPU)."
     )
+    loss_impl: str = setting(
+        "fused",
+        "fused: the loss from the last hidden states and the LM-head weight in chunks, never building the "
+        "[N, V] logits (models whose logits are more than a linear head use logits); logits: from logits.",
+        choices=("fused", "logits"),
+    )
     num_threads: int = setting(0, "torch CPU threads (0: torch's default).")
     deterministic: bool = setting(False, "torch.use_deterministic_algorithms (reproducible CPU runs).")
 
@@ -184,7 +190,7 @@ class Trainer:
         if s.deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
-        self.dist: Dist = init_distributed(s.device)
+        self.dist: Dist = init_distributed(s.device, host_collectives=s.cpu_offload)
         torch.manual_seed(s.seed + self.dist.rank)
         self.keys = s.run.keys
         self.consumer_name = f"{s.name}-{self.dist.rank}"

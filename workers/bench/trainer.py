@@ -157,6 +157,7 @@ def run(args: list[str]) -> list[dict[str, Any]]:
     )
     p.add_argument("--sharding-batch-tokens", type=int, default=512, help="tokens per rank and step")
     p.add_argument("--sharding-default-malloc", action="store_true", help="glibc's dynamic mmap threshold")
+    p.add_argument("--sharding-repeats", type=int, default=2, help="alternating DDP/FSDP runs per mode")
     a = p.parse_args(args)
     logging.getLogger("gkd").setLevel(logging.WARNING)
     student = str(Path(a.student).resolve()) if a.student else str(tiny_models().student.resolve())
@@ -209,7 +210,13 @@ def _sharding_rows(url: str, a: argparse.Namespace) -> list[dict[str, Any]]:
         asyncio.run(fill(url, RunKeys.for_run(run), synthetic(n, 128, a.k, vocab, seed=1)))
 
     m = sharding.run_pair(
-        url, a.sharding_steps, a.sharding_batch_tokens, a.k, fill_run, a.sharding_default_malloc
+        url,
+        a.sharding_steps,
+        a.sharding_batch_tokens,
+        a.k,
+        fill_run,
+        a.sharding_default_malloc,
+        a.sharding_repeats,
     )
     ddp, fsdp = m["ddp"], m["fsdp"]
     frac = fsdp["mem_mb"] / ddp["mem_mb"]

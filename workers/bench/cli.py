@@ -2,8 +2,9 @@
 
 Each suite is a module `workers.bench.<suite>` with `run(args: list[str]) -> list[dict]`; every dict is
 one measurement ``{"bench", "metric", "value", "unit", "baseline", "ratio"}`` (baseline and ratio None
-where there is none; ratio says how many times better than the baseline, > 1 is better). With
-``--json`` each is printed as one JSON line, else as an aligned table.
+where there is none; ratio says how many times better than the baseline, > 1 is better), optionally
+with more keys after those (``spread`` and ``seeds`` of a value averaged over seeds). With ``--json``
+each is printed as one JSON line, else as an aligned table.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ SUITES: dict[str, str] = {
     "teacher": "gkd workers against vllm serve (JSON), gkd teacher --engine vllm and gkd teacher (binary)",
     "serve": "positions/s of the reference teacher server (gkd teacher) scoring for the worker pool",
     "export": "scored datasets: bytes per token on disk, export and replay throughput",
+    "fidelity": "student quality after distillation with each loss (trains models, ~20 min on 2 cores)",
 }
 
-ON_REQUEST = ("redis_loss", "teacher", "serve")
+ON_REQUEST = ("redis_loss", "teacher", "serve", "fidelity")
 """Suites that `all` leaves out: redis_loss measures Redis itself, teacher needs vLLM (its own
-environment), serve the reference server on a device (the GPU check runs it)."""
+environment), serve the reference server on a device (the GPU check runs it), fidelity trains models
+for about 20 minutes."""
 
 FIELDS = ("bench", "metric", "value", "unit", "baseline", "ratio")
 
@@ -65,7 +68,7 @@ def main(argv: Sequence[str]) -> int:
     if not args or args[0] in ("-h", "--help"):
         print("usage: gkd bench <suite|all> [--json] [suite options]\n\nsuites:")
         for name, desc in SUITES.items():
-            print(f"  {name:<8} {desc}")
+            print(f"  {name:<10} {desc}")
         return 0 if args else 2
     suite, rest = args[0], args[1:]
     names = [n for n in SUITES if n not in ON_REQUEST] if suite == "all" else [suite]
@@ -81,7 +84,8 @@ def main(argv: Sequence[str]) -> int:
         rows: list[dict[str, Any]] = module.run(rest)
         for row in rows:
             if as_json:
-                print(json.dumps({k: row.get(k) for k in FIELDS}), flush=True)
+                extra = {k: v for k, v in row.items() if k not in FIELDS}
+                print(json.dumps({k: row.get(k) for k in FIELDS} | extra), flush=True)
             else:
                 print("  ".join(f"{_fmt(row.get(k)):>14}" for k in FIELDS), flush=True)
     return 0

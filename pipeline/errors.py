@@ -23,6 +23,7 @@ Retry and dead-letter logic branch on the class, never on message text:
     ├── DatasetError          a scored dataset on disk is unusable here (another teacher or k, a bad checksum)
     ├── MissingExtra          an optional dependency is not installed (names the extra that installs it)
     ├── PolicyRegression      a trainer would publish a lower policy version than the run's
+    ├── NameInUse             another live process of the run has this process's name
     ├── SettingsError         a flag, environment variable or TOML value is invalid
     └── CheckpointFailed      a trainer checkpoint could not be written (the previous one is intact)
 
@@ -132,6 +133,10 @@ class MissingExtra(GKDError):
 class PolicyRegression(GKDError):
     """A trainer would publish (or start from) a lower policy version than the run has published: the
     producers would go back to an older policy. The published version never decreases."""
+
+
+class NameInUse(GKDError):
+    """Another live process of the run uses this name (its heartbeat keeps beating)."""
 
 
 class SettingsError(GKDError):

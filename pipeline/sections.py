@@ -10,7 +10,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from pipeline.errors import SettingsError
-from pipeline.queue.schema import DEFAULT_RUN, Config, RunKeys
+from pipeline.queue.schema import DEAD_MAX_ENTRIES, DEAD_MAX_PAYLOAD_BYTES, DEFAULT_RUN, Config, RunKeys
 from pipeline.settings import mask_url, section, setting
 
 if TYPE_CHECKING:  # imported when used: it pulls in redis, which `gkd workers` loads after its signals
@@ -95,12 +95,23 @@ class FlowSettings:
         "another process may reclaim it.",
     )
     max_deliveries: int = setting(5, "An entry delivered more often than this goes to the dead stream.")
+    dead_max_entries: int = setting(
+        DEAD_MAX_ENTRIES, "The dead stream keeps about this many records (older ones are trimmed, counted)."
+    )
+    dead_max_payload_bytes: int = setting(
+        DEAD_MAX_PAYLOAD_BYTES, "A dead record keeps at most this many payload bytes (cut beyond, marked)."
+    )
 
     def __post_init__(self) -> None:
         try:
             self.marks  # noqa: B018 -- WaterMarks validates the marks
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
+        if min(self.max_deliveries, self.dead_max_entries, self.dead_max_payload_bytes) < 1:
+            raise SettingsError(
+                f"max_deliveries, dead_max_entries, dead_max_payload_bytes: expected >= 1, got "
+                f"{self.max_deliveries}, {self.dead_max_entries}, {self.dead_max_payload_bytes}"
+            )
         if self.lease_ms < 10 or self.max_deliveries < 1:
             raise SettingsError(
                 f"lease_ms, max_deliveries: expected >= 10 and >= 1, "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -32,7 +33,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from pipeline.local.redis_server import env_without_proxy
+from pipeline.local.redis_server import env_without_proxy, free_port
 from pipeline.queue.backpressure import Backpressure, WaterMarks
 from pipeline.queue.schema import RunKeys
 from pipeline.queue.streams import add_rollouts, ensure_groups
@@ -264,10 +265,10 @@ def trainer_cmd(
     idle_exit_s: float = 4.0,
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """`gkd train` on the tiny student, small batches, frequent checkpoints, the sample log on.
+    """`gkd train` on the tiny student, small batches, frequent checkpoints, the sample log on, a 3 s lease.
 
-    It exits by itself (final checkpoint, acknowledgements, status 0) after `idle_exit_s` without data
-    and nothing held, so a test can wait for its exit status (SIGTERM is tested on its own)."""
+    It exits by itself (final checkpoint, status 0) after `idle_exit_s` without data, so a test can wait
+    for its exit status (SIGTERM is tested on its own)."""
     return gkd(
         "train", "--run", run, "--redis", redis_url, "--student", student, "--output-dir", str(out),
         "--sample-log", str(sample_log), "--k", str(k), "--batch-tokens", "160", "--lr", "1e-3",
@@ -275,6 +276,16 @@ def trainer_cmd(
         "--num-threads", "1", "--lease-ms", "3000", "--log-every", "5", "--idle-exit-s", str(idle_exit_s),
         *extra,
     )  # fmt: skip
+
+
+def torchrun_cmd(nproc: int, train: list[str]) -> list[str]:
+    """`train` (a `trainer_cmd`) as `nproc` ranks under torchrun (gloo on the CPU); spawn it with
+    `group=True`. torchrun takes `--run` for its own --run-path: the run is spelled --run-name."""
+    rest = ["--run-name" if a == "--run" else a for a in train[train.index("train") + 1 :]]
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        "--master_port", str(free_port()), "-m", "workers.cli", "train", *rest,
+    ]  # fmt: skip
 
 
 def rollouts_cmd(
@@ -507,13 +518,16 @@ async def ready_ids(r: aioredis.Redis, keys: RunKeys) -> collections.Counter[str
 
 
 def trained_steps(sample_log: Path) -> dict[tuple[int, int], list[str]]:
-    """(rank, step) -> sample ids of the steps the continuing run kept.
+    """(rank, step) -> sample ids of the steps the checkpoint lineage kept, from one sample log that any
+    number of jobs appended to (each line names its job).
 
-    A trainer killed after its last checkpoint lost the steps it took since; the resumed run starts again
-    at checkpoint + 1 and retrains those samples. So when a rank's step number goes back to n, every
-    earlier line of that rank with step >= n is discarded. A torn last line (kill -9) is ignored.
+    A job resumed from the checkpoint of step S (any number of ranks, any names) starts at step S + 1:
+    the steps above S that earlier jobs took after that checkpoint are in no checkpoint the run continues
+    from (their samples went back to be trained again). So when a job's first line has step n, every
+    earlier line of other jobs with step >= n is discarded. A torn last line (kill -9) is ignored.
     """
     kept: dict[tuple[int, int], list[str]] = {}
+    jobs: set[str] = set()
     if not sample_log.exists():
         return kept
     for line in sample_log.read_text().splitlines():
@@ -521,11 +535,23 @@ def trained_steps(sample_log: Path) -> dict[tuple[int, int], list[str]]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        rank, step = int(rec["rank"]), int(rec["step"])
-        for key in [key for key in kept if key[0] == rank and key[1] >= step]:
-            del kept[key]
+        job, rank, step = str(rec.get("job")), int(rec["rank"]), int(rec["step"])
+        if job not in jobs:
+            jobs.add(job)
+            kept = {key: ids for key, ids in kept.items() if key[1] < step}
         kept[(rank, step)] = list(rec["ids"])
     return kept
+
+
+def sample_log_jobs(sample_log: Path) -> list[str]:
+    """The jobs that wrote to a sample log, in the order they started."""
+    jobs: list[str] = []
+    for line in sample_log.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            job = str(json.loads(line).get("job"))
+            if job not in jobs:
+                jobs.append(job)
+    return jobs
 
 
 def lineage_steps(sample_logs: Sequence[Path]) -> dict[tuple[int, int], list[str]]:

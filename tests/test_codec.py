@@ -1,4 +1,4 @@
-"""The wire format of DESIGN.md: round trips, zero-copy decode, an error naming the field per bad input."""
+"""The wire format (ARCHITECTURE.md): round trips, zero-copy decode, an error naming the bad field."""
 
 from __future__ import annotations
 

@@ -51,8 +51,9 @@ def test_demo_json_kl_falls_and_nothing_is_lost(
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(summary) == {
         "steps", "kl_first", "kl_last", "rollouts", "scored", "trained", "dead", "queued_rollouts",
-        "queued_ready", "lost",
+        "queued_ready", "lost", "data_wait_after_warmup", "stalled_intervals",
     }  # fmt: skip
+    assert 0 <= summary["data_wait_after_warmup"] <= 1 and summary["stalled_intervals"] >= 0
     assert summary["steps"] == 30
     assert summary["lost"] == 0 and summary["dead"] == 0
     queued = summary["queued_rollouts"] + summary["queued_ready"]

@@ -54,11 +54,6 @@ def under_torchrun(cmd: list[str], ranks: int) -> list[str]:
             "--master_port", str(free_port()), "-m", "workers.cli", *args]  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="acknowledging at checkpoints strands what the vanished rank 1 held past the checkpoint: it "
-    "stays pending for consumer trainer-1, which no process reads (issue 10's trained journal re-queues it)",
-)
 async def test_fsdp_job_of_2_ranks_killed_9_resumes_on_1_rank_training_every_sample_exactly_once(
     redis_url: str, r: aioredis.Redis, teacher: FaultyTeacher, procs: Procs, tmp_path: Path
 ) -> None:

@@ -29,6 +29,7 @@ import msgpack
 import pytest
 import redis.asyncio as aioredis
 
+from pipeline.queue import schema as K
 from pipeline.queue.schema import TEACHERS_GROUP, RunKeys
 from pipeline.queue.streams import add_rollouts, ensure_groups
 from pipeline.wire.codec import decode_scored
@@ -386,8 +387,14 @@ async def test_malformed_rollouts_go_to_dead_and_no_process_crashes(
         for name, (_, field) in bad.items():
             ((stage, reason),) = result.dead[f"bad-{name}"]
             assert stage == "decode" and reason.startswith(f"{field}:"), (name, stage, reason)
-        originals = {e["id"].decode(): e["data"] for e in await stream_entries(r, keys.dead.key)}
-        assert all(originals[f"bad-{n}"] == p for n, (p, _) in bad.items()), "dead keeps the original payload"
+        # Dead keeps the original payload, cut at --dead-max-payload-bytes (64 KiB) and marked when longer.
+        kept = {e["id"].decode(): e for e in await stream_entries(r, keys.dead.key)}
+        for n, (p, _) in bad.items():
+            e, limit = kept[f"bad-{n}"], K.DEAD_MAX_PAYLOAD_BYTES
+            assert e["data"] == p[:limit] and e.get(K.FIELD_CUT_FROM) == (
+                str(len(p)).encode() if len(p) > limit else None
+            ), n
+        assert len(bad["too-long"][0]) > K.DEAD_MAX_PAYLOAD_BYTES  # one of them was cut
         await _verify_ready(r, keys, fake)
     finally:
         await fake.stop()

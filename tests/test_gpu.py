@@ -29,7 +29,7 @@ from pipeline.local.redis_server import env_without_proxy, free_port
 from pipeline.local.tiny_models import tiny_models
 from pipeline.queue.connection import connect
 from pipeline.queue.schema import POLICY_CHECKPOINT, RunKeys, Stat
-from pipeline.sections import RunSettings
+from pipeline.sections import FlowSettings, RunSettings
 from pipeline.serve.server import TeacherServerSettings, load, start_server
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.batching import BatchPacker, pack
@@ -38,7 +38,8 @@ from pipeline.train.ioloop import IOLoop
 from pipeline.train.loss import MODES, draw_teacher_samples, fused_topk_gkd_loss, topk_gkd_loss
 from pipeline.train.prefetch import Prefetcher
 from pipeline.train.ready import ReadyLeases
-from pipeline.train.trainer import TrainSettings, train
+from pipeline.train.settings import TrainSettings
+from pipeline.train.trainer import train
 from workers.bench.trainer import fill as afill
 from workers.bench.trainer import synthetic
 
@@ -184,7 +185,7 @@ def test_prefetch_delivers_pinned_batches_copied_on_a_side_stream(
     io = IOLoop()
     try:
         r = io.run(_aconnect(redis_url))
-        leases = ReadyLeases(io, r, keys, "gpu-test", lease_ms=60_000, stop=threading.Event())
+        leases = ReadyLeases(io, r, keys, "gpu-test", flow=FlowSettings(), stop=threading.Event())
         packer = BatchPacker(256, pin=device.type == "cuda")
         pf = Prefetcher(io, leases, packer, device=device, depth=2)
         pf.start()

@@ -156,7 +156,7 @@ async def test_human_output(r: aioredis.Redis, keys: RunKeys, redis_url: str, ca
     assert "config k=20 loss=tail" in out
     assert "workers: 3 live" in out and rows["w1"][:2] == ["w1", "worker"] and rows["t0"][1] == "trainer"
     assert "p50 60.0 ms, p95 90.0 ms" in out and "150.0 ms (run)" in out
-    assert "dead letters: 2 in stream (2 dead-lettered in total)" in out
+    assert "dead letters: 2 in stream (2 dead-lettered in total, 0 trimmed" in out
     assert "latest reason: bad tensor" in out and "HTTP 400: first reason" in out
     assert "data-wait" in out and "2.5% (run)" in out
 

@@ -2,8 +2,8 @@
 
 Everything runs from `pipeline.local.demo.run_demo`; this prints its summary. With `--json`, one line
 ``{"steps", "kl_first", "kl_last", "rollouts", "scored", "trained", "dead", "queued_rollouts",
-"queued_ready", "lost"}`` where lost = rollouts - (trained + dead + queued_rollouts + queued_ready), which
-must be 0 (else the exit status is 1).
+"queued_ready", "lost", "data_wait_after_warmup", "stalled_intervals"}`` where lost = rollouts -
+(trained + dead + queued_rollouts + queued_ready), which must be 0 (else the exit status is 1).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ import signal
 import threading
 
 from pipeline.settings import parse, redacted
-from pipeline.train.trainer import TrainSettings, TrainSummary, train
+from pipeline.train.settings import TrainSettings
+from pipeline.train.trainer import TrainSummary, train
 
 log = logging.getLogger("gkd.train")
 

@@ -31,7 +31,7 @@ from pipeline.score.options import WorkerOptions
 from pipeline.score.pool import WorkerSettings
 from pipeline.sections import FlowSettings, RunSettings, check_redis_url
 from pipeline.settings import mask_url, section, setting, to_argv
-from pipeline.train.trainer import TrainSettings
+from pipeline.train.settings import TrainSettings
 
 
 @dataclasses.dataclass
@@ -77,6 +77,11 @@ class Tally:
     kl_first: float | None = None
     kl_last: float | None = None
     loss_last: float | None = None
+    data_wait_after_warmup: float | None = None
+    """The trainer's data-wait fraction (wait / step time) over the steps after the first tenth (>= 5)."""
+    stalled_intervals: int = 0
+    """2 s progress intervals (after the first step) in which neither a rollout was scored nor a step
+    taken while rollouts waited: a pipeline that pauses shows here."""
 
     @property
     def lost(self) -> int:
@@ -95,6 +100,8 @@ class Tally:
             "queued_rollouts": self.rollouts_queued,
             "queued_ready": self.ready_queued,
             "lost": self.lost,
+            "data_wait_after_warmup": self.data_wait_after_warmup,
+            "stalled_intervals": self.stalled_intervals,
         }
 
     def progress(self, elapsed_s: float, scored_per_s: float) -> str:
@@ -122,6 +129,8 @@ def read_tally(client: Any, keys: RunKeys, metrics: Path, window: int = 5) -> Ta
             except json.JSONDecodeError:
                 continue  # a line being written right now
     kls = [float(x["kl"]) for x in steps if x.get("kl") is not None and math.isfinite(float(x["kl"]))]
+    warm = steps[max(5, len(steps) // 10) :]
+    step_s = sum(float(x["step_s"]) for x in warm)
     return Tally(
         produced=stats.get(Stat.ROLLOUTS_PRODUCED, 0),
         scored=stats.get(Stat.SCORED, 0),
@@ -133,6 +142,7 @@ def read_tally(client: Any, keys: RunKeys, metrics: Path, window: int = 5) -> Ta
         kl_first=_mean(kls[:window]),
         kl_last=_mean(kls[-window:]),
         loss_last=float(steps[-1]["loss"]) if steps else None,
+        data_wait_after_warmup=sum(float(x["data_wait_s"]) for x in warm) / step_s if step_s > 0 else None,
     )
 
 
@@ -218,10 +228,12 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
         say(f"teacher server up on 127.0.0.1:{port} ({teacher})")
         procs.start("workers", cmds["workers"])
         procs.start("rollouts", cmds["rollouts"])
-        _watch(s, procs, client, keys, workdir, deadline, say)
+        stalled = _watch(s, procs, client, keys, workdir, deadline, say)
         for name in ("rollouts", "workers", "teacher"):
             procs.stop(name)
-        return read_tally(client, keys, workdir / "ckpt" / "metrics.jsonl").summary()
+        tally = read_tally(client, keys, workdir / "ckpt" / "metrics.jsonl")
+        tally.stalled_intervals = stalled
+        return tally.summary()
     except KeyboardInterrupt:
         say("\ninterrupted: stopping every process the demo started")
         raise
@@ -235,11 +247,12 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
 def _watch(
     s: DemoSettings, procs: Procs, client: Any, keys: RunKeys, workdir: Path, deadline: float,
     say: Callable[..., None],
-) -> None:  # fmt: skip
-    """Print progress every 2 s until the trainer exits; raise SystemExit when a part fails or time is up."""
+) -> int:  # fmt: skip
+    """Print progress every 2 s until the trainer exits; raise SystemExit when a part fails or time is up.
+    Returns the stalled intervals (see `Tally.stalled_intervals`)."""
     trainer = procs.procs["trainer"]
     start = last = time.monotonic()
-    last_scored = 0
+    last_scored, last_steps, stalled = 0, 0, 0
     while trainer.poll() is None:
         if time.monotonic() > deadline:
             raise SystemExit(f"gkd demo: not finished within {s.timeout_s:.0f} s; logs in {workdir / 'logs'}")
@@ -251,6 +264,9 @@ def _watch(
         if now - last >= 2.0:
             tally = read_tally(client, keys, workdir / "ckpt" / "metrics.jsonl")
             say(tally.progress(now - start, (tally.scored - last_scored) / (now - last)))
-            last, last_scored = now, tally.scored
+            still = tally.scored == last_scored and tally.steps == last_steps
+            stalled += int(still and last_steps > 0 and tally.rollouts_queued > 0)
+            last, last_scored, last_steps = now, tally.scored, tally.steps
     if trainer.returncode != 0:
         raise SystemExit(f"gkd demo: {procs.failed()}")
+    return stalled

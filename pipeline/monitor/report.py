@@ -103,7 +103,7 @@ def take_sample(r: Any, keys: RunKeys, dead_n: int = 5) -> Sample:
 
     Raises RedisUnavailable when Redis cannot be reached.
     """
-    streams = (keys.rollouts, keys.ready, keys.dead)
+    streams = keys.all_streams
     pipe = r.pipeline(transaction=False)
     pipe.time()
     for stream in streams:
@@ -118,20 +118,22 @@ def take_sample(r: Any, keys: RunKeys, dead_n: int = 5) -> Sample:
     res = list(pipe.execute(raise_on_error=False))
     t_s = time.monotonic()
     # XINFO/XPENDING fail (no such key, NOGROUP) only for a missing stream or group: that is "absent".
+    g0, n_groups = 1 + len(streams), 2 * len(keys.work_streams)
     for i, v in enumerate(res):
-        if isinstance(v, RedisCommandError | StreamGroupMissing) and 4 <= i < 8:
+        if isinstance(v, RedisCommandError | StreamGroupMissing) and g0 <= i < g0 + n_groups:
             res[i] = None
         elif isinstance(v, GKDError):
             raise v
     secs, micros = res[0]
-    lengths = {s.kind: int(n) for s, n in zip(streams, res[1:4], strict=True)}
+    lengths = {s.kind: int(n) for s, n in zip(streams, res[1:g0], strict=True)}
     groups: dict[str, dict[str, Any] | None] = {}
     oldest: dict[str, dict[str, Any] | None] = {}
     for j, stream in enumerate(keys.work_streams):
-        infos, pend = res[4 + 2 * j], res[5 + 2 * j]
+        infos, pend = res[g0 + 2 * j], res[g0 + 1 + 2 * j]
         groups[stream.kind] = next((g for g in infos or [] if _s(g["name"]) == stream.group), None)
         oldest[stream.kind] = pend[0] if pend else None
-    dead = [_dead_entry(sid, f) for sid, f in res[8]]
+    dead_raw, stats, config, policy = res[g0 + n_groups :]
+    dead = [_dead_entry(sid, f) for sid, f in dead_raw]
     sample = Sample(
         t_s=t_s,
         server_ms=int(secs) * 1000 + int(micros) // 1000,
@@ -139,9 +141,9 @@ def take_sample(r: Any, keys: RunKeys, dead_n: int = 5) -> Sample:
         groups=groups,
         oldest=oldest,
         dead_latest=dead[:dead_n],
-        stats={k: int(v) for k, v in _strs(res[9]).items()},
-        config=_strs(res[10]),
-        policy=_strs(res[11]),
+        stats={k: int(v) for k, v in _strs(stats).items()},
+        config=_strs(config),
+        policy=_strs(policy),
     )
     names = [_s(k) for k in r.scan_iter(match=keys.worker_pattern, count=500)]
     if names:
@@ -186,9 +188,10 @@ def _stream_report(stream: Stream, cur: Sample) -> dict[str, Any]:
     kind = stream.kind
     length = cur.lengths[kind]
     out: dict[str, Any] = {"length": length}
+    if stream.counts_bytes:
+        out["waiting_bytes"] = _waiting_bytes(stream, cur)
     if stream.group is None:
         return out
-    out["waiting_bytes"] = _waiting_bytes(stream, cur)
     g = cur.groups[kind]
     pending = int(g["pending"]) if g else 0
     lag = g.get("lag") if g else None
@@ -271,10 +274,12 @@ def build_report(prev: Sample | None, cur: Sample, *, run: str, redis_url: str) 
         "has_data": cur.has_data,
         "server_time_ms": cur.server_ms,
         "interval_s": dt if prev is not None else None,
-        "streams": {s.kind: _stream_report(s, cur) for s in (keys.rollouts, keys.ready, keys.dead)},
+        "streams": {s.kind: _stream_report(s, cur) for s in keys.all_streams},
         keys.dead.kind: {
             "count": cur.lengths[keys.dead.kind],
             "total": st.get(Stat.DEAD, 0),
+            "trimmed": st.get(Stat.DEAD_TRIMMED, 0),
+            "cut": st.get(Stat.DEAD_CUT, 0),
             "latest": cur.dead_latest,
         },
         "workers": workers,
@@ -298,6 +303,7 @@ def build_report(prev: Sample | None, cur: Sample, *, run: str, redis_url: str) 
             "data_wait_fraction": _ratio(d_wait, d_step) if d_wait is not None and d_step else None,
             "data_wait_fraction_total": _ratio(st.get(Stat.DATA_WAIT_MS, 0), st.get(Stat.STEP_MS, 0)),
             Stat.STALE_SKIPPED: st.get(Stat.STALE_SKIPPED, 0),
+            Stat.REQUEUED: st.get(Stat.REQUEUED, 0),
         },
         "backpressure": {
             w.kind: {"entries": cur.lengths[w.kind], "bytes": _waiting_bytes(w, cur)}

@@ -77,7 +77,7 @@ def _streams(rep: dict[str, Any]) -> list[str]:
     rows = []
     for kind, s in rep["streams"].items():
         size = _bytes(s["waiting_bytes"]) if "waiting_bytes" in s else "-"
-        lag = None if kind == "dead" else f"{s['lag']}{'~' if s['lag_estimated'] else ''}"
+        lag = f"{s['lag']}{'~' if s['lag_estimated'] else ''}" if "lag" in s else None
         rows.append([kind, s["length"], size, s.get("group"), s.get("consumers"), s.get("pending"), lag,
                      _oldest(s.get("oldest_pending"))])  # fmt: skip
     headers = ["stream", "length", "bytes", "group", "consumers", "pending", "lag", "oldest pending"]
@@ -104,7 +104,7 @@ def _teacher_trainer(rep: dict[str, Any]) -> list[str]:
         f"reclaimed {t[Stat.RECLAIMED]}",
         f"trainer  steps {tr['steps']}, {_fmt(tr['steps_per_s'])} steps/s, data-wait "
         f"{_pct(tr['data_wait_fraction'])} (interval), {_pct(tr['data_wait_fraction_total'])} (run), "
-        f"stale skipped {tr[Stat.STALE_SKIPPED]}",
+        f"stale skipped {tr[Stat.STALE_SKIPPED]}, requeued after a resume {tr[Stat.REQUEUED]}",
     ]
 
 
@@ -123,7 +123,10 @@ def _workers(rep: dict[str, Any]) -> list[str]:
 
 def _dead(rep: dict[str, Any]) -> list[str]:
     d = rep["dead"]
-    lines = [f"dead letters: {d['count']} in stream ({d['total']} dead-lettered in total)"]
+    lines = [
+        f"dead letters: {d['count']} in stream ({d['total']} dead-lettered in total, {d['trimmed']} trimmed "
+        f"to the stream's limit, {d['cut']} with their payload cut)"
+    ]
     if d["latest"]:
         rows = [[x["sid"], x.get(K.FIELD_ID), x.get(K.FIELD_STAGE), x.get(K.FIELD_DELIVERIES),
                  _clip(x.get(K.FIELD_REASON, ""), 100)] for x in d["latest"]]  # fmt: skip

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import random
 import time
@@ -37,19 +36,16 @@ from pipeline.errors import (
 from pipeline.models import check_source
 from pipeline.produce.prompts import PromptFileError, PromptItem, load_prompts
 from pipeline.produce.student_gen import Generator, LocalGenerator, Sampling, ServerGenerator
-from pipeline.queue import schema as K
 from pipeline.queue.backpressure import Backpressure
 from pipeline.queue.connection import RedisRetry, connect, wait_for_redis
 from pipeline.queue.runstate import Heartbeat, now_ms, read_config, read_policy
 from pipeline.queue.schema import HB, Config, Role
-from pipeline.queue.streams import add_rollouts, ensure_groups
+from pipeline.queue.streams import add_rollouts, batch_landed, ensure_groups
 from pipeline.sections import CommonSettings, FlowSettings
 from pipeline.settings import section, setting
 from pipeline.wire.codec import Rollout, encode_rollout
 
 log = logging.getLogger("gkd.rollouts")
-_FIELD_ID = K.FIELD_ID.encode()
-_CLOCK_SLACK_MS = 60_000  # how far before the failed attempt (by Redis's clock) to look for its batch
 
 
 @dataclass
@@ -147,7 +143,10 @@ class Producer:
         )
         self.r = connect(s.run.redis_url)
         self.bp = Backpressure(self.r, self.keys.rollouts, s.flow.marks)
-        heartbeat = Heartbeat(self.r, self.keys, s.name, Role.PRODUCER, fields=self._heartbeat_fields)
+        # Producers own no stream entries: several may share a name (e.g. replicas of one deployment).
+        heartbeat = Heartbeat(
+            self.r, self.keys, s.name, Role.PRODUCER, fields=self._heartbeat_fields, exclusive=False
+        )
         hb = asyncio.create_task(heartbeat.run())
         try:
             if not await wait_for_redis(self.r, f"rollouts {s.name}", self.stop):
@@ -290,40 +289,23 @@ class Producer:
         """add_rollouts, retried through outages without writing a batch twice.
 
         A failed call is ambiguous: Redis may have executed the transaction and lost only the reply.
-        Before retrying, look for the batch's first rollout id among the entries added since the attempt
-        (in rollouts, or already moved on to ready or dead): the transaction is all or nothing, so one
-        id tells. Only a batch trained and acknowledged within that moment would escape the check.
+        The transaction writes a marker with the batch (all or nothing), so before retrying, the
+        marker tells whether the batch landed.
         """
+        batch_id = uuid.uuid4().hex
         delay = 0.0
         while True:
-            started = time.monotonic()
             try:
-                await add_rollouts(self.r, self.keys, payloads)
+                await add_rollouts(self.r, self.keys, payloads, batch_id=batch_id)
                 self.retry.recovered()
                 return
             except RedisUnavailable as exc:
                 delay = await self.retry.backoff("add rollouts", exc, delay)
-            check = functools.partial(self._landed, payloads[0][0], started)
-            if await self.retry.call("check the last batch", check):
+            if await self.retry.call(
+                "check the last batch", lambda: batch_landed(self.r, self.keys, batch_id)
+            ):
                 log.warning("batch of %s: written before its reply was lost; not added again", payloads[0][0])
                 return
-
-    async def _landed(self, rollout_id: str, since: float) -> bool:
-        """Whether an entry with this rollout id was added to the run's streams since `since` (monotonic)."""
-        sec, usec = await self.r.time()
-        elapsed_ms = int((time.monotonic() - since) * 1000)
-        start = f"{max(0, sec * 1000 + usec // 1000 - elapsed_ms - _CLOCK_SLACK_MS)}-0"
-        want = rollout_id.encode()
-        for stream in (self.keys.rollouts.key, self.keys.ready.key, self.keys.dead.key):
-            cursor = start
-            while True:
-                page: Any = await self.r.xrange(stream, min=cursor, max="+", count=256)
-                if any(fields.get(_FIELD_ID) == want for _, fields in page):
-                    return True
-                if len(page) < 256:
-                    break
-                cursor = "(" + page[-1][0].decode()
-        return False
 
     async def _fit_context(self, items: list[PromptItem], refuse: bool) -> None:
         """Learn the teacher's context from the run config (a worker records it). Prompts that cannot fit

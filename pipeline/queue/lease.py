@@ -95,6 +95,8 @@ class StreamConsumer:
         *,
         lease_ms: int = 60_000,
         max_deliveries: int = 5,
+        dead_max_entries: int = K.DEAD_MAX_ENTRIES,
+        dead_max_payload_bytes: int = K.DEAD_MAX_PAYLOAD_BYTES,
     ) -> None:
         if stream.group is None:
             raise ValueError(f"stream: expected rollouts or ready (with a consumer group), got {stream.kind}")
@@ -106,12 +108,15 @@ class StreamConsumer:
         self.consumer = consumer
         self.lease_ms = lease_ms
         self.max_deliveries = max_deliveries
+        self.dead_max_entries = dead_max_entries
+        self.dead_max_payload_bytes = dead_max_payload_bytes
         self._cursor = "0-0"
         self._handoff = r.register_script(scripts.HANDOFF)
         self._ack = r.register_script(scripts.ACK)
         self._dead = r.register_script(scripts.DEAD)
         self._renew = r.register_script(scripts.RENEW)
         self._release = r.register_script(scripts.RELEASE)
+        self._journal = r.register_script(scripts.JOURNAL)
 
     # ------------------------------------------------------------------------------------ reading
 
@@ -227,8 +232,23 @@ class StreamConsumer:
         res = await self._release(keys=[self.stream], args=args)
         return [bool(x) for x in res]
 
+    async def journal(self, entries: Sequence[Entry], step: int) -> list[bool]:
+        """Trained samples leave the stream (acknowledged, deleted) and enter the run's journal with the
+        step that trained them, in one change per chunk. `entry.data` is the compact rollout to journal,
+        `entry.size` the stream payload's size. False for entries this consumer no longer owns."""
+        flags: list[bool] = []
+        journal = self.keys.journal
+        for i in range(0, len(entries), CHUNK):
+            args: list[Any] = [self.group, self.consumer, step, self.source.bytes_out, journal.bytes_in]
+            for e in entries[i : i + CHUNK]:
+                args += [e.sid, e.id, e.data, e.size]
+            res = await self._journal(keys=[self.stream, journal.key, self.keys.stats], args=args)
+            flags += [bool(x) for x in res]
+        return flags
+
     async def dead_letter(self, entry: Entry, stage: str, reason: str) -> bool:
-        """Move an owned entry to `dead` with its stage, reason, deliveries and original payload."""
+        """Move an owned entry to `dead` with its stage, reason, deliveries and payload (cut to the dead
+        stream's payload limit; the stream is trimmed to its entry limit, both counted in `stats`)."""
         res = await self._dead(
             keys=[self.stream, self.keys.dead.key, self.keys.stats],
             args=[
@@ -243,6 +263,10 @@ class StreamConsumer:
                 self.source.bytes_out,
                 Stat.DEAD,
                 self.source.dead_counter,
+                self.dead_max_entries,
+                self.dead_max_payload_bytes,
+                Stat.DEAD_TRIMMED,
+                Stat.DEAD_CUT,
             ],
         )
         return bool(res)

@@ -8,13 +8,16 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import redis.asyncio as aioredis
 
-from pipeline.errors import ConfigMismatch, PolicyRegression, RedisUnavailable, StreamGroupMissing
+from pipeline.errors import ConfigMismatch, NameInUse, PolicyRegression, RedisUnavailable, StreamGroupMissing
 from pipeline.queue import schema as K
+from pipeline.queue import scripts
 from pipeline.queue.schema import HB, RunKeys
 
 log = logging.getLogger("gkd.runstate")
@@ -167,8 +170,13 @@ class Counts:
 
 
 class Heartbeat:
-    """The heartbeat hash of one process (role, host, pid, last seen, plus `fields()`), expiring
-    `ttl_ms` after the last beat. `gkd status` lists live processes from these hashes."""
+    """The heartbeat hash of one process (role, host, pid, last seen, instance, plus `fields()`),
+    expiring `ttl_ms` after the last beat. `gkd status` lists live processes from these hashes.
+
+    An exclusive name (a stream consumer's) belongs to one live process: `claim()` refuses a name whose
+    heartbeat another live process keeps beating (two consumers with one name would share each other's
+    leases).
+    """
 
     def __init__(
         self,
@@ -180,15 +188,20 @@ class Heartbeat:
         ttl_ms: int = HEARTBEAT_TTL_MS,
         fields: Callable[[], Mapping[str, object]] = dict,
         counts: Counts | None = None,
+        exclusive: bool = True,
     ) -> None:
         self.r, self.keys, self.name, self.role = r, keys, name, role
+        self.exclusive = exclusive
+        """False: several processes may share the name (no stream entries hang on it)."""
         self.ttl_ms = ttl_ms
         self.fields = fields
         self.counts = counts
         """Flushed to `stats` after every beat."""
+        self.instance = uuid.uuid4().hex
+        self._script = r.register_script(scripts.BEAT)
 
-    async def beat(self) -> None:
-        """Write the hash now (and flush the counts)."""
+    async def _write(self, replace: str = "") -> dict[str, str] | None:
+        """Write the hash; None, or the fields of the other instance that holds the name."""
         values: dict[str, object] = {
             HB.HOST: socket.gethostname(),
             HB.PID: os.getpid(),
@@ -196,11 +209,40 @@ class Heartbeat:
             HB.LAST_SEEN_MS: now_ms(),
             **self.fields(),
         }
-        key = self.keys.worker(self.name)
-        async with self.r.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping={k: str(v) for k, v in values.items()})
-            pipe.pexpire(key, self.ttl_ms)
-            await pipe.execute()
+        flat = [x for k, v in values.items() for x in (k, str(v))]
+        args: list[Any] = [self.instance, self.ttl_ms, replace if self.exclusive else "*", *flat]
+        other = await self._script(keys=[self.keys.worker(self.name)], args=args)
+        return {_s(k): _s(v) for k, v in zip(other[::2], other[1::2], strict=True)} if other else None
+
+    async def claim(self) -> None:
+        """Take the name (and beat once). A process that died keeps its heartbeat until the TTL: one on
+        this host whose pid is gone is replaced at once; otherwise wait up to one TTL to see whether it
+        still beats. Raises NameInUse when it does."""
+        replace, first_seen, deadline = "", "", 0.0
+        while (other := await self._write(replace)) is not None:
+            seen, host, pid = other.get(HB.LAST_SEEN_MS, ""), other.get(HB.HOST), other.get(HB.PID, "")
+            if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
+                replace = other.get(HB.INSTANCE, "")
+            elif not deadline:
+                first_seen, deadline = seen, time.monotonic() + self.ttl_ms / 1000 + 0.5
+            elif seen != first_seen:
+                raise NameInUse(
+                    f"{self.name}: another live process uses this name (host {host}, pid {pid}); one name, "
+                    f"one process (two would share each other's leases): stop it, or choose another --name"
+                )
+            elif time.monotonic() > deadline:
+                replace = other.get(HB.INSTANCE, "")  # neither beating nor expiring: a clock far off
+            else:
+                await asyncio.sleep(0.1)
+        if self.counts is not None:
+            await self.counts.flush(self.r, self.keys)
+
+    async def beat(self) -> None:
+        """Write the hash now (and flush the counts)."""
+        other = await self._write()
+        if other is not None:
+            log.error("%s: another process (pid %s on %s) holds this name now", self.name,
+                      other.get(HB.PID), other.get(HB.HOST))  # fmt: skip
         if self.counts is not None:
             await self.counts.flush(self.r, self.keys)
 
@@ -216,6 +258,17 @@ class Heartbeat:
     async def remove(self) -> None:
         """Delete the hash (a clean exit): the process leaves `gkd status` at once."""
         await self.r.delete(self.keys.worker(self.name))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 async def publish_policy(r: aioredis.Redis, keys: RunKeys, version: int, checkpoint: str) -> None:

@@ -27,6 +27,22 @@ FIELD_DATA = "data"
 FIELD_STAGE = "stage"
 FIELD_REASON = "reason"
 FIELD_DELIVERIES = "deliveries"
+FIELD_CUT_FROM = "cut_from"
+"""Present when the payload was cut to the dead stream's size limit: the original length in bytes."""
+
+#: Extra fields of an entry in the trained journal (besides FIELD_ID and FIELD_DATA, the rollout).
+FIELD_STEP = "step"
+"""The optimizer step that trained the sample."""
+FIELD_CONSUMER = "consumer"
+"""The trainer consumer that trained it."""
+
+#: Default bounds of the dead stream: entries kept (older ones are trimmed, and counted), and the
+#: payload bytes kept per record (longer payloads are cut; the record says so).
+DEAD_MAX_ENTRIES = 10_000
+DEAD_MAX_PAYLOAD_BYTES = 64 * 1024
+
+#: A producer's batch marker lives this long: far above any retry of a lost reply (see streams.py).
+BATCH_MARKER_TTL_MS = 6 * 3600 * 1000
 
 #: Fields of the policy hash.
 POLICY_VERSION = "version"
@@ -75,6 +91,8 @@ class HB:
     """Samples a `gkd replay` process added to ready."""
     SERVED = "served"
     """Rollouts `gkd replay --serve-rollouts` scored from its dataset."""
+    INSTANCE = "instance"
+    """A random id per process: a second live process with the same name finds another's here."""
 
     BASE = (HOST, PID, ROLE, IN_FLIGHT, LAST_SEEN_MS)
 
@@ -143,6 +161,14 @@ class Stat:
     EXPORTED = "exported"
     REPLAYED = "replayed"
     CACHE_SCORED = "cache_scored"
+    REQUEUED = "requeued"
+    """Trained samples whose steps no checkpoint kept, put back into rollouts by a resume."""
+    JOURNAL_DROPPED = "journal_dropped"
+    """Journal entries a resume found already inside its checkpoint (deleted, not requeued)."""
+    DEAD_TRIMMED = "dead_trimmed"
+    """Dead letters removed to keep the dead stream under its entry limit."""
+    DEAD_CUT = "dead_cut"
+    """Dead letters whose payload was cut to the size limit."""
 
 
 @dataclass(frozen=True)
@@ -151,7 +177,7 @@ class Stream:
 
     run: RunKeys
     kind: str
-    """"rollouts", "ready" or "dead"."""
+    """"rollouts", "ready", "dead" or "trained" (the journal)."""
 
     @property
     def key(self) -> str:
@@ -170,6 +196,11 @@ class Stream:
     def bytes_out(self) -> str:
         """`stats` counter of payload bytes ever removed (acknowledged or dead-lettered) from it."""
         return f"{self.kind}_bytes_out"
+
+    @property
+    def counts_bytes(self) -> bool:
+        """Whether `stats` tracks the payload bytes in this stream (all but `dead`)."""
+        return self.kind != "dead"
 
     @property
     def dead_counter(self) -> str:
@@ -208,6 +239,20 @@ class RunKeys:
     def dead(self) -> Stream:
         """Dead-lettered entries with stage, reason, deliveries and the original payload."""
         return Stream(self, "dead")
+
+    @property
+    def journal(self) -> Stream:
+        """Compact rollouts of trained samples that no checkpoint includes yet, with their step."""
+        return Stream(self, "trained")
+
+    def batch_marker(self, batch_id: str) -> str:
+        """Key (with TTL) written with a producer's batch: it landed, whatever happened to the reply."""
+        return self.key(f"batch:{batch_id}")
+
+    @property
+    def all_streams(self) -> tuple[Stream, Stream, Stream, Stream]:
+        """Every stream of the run: rollouts, ready, dead and the trained journal."""
+        return self.rollouts, self.ready, self.dead, self.journal
 
     @property
     def work_streams(self) -> tuple[Stream, Stream]:

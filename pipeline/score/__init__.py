@@ -6,7 +6,7 @@ as many entries as it has free slots, scores each in its own task, and hands the
 in batches (one Lua call per batch publishes, acknowledges and deletes, and only while this worker still
 owns the entry).
 
-Delivery rules (DESIGN.md "Delivery guarantees"):
+Delivery rules (ARCHITECTURE.md "Delivery guarantees"):
 - a rollout that does not decode, or that the teacher rejects permanently, goes to `dead` with the reason;
 - a teacher outage never dead-letters: the rollout is kept (its lease renewed) and retried with capped
   backoff until the teacher answers or the worker stops;

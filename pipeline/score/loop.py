@@ -143,6 +143,7 @@ class TeacherWorker:
         if self.client.max_tokens is not None:  # producers refuse prompts that cannot fit
             limit = {Config.TEACHER_MAX_MODEL_LEN: self.client.max_tokens + 1}
             await record_run_info(self.r, self.keys, limit)
+        await self._heartbeat.claim()  # NameInUse: the name's pending entries belong to a live process
         # Entries an earlier process with this consumer name left pending: make them reclaimable now.
         released = 0
         cursor: bytes | None = b"0"
@@ -151,7 +152,6 @@ class TeacherWorker:
             released += sum(await self.consumer.release(mine))
         if released:
             log.info("worker %s: released %d rollouts left pending by an earlier run", self.name, released)
-        await self._heartbeat.beat()
         log.info(
             "worker %s: run %r, teacher %s, k=%d, %s, concurrency %d",
             self.name, self.keys.run, self.client.model_id, self.teacher.k, self.run_settings.logprob_dtype,

@@ -1,6 +1,6 @@
 """ScoredSamples -> padded micro-batch tensors under a token budget, with the loss rows gathered flat.
 
-Alignment (DESIGN.md, "Wire format"): teacher row r of a sample is the distribution over token
+Alignment (ARCHITECTURE.md, "The wire format"): teacher row r of a sample is the distribution over token
 ``prompt_len + r`` given the tokens before it, so it pairs with the student's logits at position
 ``prompt_len - 1 + r``. A sample of T tokens has R = T - prompt_len rows, at positions
 ``prompt_len - 1 .. T - 2``.

@@ -17,8 +17,9 @@ Every rank writes its shard of the state into ``<name>.tmp-<pid of rank 0>``; ra
 renames the folder into place, then replaces `latest` (write + rename), so a crash at any moment leaves
 either the previous or the new checkpoint, never a torn one. The training state is the authority on
 resume; the export is what producers load. `entries` lists, per consumer name, the ready-stream entries
-whose samples are in this checkpoint's update and were not acknowledged before it was written: after a
-crash between writing it and acknowledging them, `--resume` acknowledges exactly these.
+whose samples are in this checkpoint's update but whose journal write was not confirmed when it was
+written (Redis was down): `--resume` acknowledges exactly these (they must not be trained again). See
+pipeline/train/ready.py.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import CheckpointFailed
+from pipeline.queue.runstate import pid_alive
 from pipeline.train.distributed import Dist
 
 STATE_FILE = "trainer_state.json"
@@ -52,7 +54,8 @@ class TrainState:
     """The policy version published for these weights."""
     world_size: int = 1
     entries: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
-    """Consumer name -> [(ready-stream entry id, payload bytes)] included in this update, not yet acked."""
+    """Consumer name -> [(ready-stream entry id, payload bytes)] trained into this checkpoint whose journal
+    write was not confirmed when it was written (usually none): a resume acknowledges them."""
     created_ms: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -206,18 +209,8 @@ def _prune(root: Path, keep: int, current: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
     for tmp in root.glob("step-*.tmp-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def read_state(path: str | os.PathLike[str]) -> TrainState:

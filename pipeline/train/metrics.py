@@ -16,19 +16,22 @@ log = logging.getLogger("gkd.train")
 
 
 class SampleLog:
-    """``--sample-log``: one JSON line per optimizer step and rank, {"step", "rank", "ids"}.
+    """``--sample-log``: one JSON line per optimizer step and rank, {"step", "rank", "job", "ids"}.
 
-    Lines are appended with one write each (O_APPEND), so ranks may share the file and a kill -9 never
-    leaves a torn line behind a complete one.
+    `job` is the same for every rank of one `gkd train` job (torchrun launch) and new for each: a job
+    resumed from the checkpoint of step S logs steps S+1, ..., and lines of earlier jobs with steps above
+    S belong to no checkpoint lineage any more. Lines are appended with one write each (O_APPEND), so
+    ranks may share the file and a kill -9 never leaves a torn line behind a complete one.
     """
 
-    def __init__(self, path: str, rank: int) -> None:
+    def __init__(self, path: str, rank: int, job: str) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.rank = rank
+        self.rank, self.job = rank, job
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, step: int, ids: list[str]) -> None:
-        os.write(self.fd, (json.dumps({"step": step, "rank": self.rank, "ids": ids}) + "\n").encode())
+        line = {"step": step, "rank": self.rank, "job": self.job, "ids": ids}
+        os.write(self.fd, (json.dumps(line) + "\n").encode())
 
     def close(self) -> None:
         os.close(self.fd)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-SCHEDULES = ("cosine", "linear", "constant")
+from pipeline.train.settings import SCHEDULES
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:

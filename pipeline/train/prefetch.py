@@ -7,7 +7,8 @@ micro-batches in a worker thread, allocates them in pinned memory and starts a n
 device on a side CUDA stream. Up to `depth` micro-batches wait in a queue, so while the stream holds data
 a training step finds its next micro-batch ready and never waits on Redis, decoding or the copy.
 
-Entries come from, and go back to, the rank's `ReadyLeases` (which holds and renews them): samples
+Entries come from, and go back to, the rank's `ReadyLeases` (which holds and renews them). A micro-batch
+carries its entries with their compact rollouts (what the journal keeps once they are trained); samples
 that cannot be trained (undecodable, or rejected by the trainer's `check`) are handed back to it to be
 dead-lettered or skipped as stale.
 """
@@ -21,7 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -30,7 +31,7 @@ from pipeline.queue.lease import Entry
 from pipeline.train.batching import Batch, BatchPacker
 from pipeline.train.ioloop import IOLoop
 from pipeline.train.ready import ReadyLeases
-from pipeline.wire.codec import ScoredSample, decode_scored
+from pipeline.wire.codec import ScoredSample, decode_scored, encode_rollout
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,9 @@ class Prefetcher:
             elif verdict.action == "skip":
                 skipped.append(e)
             else:
-                batches += self.packer.add(sample, e)
+                # The batch carries the entry with its compact rollout, which the journal keeps once the
+                # sample is trained; the scored payload is not kept past the batch's tensors.
+                batches += self.packer.add(sample, replace(e, data=encode_rollout(sample.rollout)))
         return [self._to_device(b) for b in batches], skipped, dead
 
     def _to_device(self, batch: Batch) -> Batch:

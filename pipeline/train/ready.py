@@ -1,39 +1,56 @@
 """`ReadyLeases`: everything one trainer rank does with the `ready` stream, in one place.
 
-From the read to the acknowledgement a rank owns its entries of `ready` (consumer ``<name>-<rank>``):
-it reads its own pending entries first (left by an earlier process of the same name), then new ones;
-keeps every entry it holds renewed; dead-letters what can never train (stage "trainer") and
-acknowledges stale samples as counted skips; remembers which trained samples no checkpoint includes
-yet and acknowledges them once one does. It also carries the rank's heartbeat, its `stats` counters
-and the policy announcements. Redis work runs on the trainer's IO loop (`pipeline.train.ioloop`);
-methods meant for the training thread say so.
+From the read to the optimizer step a rank owns its entries of `ready` (consumer ``<name>-<rank>``):
+it reads its own pending entries first (left by an earlier process of the same name), then takes over
+entries idle longer than the lease (their trainer died, or the job resumed with fewer ranks or other
+names), then reads new ones; it keeps every entry it holds renewed, dead-letters what can never train
+(stage "trainer") and acknowledges stale samples as counted skips. Right after each optimizer step a
+background writer moves the step's samples out of `ready` and into the run's trained journal, keeping
+only their compact rollouts (`pipeline.queue.journal`); until that write is confirmed they stay held,
+and a checkpoint written meanwhile lists them (`unjournaled`). It also carries the rank's heartbeat,
+its `stats` counters and the policy announcements. Redis work runs on the trainer's IO loop
+(`pipeline.train.ioloop`); methods meant for the training thread say so.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from pipeline.errors import RedisUnavailable, StreamGroupMissing
+from pipeline.errors import RedisUnavailable, StreamGroupMissing, WireFormatError
 from pipeline.queue.connection import RedisRetry
+from pipeline.queue.journal import Journal
 from pipeline.queue.lease import Entry, Held, StreamConsumer
 from pipeline.queue.runstate import Counts, Heartbeat, publish_policy
 from pipeline.queue.schema import HB, Role, RunKeys, Stage, Stat
 from pipeline.queue.streams import ensure_groups
+from pipeline.sections import FlowSettings
 from pipeline.train.ioloop import IOLoop
+from pipeline.wire.codec import META_RETRAIN_OF_STEP, decode_rollout, encode_rollout
 
 log = logging.getLogger("gkd.train")
 
-#: Attempts at acknowledging trained samples after a checkpoint before keeping them for the next one.
-ACK_ATTEMPTS = 6
+
+def retrain(payload: bytes, step: int) -> bytes:
+    """A journaled rollout marked for retraining (exempt from the staleness filter); as it was if it
+    does not decode (a worker then dead-letters it, naming the field)."""
+    try:
+        rollout = decode_rollout(payload)
+    except WireFormatError:
+        return payload
+    rollout.meta = {**rollout.meta, META_RETRAIN_OF_STEP: step}
+    return encode_rollout(rollout)
 
 
 class ReadyLeases:
-    """This rank's entries of the `ready` stream, read and not yet acknowledged."""
+    """This rank's entries of the `ready` stream, from the read to the journal."""
 
     def __init__(
         self,
@@ -42,27 +59,40 @@ class ReadyLeases:
         keys: RunKeys,
         consumer: str,
         *,
-        lease_ms: int,
+        flow: FlowSettings,
         stop: threading.Event,
     ) -> None:
         self.io, self.r, self.keys = io, r, keys
-        self.consumer = StreamConsumer(r, keys.ready, consumer, lease_ms=lease_ms)
+        self.consumer = StreamConsumer(
+            r, keys.ready, consumer, lease_ms=flow.lease_ms, max_deliveries=flow.max_deliveries,
+            dead_max_entries=flow.dead_max_entries, dead_max_payload_bytes=flow.dead_max_payload_bytes,
+        )  # fmt: skip
         self.held = Held(self.consumer)
+        self.journal = Journal(r, keys)
         self.retry = RedisRetry(f"trainer {consumer}")
         self.counts = Counts()
-        self.unacked: list[Entry] = []
-        """Trained entries (payloads dropped) that wait for a checkpoint to be acknowledged."""
         self._stop = stop
         self._cursor: bytes | None = b"0"  # own-pending phase until a page comes back empty
-        self._heartbeat: Heartbeat | None = None
+        self._next_reclaim = 0.0
+        self._pending: list[tuple[int, list[Entry]]] = []  # (step, entries) not yet journaled
+        self._pending_lock = threading.Lock()
+        self._wake = asyncio.Event()
+        self._step_fields: Callable[[], dict[str, object]] = dict
+        self._heartbeat = Heartbeat(r, keys, consumer, Role.TRAINER, fields=self._fields, counts=self.counts)
         self._tasks: list[Any] = []
         io.run(ensure_groups(r, keys))
+        io.run(self._heartbeat.claim())  # NameInUse: another live process has this consumer name
+
+    @property
+    def name(self) -> str:
+        return self.consumer.consumer
 
     # ---------------------------------------------------------------------- IO loop (prefetcher)
 
     async def read(self, count: int, block_ms: int) -> list[Entry]:
         """Up to `count` entries to train on: this consumer's own pending entries first, in stream order,
-        then new ones (waiting up to `block_ms`). Retried through Redis outages; [] once stopping."""
+        then stranded ones (idle past the lease), then new ones (waiting up to `block_ms`). Retried
+        through Redis outages; [] once stopping."""
         try:
             read = lambda: self._read(count, block_ms)  # noqa: E731
             return await self.retry.call("reading ready samples", read, stop=self._stop)
@@ -79,16 +109,37 @@ class ReadyLeases:
                 page, self._cursor = await self.consumer.read_own_pending(count, after=self._cursor)
                 fresh = [e for e in page if e.sid not in self.held]
                 if fresh:
-                    self.held.add(fresh)
+                    self._hold(fresh)
                     return fresh
+            if time.monotonic() >= self._next_reclaim and (taken := await self._reclaim(count)):
+                return taken
             entries = await self.consumer.read(count, block_ms=block_ms)
         except RedisUnavailable:
             # A read whose reply was lost may have delivered entries to this consumer: look for them
             # among its own pending entries before reading new ones.
             self._cursor = b"0"
             raise
-        self.held.add(entries)
+        self._hold(entries)
         return entries
+
+    def _hold(self, entries: Sequence[Entry]) -> None:
+        self.held.add(e.hollow() for e in entries)  # renewing needs no payload: the batches have it
+
+    async def _reclaim(self, count: int) -> list[Entry]:
+        """Take over entries idle past the lease; dead-letter those delivered too often."""
+        ok, over = await self.consumer.reclaim(count)
+        full = len(ok) + len(over) >= count
+        self._next_reclaim = 0.0 if full else time.monotonic() + min(self.consumer.lease_ms / 2000, 10.0)
+        for e in over:
+            reason = (f"delivered {e.deliveries} times (max_deliveries={self.consumer.max_deliveries}); "
+                      f"trainers kept dying or stalling on it")  # fmt: skip
+            await self.consumer.dead_letter(e, Stage.TRAINER, reason)
+        fresh = [e for e in ok if e.sid not in self.held]  # held ones: our renewal lagged, still ours
+        if fresh:
+            self._hold(fresh)
+            self.counts.add(Stat.RECLAIMED, len(fresh))
+            log.info("%s: took over %d stranded samples (their trainer is gone)", self.name, len(fresh))
+        return fresh
 
     async def reject(self, skipped: Sequence[Entry], dead: Sequence[tuple[Entry, str]]) -> None:
         """Settle entries that will not train: dead-letter `dead` (with reasons), acknowledge `skipped`
@@ -111,56 +162,71 @@ class ReadyLeases:
             self.counts.add(Stat.STALE_SKIPPED, sum(flags))
             log.info("skipped %d stale samples", sum(flags))
 
+    async def _journal_forever(self) -> None:
+        """Journal trained steps in order, each retried until Redis takes it."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                with self._pending_lock:
+                    step, entries = self._pending[0]
+                try:
+                    write = functools.partial(self.consumer.journal, entries, step)
+                    flags = await self.retry.call("journaling trained samples", write)
+                except StreamGroupMissing:
+                    flags = [False] * len(entries)  # Redis lost its data: nothing left to move
+                lost = [e.id for e, ok in zip(entries, flags, strict=True) if not ok]
+                if lost:  # journaled by an attempt whose reply was lost, or taken over after a stall
+                    log.warning("%s: %d trained samples were no longer ours to journal: %s",
+                                self.name, len(lost), lost[:5])  # fmt: skip
+                self.held.drop(entries)
+                with self._pending_lock:
+                    self._pending.pop(0)
+
     # ---------------------------------------------------------------------- training thread
 
-    @property
-    def name(self) -> str:
-        return self.consumer.consumer
+    def trained(self, entries: Sequence[Entry], step: int) -> None:
+        """These entries (payload: the compact rollout) were trained in optimizer step `step`: journal
+        them in the background."""
+        with self._pending_lock:
+            self._pending.append((step, list(entries)))
+        self.io.loop.call_soon_threadsafe(self._wake.set)
 
-    def trained(self, entries: Sequence[Entry]) -> None:
-        """These entries' samples are in the current update: drop payloads, wait for a checkpoint."""
-        hollowed = [e.hollow() for e in entries]
-        self.held.add(hollowed)  # replaces the full entries: same sids, still renewed
-        self.unacked += hollowed
+    def unjournaled(self, wait_s: float) -> list[tuple[str, int]]:
+        """Wait up to `wait_s` for the trained samples' journal writes; (entry id, payload bytes) of those
+        still not confirmed (for the checkpoint to list: a resume acknowledges them)."""
+        deadline = time.monotonic() + wait_s
+        while self._pending and time.monotonic() < deadline:
+            time.sleep(0.005)
+        with self._pending_lock:
+            return [(e.sid.decode(), e.size) for _, entries in self._pending for e in entries]
 
-    def listing(self) -> list[tuple[str, int]]:
-        """(entry id, payload bytes) of the trained, unacknowledged entries (for the checkpoint)."""
-        return [(e.sid.decode(), e.size) for e in self.unacked]
+    def recover(self, listed: Mapping[str, Sequence[tuple[str, int]]], step: int) -> None:
+        """Before any rank reads (rank 0 at start): settle the ready entries the checkpoint of `step` lists,
+        put journal entries of later steps back into rollouts, drop the rest."""
+        settled = self.io.run(
+            self.retry.call("settling checkpointed samples", lambda: self.journal.settle(listed))
+        )
+        requeue = lambda: self.journal.requeue(step, retrain)  # noqa: E731
+        requeued, dropped = self.io.run(self.retry.call("requeuing the journal", requeue), timeout_s=None)
+        if settled or requeued or dropped:
+            log.info(
+                "resume at step %d: %d checkpointed samples settled, %d trained samples after it put "
+                "back into rollouts, %d journal entries dropped",
+                *(step, settled, requeued, dropped),
+            )
 
-    def ack_trained(self) -> None:
-        """Acknowledge the trained entries. If Redis stays down they are kept (and listed again by the
-        next checkpoint, which includes them too)."""
-        todo = list(self.unacked)
-        if not todo:
-            return
+    def journal_mark(self) -> bytes | None:
+        """The journal's newest entry (rank 0, after every rank journaled the checkpoint's steps)."""
+        return self.io.run(self.retry.call("reading the journal", self.journal.mark))
+
+    def trim_journal(self, mark: bytes | None) -> None:
+        """Drop the journal up to `mark` once the checkpoint that includes it is written (best effort:
+        what stays is dropped by the next trim or a resume)."""
         try:
-            acked = self.retry.call("acking trained", lambda: self.consumer.ack(todo), attempts=ACK_ATTEMPTS)
-            flags = self.io.run(acked)
-        except RedisUnavailable as exc:
-            log.error("acknowledging %d samples failed (%s); kept for the next checkpoint", len(todo), exc)
-            return
-        except StreamGroupMissing:
-            flags = [False] * len(todo)  # Redis lost its data: nothing left to acknowledge
-        lost = [e.id for e, ok in zip(todo, flags, strict=True) if not ok]
-        if lost:
-            log.error("%d trained samples were no longer owned by %s at the ack (lease lost): %s",
-                      len(lost), self.name, lost[:5])  # fmt: skip
-        self.held.drop(todo)
-        self.unacked = self.unacked[len(todo) :]
-
-    def settle_listed(self, listed: Mapping[str, Sequence[tuple[str, int]]], rank: int, world: int) -> int:
-        """On resume: acknowledge the entries a checkpoint includes. Each rank settles its own; rank 0
-        also those of consumers whose rank no longer exists (a smaller world). Returns how many."""
-        done = 0
-        for name, entries in listed.items():
-            idx = name.rsplit("-", 1)[-1]
-            theirs = idx.isdigit() and int(idx) >= world and rank == 0
-            if name != self.name and not theirs:
-                continue
-            consumer = StreamConsumer(self.r, self.keys.ready, name)
-            es = [Entry(sid=sid.encode(), id="", data=b"", size=n) for sid, n in entries]
-            done += sum(self.io.run(consumer.ack(es)))
-        return done
+            self.io.run(self.retry.call("trimming the journal", lambda: self.journal.trim(mark), attempts=6))
+        except (RedisUnavailable, StreamGroupMissing) as exc:
+            log.warning("trimming the journal failed (%s); the next checkpoint trims it", exc)
 
     def count_step(self, *, samples: int, tokens: int, wait_ms: int, step_ms: int, steps: int) -> None:
         """Add to the run's counters (sent with the next heartbeat; kept and resent if Redis is down)."""
@@ -183,13 +249,17 @@ class ReadyLeases:
                 "publishing policy version %d failed (%s); the next checkpoint publishes again", version, exc
             )
 
+    def _fields(self) -> dict[str, object]:
+        return {HB.IN_FLIGHT: len(self.held), **self._step_fields()}
+
     def start(self, fields: Callable[[], dict[str, object]]) -> None:
-        """Start renewing held entries and beating (heartbeat fields: in flight plus `fields()`)."""
-        self._heartbeat = Heartbeat(
-            self.r, self.keys, self.name, Role.TRAINER,
-            fields=lambda: {HB.IN_FLIGHT: len(self.held), **fields()}, counts=self.counts,
-        )  # fmt: skip
-        self._tasks = [self.io.submit(self.held.renew_forever()), self.io.submit(self._heartbeat.run())]
+        """Start renewing held entries, journaling and beating (heartbeat fields: in flight + `fields()`)."""
+        self._step_fields = fields
+        self._tasks = [
+            self.io.submit(self.held.renew_forever()),
+            self.io.submit(self._heartbeat.run()),
+            self.io.submit(self._journal_forever()),
+        ]
 
     def close(self) -> None:
         """Stop the background tasks, flush the counters, remove the heartbeat (best effort)."""
@@ -197,7 +267,6 @@ class ReadyLeases:
             self.io.loop.call_soon_threadsafe(t.cancel)
         try:
             self.io.run(self.counts.flush(self.r, self.keys), timeout_s=10)
-            if self._heartbeat is not None:
-                self.io.run(self._heartbeat.remove(), timeout_s=10)
+            self.io.run(self._heartbeat.remove(), timeout_s=10)
         except Exception as exc:  # best effort at exit
             log.warning("final stats flush failed: %r", exc)

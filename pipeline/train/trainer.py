@@ -1,22 +1,22 @@
 """`gkd train`: train the student on ready samples with the top-k GKD loss (torchrun for several devices).
 
-The main thread only does torch work; Redis lives on a background IO loop (`pipeline.train.prefetch.IOLoop`)
+The main thread only does torch work; Redis lives on a background IO loop (`pipeline.train.ioloop.IOLoop`)
 where the prefetcher reads and packs the next micro-batches while the current step computes.
 
-Delivery (DESIGN.md, "Delivery guarantees"): samples are acknowledged only after the checkpoint that
-includes their update is written; the checkpoint lists them. After a crash, `--resume` loads the latest
-checkpoint, acknowledges the entries it lists (a crash may have come between writing it and the acks),
-re-trains this rank's remaining own-pending entries in stream order, then reads new ones: every sample
-counts in exactly one optimizer step of the run that continues. `--ack-after-step` trades this for
-memory in Redis (see its help). Held samples count toward ready's high-water mark, so a trainer starved
-of data while holding some checkpoints early (`--starved-checkpoint-s`): the workers they hold back
-could otherwise wait forever for a checkpoint that waits for them.
+Delivery (ARCHITECTURE.md, "Delivery guarantees"): right after each optimizer step a rank's trained
+samples leave `ready` and their compact rollouts enter the run's trained journal with the step
+(`pipeline.train.ready`); a checkpoint trims the journal up to its step. At start, before any rank
+reads, rank 0 settles what the checkpoint lists as included but unjournaled and puts journal entries
+past the checkpoint back into `rollouts` (with any number of ranks and any names): every sample counts
+in exactly one optimizer step of the checkpoint lineage the run continues from. Entries of trainers that
+are gone are taken over after the lease.
 
 Rank r reads as consumer ``<name>-<r>``: the name is stable so that a restarted rank finds its pending
-entries. The student is sharded over the ranks (FSDP2) or replicated (DDP): `pipeline.train.student`.
-Every rank writes its shard of a checkpoint and then acknowledges its own samples; rank 0 exports the
-weights for the producers in the background and publishes the policy (version = optimizer step of the
-checkpoint) once that export is written.
+entries, and one live process holds it. The student is sharded over the ranks (FSDP2) or replicated
+(DDP): `pipeline.train.student`. Every rank writes its shard of a checkpoint; rank 0 exports the weights
+for the producers in the background and publishes the policy (version = optimizer step of the
+checkpoint) once that export is written: a rollout's policy version is an optimizer step, and
+staleness is counted in steps.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,18 +38,15 @@ from pipeline.notice import WaitNotice
 from pipeline.queue.connection import connect, wait_for_redis, where
 from pipeline.queue.runstate import check_run_config, other_runs, read_config, read_policy
 from pipeline.queue.schema import HB, Config
-from pipeline.sections import CommonSettings, FlowSettings, RunSettings
-from pipeline.settings import section, setting
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.batching import Batch, BatchPacker
 from pipeline.train.distributed import Dist, init_distributed, shutdown
 from pipeline.train.export import PolicyExporter, export_complete
 from pipeline.train.ioloop import IOLoop
 from pipeline.train.metrics import MetricsSink, SampleLog
-from pipeline.train.optim import SCHEDULES
 from pipeline.train.prefetch import TRAIN, Prefetcher, Verdict
 from pipeline.train.ready import ReadyLeases
-from pipeline.train.sharding import SHARDINGS
+from pipeline.train.settings import TrainSettings
 from pipeline.train.startup import (
     check_output_dir,
     check_policy_floor,
@@ -59,97 +57,15 @@ from pipeline.train.startup import (
 from pipeline.train.step import LossConfig, StepStats, train_step
 from pipeline.train.student import build_student
 from pipeline.vocab import check_student, tokenizer_fingerprint
-from pipeline.wire.codec import ScoredSample
+from pipeline.wire.codec import META_RETRAIN_OF_STEP, ScoredSample
 
 log = logging.getLogger("gkd.train")
 
+#: How long a checkpoint waits for the journal writes of its steps; unconfirmed ones it lists instead.
+JOURNAL_WAIT_S = 10.0
+
 #: Samples in a row beyond the student's vocabulary, none trained yet, that make a trainer refuse.
 OUTSIDE_VOCAB_REFUSAL = 16
-
-
-@dataclass
-class TrainSettings(CommonSettings):
-    """Settings of `gkd train`."""
-
-    run: RunSettings = section(RunSettings, "name", "redis_url", "k", "loss_mode")
-    flow: FlowSettings = section(FlowSettings, "lease_ms", lease_ms=120_000)
-    student: str = setting("", "Student model: a local folder or a Hugging Face id (required).")
-    output_dir: str = setting("gkd-out", "Folder for checkpoints/ and metrics.jsonl.")
-    lr: float = setting(1e-5, "Peak learning rate of AdamW.")
-    weight_decay: float = setting(0.0, "AdamW weight decay (not applied to biases and norms).")
-    warmup_steps: int = setting(10, "Linear LR warmup, in optimizer steps.")
-    lr_schedule: str = setting(
-        "cosine", "LR decay after warmup, to --min-lr-ratio at --max-steps.", choices=SCHEDULES
-    )
-    min_lr_ratio: float = setting(0.1, "Final LR as a fraction of --lr.")
-    max_steps: int = setting(0, "Stop after this many optimizer steps (0: until SIGTERM or --idle-exit-s).")
-    batch_tokens: int = setting(
-        8192, "Token budget of a micro-batch: samples x longest sample, padding included."
-    )
-    grad_accum: int = setting(1, "Micro-batches per optimizer step (per rank).")
-    max_grad_norm: float = setting(1.0, "Gradient clipping norm (0: no clipping).")
-    beta: float = setting(0.5, "Generalized JSD beta: 0 forward KL, 1 reverse KL.")
-    temperature: float = setting(1.0, "Distillation temperature (student and teacher).")
-    checkpoint_every: int = setting(
-        500, "Checkpoint (then acknowledge and publish the policy) every N steps."
-    )
-    keep_checkpoints: int = setting(3, "Checkpoints kept on disk (the newest ones).")
-    resume: bool = setting(False, "Continue from the latest checkpoint in --output-dir (if any).")
-    max_staleness: int | None = setting(
-        None,
-        "Skip (and count) student rollouts more than this many policy versions (= steps) behind "
-        "the last published policy (none: keep all).",
-    )
-    prefetch: bool = setting(True, "Read, decode and copy the next micro-batches in the background.")
-    prefetch_depth: int = setting(0, "Micro-batches prefetched ahead (0: 2 x --grad-accum, at least 2).")
-    seed: int = setting(0, "Random seed (rank r uses seed + r).")
-    device: str = setting("auto", "Training device.", choices=("cpu", "cuda", "auto"))
-    precision: str = setting(
-        "fp32",
-        "fp32, or bf16 compute with fp32 weights (FSDP: bf16 parameters and fp32 gradient reduction; "
-        "DDP: autocast).",
-        choices=("fp32", "bf16"),
-    )
-    ack_after_step: bool = setting(
-        False,
-        "Acknowledge samples right after their step instead of at the next checkpoint (less Redis "
-        "memory). A crash then DISCARDS the samples trained since the last checkpoint: they are "
-        "neither in its weights nor in the stream any more.",
-    )
-    tensorboard_dir: str | None = setting(None, "Write TensorBoard scalars here (needs `tensorboard`).")
-    log_every: int = setting(10, "Log metrics every N steps.")
-    name: str = setting("trainer", "Process name; rank r reads as consumer <name>-<r>.")
-    idle_exit_s: float = setting(
-        0.0, "Exit after this long without data and nothing held, checkpointing first (0: never)."
-    )
-    starved_checkpoint_s: float = setting(
-        5.0,
-        "Checkpoint early after this long without data while holding trained, unacknowledged samples: they "
-        "count toward ready's high-water mark, so workers may wait for their acknowledgement (0: never).",
-    )
-    sample_log: str | None = setting(
-        None, "Append the sample ids of every optimizer step to this JSONL file."
-    )
-    sharding: str = setting(
-        "fsdp",
-        "How ranks hold the student: fsdp (FSDP2: parameters, gradients and optimizer state sharded "
-        "over ranks) or ddp (every rank holds all of them).",
-        choices=SHARDINGS,
-    )
-    activation_checkpointing: bool = setting(
-        False, "Recompute each decoder layer's activations in the backward: less memory, ~1/3 more compute."
-    )
-    cpu_offload: bool = setting(
-        False, "FSDP: keep parameters, gradients and optimizer state in host memory (optimizer steps on CPU)."
-    )
-    loss_impl: str = setting(
-        "fused",
-        "fused: the loss from the last hidden states and the LM-head weight in chunks, never building the "
-        "[N, V] logits (models whose logits are more than a linear head use logits); logits: from logits.",
-        choices=("fused", "logits"),
-    )
-    num_threads: int = setting(0, "torch CPU threads (0: torch's default).")
-    deterministic: bool = setting(False, "torch.use_deterministic_algorithms (reproducible CPU runs).")
 
 
 @dataclass
@@ -211,11 +127,13 @@ class Trainer:
             self.io.run(check_run_config(self.r, self.keys, fixed, record=False))
             self._check_policy_floor()
             self.ready = ReadyLeases(
-                self.io, self.r, self.keys, self.consumer_name, lease_ms=s.flow.lease_ms, stop=self.stop
+                self.io, self.r, self.keys, self.consumer_name, flow=s.flow, stop=self.stop
             )
+            self._listed: dict[str, list[tuple[str, int]]] = {}
             self._load_model()
             self._check_vocabulary(required=False)
             self.io.run(check_run_config(self.r, self.keys, fixed))
+            self._recover()
         except BaseException:
             self._close_io()
             raise
@@ -225,7 +143,8 @@ class Trainer:
             if self.dist.is_main
             else None
         )
-        self.sample_log = SampleLog(s.sample_log, self.dist.rank) if s.sample_log else None
+        job = self.dist.broadcast(uuid.uuid4().hex[:12])  # one id for every rank of this launch
+        self.sample_log = SampleLog(s.sample_log, self.dist.rank, job) if s.sample_log else None
 
     # ------------------------------------------------------------------ setup
 
@@ -276,9 +195,8 @@ class Trainer:
         self.step = self.last_ckpt_step = state.step
         self.version = state.policy_version
         self._apply_schedule(state.extra.get("schedule", {}))
-        # A crash may have come between writing the checkpoint and acknowledging what it includes.
-        n = self.ready.settle_listed(state.entries, d.rank, d.world_size)
-        log.info("resumed from %s (step %d); acknowledged %d entries it includes", latest, self.step, n)
+        self._listed = state.entries  # settled by `_recover`
+        log.info("resumed from %s (step %d)", latest, self.step)
         if export_complete(latest):
             if d.is_main:
                 self.ready.publish(self.version, str(latest))
@@ -315,9 +233,12 @@ class Trainer:
         if (
             s.max_staleness is not None
             and ro.source == "student"
-            and self.version - ro.policy_version > s.max_staleness
+            and META_RETRAIN_OF_STEP not in ro.meta  # put back by a resume: it passed once already
+            and self.step - ro.policy_version > s.max_staleness
         ):
-            return Verdict("skip", f"policy version {ro.policy_version} < {self.version} - {s.max_staleness}")
+            return Verdict(
+                "skip", f"policy version {ro.policy_version} < step {self.step} - {s.max_staleness}"
+            )
         return TRAIN
 
     def _prefetcher(self) -> Prefetcher:
@@ -355,37 +276,26 @@ class Trainer:
                 if micro:
                     last_data = time.monotonic()
                 starved_s = 0.0 if micro else time.monotonic() - last_data
-                # Trained samples wait for the next checkpoint unacknowledged and count toward ready's
-                # high-water mark: workers may be paused until we acknowledge them. Starved that long
-                # (or as long as --idle-exit-s), checkpoint now rather than wait for data that cannot
-                # come; only a trainer starved with nothing held is idle.
-                holding = bool(self.ready.unacked)
-                limits = [x for x in (s.starved_checkpoint_s, s.idle_exit_s) if x > 0]
-                starved = holding and bool(limits) and starved_s > min(limits, default=0.0)
-                idle = not holding and s.idle_exit_s > 0 and starved_s > s.idle_exit_s
+                idle = s.idle_exit_s > 0 and starved_s > s.idle_exit_s
                 # One all-reduce decides for every rank: stop, skip (no data anywhere) or step, and
                 # gives the global loss-token count that normalizes every micro-batch's loss.
                 local = [
                     bool(micro),
                     self.stop.is_set(),
                     idle,
-                    starved,
                     sum(b.num_loss_tokens for b in micro),
                     sum(b.num_tokens for b in micro),
                 ]
                 # Ranks with n micro-batches, per n: every rank runs as many passes as the fullest one.
                 counts = [float(len(micro) == n) for n in range(1, s.grad_accum + 1)]
                 sums = d.all_sum([float(x) for x in local] + counts)
-                has, stop, idles, starving, g_rows, g_tokens = sums[:6]
-                passes = max((n for n, c in enumerate(sums[6:], 1) if c), default=1)
+                has, stop, idles, g_rows, g_tokens = sums[:5]
+                passes = max((n for n, c in enumerate(sums[5:], 1) if c), default=1)
                 if stop or idles == d.world_size:
                     break
                 if not has:
                     self._refuse_another_vocabulary()
                     self.idle_notice.waiting(self._waiting_for)
-                    if starving:
-                        self._starved_checkpoint()
-                        last_data = time.monotonic()  # the acks may let workers go on: wait again
                     continue
                 self.idle_notice.over()
                 self._check_vocabulary(required=True)  # when no worker had recorded the teacher at start
@@ -455,7 +365,7 @@ class Trainer:
     ) -> None:
         s, d = self.s, self.dist
         entries = [e for b in micro for e in b.refs]
-        self.ready.trained(entries)
+        self.ready.trained(entries, self.step)
         self.summary.steps = self.step
         self.summary.samples += len(entries)
         if self.sample_log is not None:
@@ -467,8 +377,6 @@ class Trainer:
             step_ms=int(step_s * 1000),
             steps=int(d.is_main),
         )
-        if s.ack_after_step:
-            self.ready.ack_trained()
         if log_step:
             sums = d.all_sum([*st.as_list(), wait_s, step_s])
             g = StepStats.from_list(sums[:-2])
@@ -484,25 +392,28 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _starved_checkpoint(self) -> None:
-        """No rank has data and some hold trained samples: checkpoint (or retry failed acks) early."""
-        if self.step > self.last_ckpt_step:
-            log.info("no data while holding trained samples: checkpointing early at step %d", self.step)
-            self._checkpoint()
-        else:
-            self.ready.ack_trained()  # in the latest checkpoint already; an earlier ack failed
+    def _recover(self) -> None:
+        """Rank 0, before any rank reads: settle what the checkpoint lists as included but unjournaled,
+        put journal entries past it back into rollouts (every rank of every earlier job), drop the rest."""
+        if self.dist.is_main:
+            self.ready.recover(self._listed, self.step)
+        self.dist.barrier()
 
     def _checkpoint(self) -> None:
-        """Every rank writes its shard; then acknowledges its samples; the policy export starts, and is
-        published once written (`_publish_exports`)."""
+        """Every rank journals what it trained and writes its shard (the checkpoint lists the samples whose
+        journal write is unconfirmed); rank 0 then trims the journal up to it; the policy export starts,
+        and is published once written (`_publish_exports`)."""
         d, st = self.dist, self.student
-        mine = {"consumer": self.consumer_name, "entries": self.ready.listing(), "rng": ckpt.capture_rng()}
+        listing = self.ready.unjournaled(JOURNAL_WAIT_S)
+        mine = {"consumer": self.consumer_name, "entries": listing, "rng": ckpt.capture_rng()}
         everyone = d.all_gather(mine)
+        # Every rank has journaled the steps this checkpoint includes, and none has begun the next.
+        mark = self.ready.journal_mark() if d.is_main else None
         state = ckpt.TrainState(
             step=self.step,
             policy_version=self.step,
             world_size=d.world_size,
-            entries={m["consumer"]: m["entries"] for m in everyone},
+            entries={m["consumer"]: m["entries"] for m in everyone if m["entries"]},
             created_ms=int(time.time() * 1000),
             extra={"schedule": schedule_of(self.s)},  # a resume says how its schedule differs
         )
@@ -517,9 +428,10 @@ class Trainer:
             keep=self.s.keep_checkpoints,
             dist=d,
         )
+        if d.is_main:
+            self.ready.trim_journal(mark)
         self.last_ckpt_step = self.step
         self.summary.checkpoint = str(path)
-        self.ready.ack_trained()
         self.version = self.step
         self.exports.start(st.lm, path, self.version)
         self._publish_exports()

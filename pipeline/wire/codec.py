@@ -29,6 +29,11 @@ TENSOR_DTYPES = frozenset({"<i4", "<i8", "<f2", "<f4"})
 ID_DTYPES = frozenset({"<i4"})
 LOGPROB_WIRE_DTYPES = frozenset({"<f2", "<f4"})
 
+#: Rollout `meta` key set when a resume puts a trained rollout back to be scored and trained again:
+#: the optimizer step that trained it before (in steps no checkpoint kept). Such a rollout is exempt
+#: from the staleness filter: it already passed it once, and dropping it now would lose it.
+META_RETRAIN_OF_STEP = "retrain_of_step"
+
 
 @dataclass(frozen=True)
 class Limits:

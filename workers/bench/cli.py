@@ -44,7 +44,7 @@ def result(
     baseline: float | None = None,
     ratio: float | None = None,
 ) -> dict[str, Any]:
-    """One measurement in the output format of DESIGN.md."""
+    """One measurement in the output format of ARCHITECTURE.md ("Tests and benchmarks")."""
     return {
         "bench": bench,
         "metric": metric,

@@ -9,6 +9,11 @@ time, leaving out the first step (it waits for the very first read in both modes
 warm-up run. Target: <= 2% with
 prefetch. torch gets all cores but one (``--threads``), leaving one to the process's IO thread.
 
+`held_over_scored`: Redis bytes held for trained samples that no checkpoint includes yet (the trained
+journal's MEMORY USAGE; their scored payloads left `ready` at their step) over those samples' scored
+bytes, at the journal's largest just before the first checkpoint of a run with `--checkpoint-every 50`
+at k = 64 (target <= 0.02).
+
 ``--student`` trains another model folder (the GPU check passes a ~0.5B-parameter student from
 `pipeline.local.bench_models`), ``--precision bf16`` uses bf16 autocast; on CUDA the peak memory of the
 prefetch run is reported too.
@@ -27,6 +32,8 @@ import json
 import logging
 import os
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +42,19 @@ import torch
 
 from pipeline.local.redis_server import RedisServer
 from pipeline.local.tiny_models import tiny_models
-from pipeline.queue.connection import connect
+from pipeline.queue.connection import connect, connect_sync
 from pipeline.queue.lease import StreamConsumer
 from pipeline.queue.schema import RunKeys
 from pipeline.queue.streams import add_rollouts, ensure_groups
 from pipeline.sections import RunSettings
-from pipeline.train.trainer import TrainSettings, train
+from pipeline.train.settings import TrainSettings
+from pipeline.train.trainer import train
 from pipeline.wire.codec import Rollout, ScoredSample, encode_rollout, encode_scored
 from workers.bench.cli import result
 
 TARGET = 0.02
 SHARDING_TARGET = 0.6  # FSDP memory per rank over DDP's, 2 ranks
+HELD_TARGET = 0.02
 
 
 def synthetic(n: int, t: int, k: int, vocab: int, seed: int = 0) -> list[ScoredSample]:
@@ -137,6 +146,43 @@ def measure(
     }
 
 
+def held_over_scored(url: str, student: str, a: argparse.Namespace, vocab: int) -> dict[str, float]:
+    """The journal's bytes over the scored bytes of the samples in it, at its largest before the first
+    checkpoint (`checkpoint_every` steps), sampled atomically every 20 ms while the trainer runs."""
+    steps, run = 50, "bench-trainer-held"
+    samples = synthetic((a.batch_tokens // a.t) * (steps + 4) + 64, a.t, 64, vocab=vocab, seed=1)
+    asyncio.run(fill(url, RunKeys.for_run(run), samples))
+    keys, client = RunKeys.for_run(run), connect_sync(url)
+    peak = {"held": 0.0, "scored": 0.0}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            with client.pipeline(transaction=True) as pipe:
+                pipe.memory_usage(keys.journal.key, samples=0)
+                pipe.hget(keys.stats, keys.ready.bytes_out)
+                held, scored = pipe.execute()
+            if (held or 0) > peak["held"]:
+                peak.update(held=float(held), scored=float(scored or 0))
+            time.sleep(0.02)
+
+    poller = threading.Thread(target=sample, daemon=True)
+    poller.start()
+    try:
+        with tempfile.TemporaryDirectory(prefix="gkd-bench-trainer-") as out:
+            s = TrainSettings(
+                run=RunSettings(name=run, redis_url=url, k=64), student=student, output_dir=out,
+                batch_tokens=a.batch_tokens, max_steps=steps, checkpoint_every=steps, lr=1e-4,
+                warmup_steps=0, device=a.device, num_threads=a.threads, log_level="warning",
+            )  # fmt: skip
+            train(s)
+    finally:
+        done.set()
+        poller.join()
+        client.close()
+    return {"ratio": peak["held"] / peak["scored"] if peak["scored"] else float("nan"), **peak}
+
+
 def _on_cuda(device: str) -> bool:
     return device == "cuda" or (device == "auto" and torch.cuda.is_available())
 
@@ -174,6 +220,7 @@ def run(args: list[str]) -> list[dict[str, Any]]:
         measure(server.url, student, samples, warm, prefetch=True, run="bench-trainer-warmup")
         off = measure(server.url, student, samples, a, prefetch=False)
         on = measure(server.url, student, samples, a, prefetch=True)
+        held = held_over_scored(server.url, student, a, vocab)
     ratio = off["frac"] / on["frac"] if on["frac"] > 0 else None
     return [
         *rows,
@@ -199,6 +246,9 @@ def run(args: list[str]) -> list[dict[str, Any]]:
             ratio=on["tokens_per_s"] / off["tokens_per_s"],
         ),
         *([result("trainer", "peak_mem_mb_prefetch", on["peak_mem_mb"], "MB")] if _on_cuda(a.device) else []),
+        result("trainer", "held_over_scored", held["ratio"], "fraction", baseline=HELD_TARGET),
+        result("trainer", "held_journal_bytes", held["held"], "bytes"),
+        result("trainer", "held_scored_bytes", held["scored"], "bytes"),
     ]
 
 

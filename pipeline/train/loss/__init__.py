@@ -1,4 +1,4 @@
-"""Top-k generalized-JSD distillation losses (DESIGN.md, "Loss"), usable from any training loop.
+"""Top-k generalized-JSD distillation losses (ARCHITECTURE.md, "The loss"), usable from any training loop.
 
 - ``topk_gkd_loss(student_logits [N, V], teacher_ids [N, k], teacher_logprobs [N, k], ...)``: from logits.
 - ``fused_topk_gkd_loss(hidden [N, H], weight [V, H], teacher_ids, teacher_logprobs, ...)``: the same

@@ -74,7 +74,7 @@ async def train(procs: Procs, url: str, run: str, out: Path) -> tuple[list[list[
     procs.spawn(f"train-{run}", cmd)
     assert await procs.wait(f"train-{run}", 180) == 0, procs.tail(f"train-{run}")
     steps = trained_steps(log)
-    ids = [ids for (_, rank, _), ids in sorted(steps.items(), key=lambda kv: kv[0][2]) if rank == 0]
+    ids = [steps[(0, s)] for s in sorted(step for _, step in steps)]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return ids, [m["loss"] for m in sorted(metrics, key=lambda m: m["step"])]
 

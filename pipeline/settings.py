@@ -204,7 +204,7 @@ def secret_flags(cls: type) -> dict[str, str]:
 #: level holds settings of any of them (a command ignores those it does not have), a table named after a
 #: command holds that command's own. tests/test_settings.py checks that every command is listed.
 COMMAND_SETTINGS = (
-    "pipeline.train.trainer:TrainSettings",
+    "pipeline.train.settings:TrainSettings",
     "pipeline.score.pool:WorkerSettings",
     "pipeline.produce.producer:RolloutSettings",
     "pipeline.serve.server:TeacherServerSettings",

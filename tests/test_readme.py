@@ -238,7 +238,7 @@ CHECKS: list[tuple[str, Callable[[Tour, str], None]]] = [
 
 def test_the_readme_commands_are_found() -> None:
     cmds = tour_commands((ROOT / "README.md").read_text())
-    assert len([c for c in cmds if c.startswith("redis-cli")]) == 10
+    assert len([c for c in cmds if c.startswith("redis-cli")]) == 11
     assert cmds.index("gkd status --run tour") < min(
         i for i, c in enumerate(cmds) if c.startswith("redis-cli")
     )

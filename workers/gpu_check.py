@@ -18,8 +18,8 @@ processes' output goes to `<out>.log`. A new CUDA path is one more entry in `par
 
 `--dry-run` runs the same parts on the CPU at tiny sizes (the `gpu` tests with GKD_GPU_TESTS_ON_CPU=1);
 `make test` runs it, so the script cannot rot between GPU windows. `--only trainer,serve` reruns parts
-(with the parts they need). The module is also the pytest plugin (`-p workers.gpu_check`) that writes
-the test rows.
+(with the parts they need). The rows, the summary, the environment probe and the pytest plugin that writes
+the test rows (`-p workers.gpu_report`) are in workers/gpu_report.py.
 """
 
 from __future__ import annotations
@@ -34,14 +34,11 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import pytest
+from workers.gpu_report import OUT_ENV, PART_ENV, append_row, probe, summary
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT_ENV = "GKD_GPU_CHECK_OUT"
-PART_ENV = "GKD_GPU_CHECK_PART"
 CPU_TESTS_ENV = "GKD_GPU_TESTS_ON_CPU"
 MIN_PART_S = 10.0
 """A part is not started with less time than this left before the deadline."""
@@ -55,6 +52,9 @@ class Plan:
     out: Path
     work: Path
     """Scratch folder (the bench student lives here)."""
+    budget_scale: float = 1.0
+    """Each part's budget is multiplied by this: a deadline above the default stretches the parts with it
+    (a dry run on a loaded machine), so a slow part is not cut while the whole check has time left."""
 
     @property
     def device(self) -> str:
@@ -98,7 +98,7 @@ def parts(p: Plan) -> list[Part]:
                 "pytest",
                 *pytest_args.split(),
                 "-p",
-                "workers.gpu_check",
+                "workers.gpu_report",
                 "-o",
                 f"timeout={per_test_s}",
             ],
@@ -140,12 +140,6 @@ def parts(p: Plan) -> list[Part]:
 
 
 # ---------------------------------------------------------------------------------------------- output
-
-
-def append_row(path: str | os.PathLike[str], row: dict[str, Any]) -> None:
-    """One JSON line, in one write to a file opened for appending (rows of concurrent writers stay whole)."""
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row, default=str) + "\n")
 
 
 def _log(log_path: Path, text: str) -> None:
@@ -261,76 +255,13 @@ def run_check(
                 f"{left:.0f} s left before the deadline"  # fmt: skip
             row: dict[str, Any] = {"part": part.name, "status": "skipped", "detail": why}
         else:
-            print(f"gpu-check: {part.name} (budget {min(part.budget_s, left):.0f} s) ...", flush=True)
-            row = run_part(part, plan, min(part.budget_s, left), log_path)
+            budget_s = min(part.budget_s * plan.budget_scale, left)
+            print(f"gpu-check: {part.name} (budget {budget_s:.0f} s) ...", flush=True)
+            row = run_part(part, plan, budget_s, log_path)
         statuses[part.name] = row
         append_row(plan.out, row)
         print(f"gpu-check: {part.name}: {row['status']} {row.get('elapsed_s', '')}", flush=True)
     return list(statuses.values())
-
-
-def summary(out: Path) -> str:
-    """A short table of the results file (the device tool shows the end of the output)."""
-    lines = []
-    for line in out.read_text().splitlines():
-        row = json.loads(line)
-        if "metric" in row:
-            value = row["value"]
-            shown = f"{value:.4g}" if isinstance(value, float) else str(value)
-            base = row.get("baseline")
-            extra = f"  (baseline {base:.4g}, ratio {row['ratio']:.3g})" if isinstance(base, float) and \
-                isinstance(row.get("ratio"), float) else ""  # fmt: skip
-            lines.append(f"{row['part']:<8} {row['metric']:<40} {shown:>12} {row['unit']}{extra}")
-        elif "test" in row and row.get("outcome") != "passed":
-            lines.append(f"{row['part']:<8} {row['test']:<40} {row['outcome']}")
-        elif "status" in row:
-            lines.append(f"{row['part']:<8} {'status':<40} {row['status']:>12} {row.get('elapsed_s', '')}")
-    return "\n".join(lines)
-
-
-def probe() -> dict[str, Any]:
-    """The environment the numbers come from."""
-    import platform
-    from importlib import metadata
-
-    import torch
-
-    from pipeline.local.redis_server import find_redis_server
-
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
-        "cuda_available": torch.cuda.is_available(),
-    }
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(
-            device=props.name,
-            capability=f"{props.major}.{props.minor}",
-            memory_gib=round(props.total_memory / 2**30, 1),
-            multiprocessors=props.multi_processor_count,
-            device_count=torch.cuda.device_count(),
-        )
-    server = find_redis_server()
-    version = subprocess.run([server, "--version"], capture_output=True, text=True, timeout=10).stdout
-    info.update(redis_server=server, redis_server_version=version.split()[2] if version else None)
-    # Versions from the installed metadata: importing transformers alone takes seconds.
-    for name in (
-        "transformers",
-        "redis",
-        "orjson",
-        "hiredis",
-        "pytest",
-        "pytest-asyncio",
-        "aiohttp",
-        "numpy",
-    ):
-        try:
-            info[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            info[name] = None
-    return info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,7 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="gpu-check.jsonl", help="results file (JSON lines, appended)")
     ap.add_argument("--work", default=".gkd/gpu-check", help="scratch folder (the bench student)")
     ap.add_argument("--dry-run", action="store_true", help="the same parts on the CPU at tiny sizes")
-    ap.add_argument("--deadline-s", type=float, default=None, help="whole check (default 450 GPU, 240 dry)")
+    ap.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help="whole check (default 450 GPU, 240 dry; a longer one stretches each part's budget)",
+    )
     ap.add_argument("--only", default=None, help="comma-separated parts (plus what they need)")
     ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--require-cuda", action="store_true", help=argparse.SUPPRESS)
@@ -354,47 +290,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = Path(a.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    plan = Plan(dry_run=a.dry_run, out=out, work=Path(a.work).resolve())
-    deadline = a.deadline_s or (240.0 if plan.dry_run else 450.0)
+    default_s = 240.0 if a.dry_run else 450.0
+    deadline = a.deadline_s or default_s
+    scale = max(1.0, deadline / default_s)
+    plan = Plan(dry_run=a.dry_run, out=out, work=Path(a.work).resolve(), budget_scale=scale)
     rows = run_check(plan, deadline, a.only.split(",") if a.only else None)
     print(summary(out), flush=True)
     print(f"gpu-check: results in {out}, logs in {out}.log", flush=True)
     return 0 if all(r["status"] == "ok" for r in rows) else 1
-
-
-# ---------------------------------------------------------------------------------------------- pytest plugin
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """One row per test outcome (the call, or a setup/teardown that did not pass) while pytest runs."""
-    out = os.environ.get(OUT_ENV)
-    if not out or (report.when != "call" and report.passed):
-        return
-    row: dict[str, Any] = {
-        "part": os.environ.get(PART_ENV, "tests"),
-        "test": report.nodeid.split("::", 1)[-1],
-        "when": report.when,
-        "outcome": report.outcome,
-        "duration_s": round(report.duration, 3),
-    }
-    if report.failed:
-        row["error"] = str(report.longrepr)[-3000:]
-    elif report.skipped and isinstance(report.longrepr, tuple):
-        row["detail"] = str(report.longrepr[2])
-    append_row(out, row)
-
-
-_warned: set[str] = set()
-
-
-def pytest_warning_recorded(warning_message: Any, when: str, nodeid: str, location: Any) -> None:
-    """Warnings do not fail the check (-W default), but the first 20 distinct ones are reported."""
-    out = os.environ.get(OUT_ENV)
-    text = f"{warning_message.category.__name__}: {warning_message.message}"
-    if not out or text in _warned or len(_warned) >= 20:
-        return
-    _warned.add(text)
-    append_row(out, {"part": os.environ.get(PART_ENV, "tests"), "warning": text[:500], "test": nodeid})
 
 
 if __name__ == "__main__":

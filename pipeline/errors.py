@@ -14,6 +14,7 @@ Retry and dead-letter logic branch on the class, never on message text:
     │   ├── TeacherBadRequest  (HTTP 4xx other than 429)
     │   ├── TeacherIncompatible the teacher serves another model or tokenizer than this run needs
     │   ├── MalformedResponse  a teacher body that does not parse or fails validation
+    │   ├── UnknownTeacher     a rollout names a teacher the workers do not have
     │   ├── RedisAuthError     Redis refused the credentials of the URL
     │   └── RedisCommandError  Redis refused a command (a bug or an incompatible server); `code` says why
     ├── ApiError              the reference teacher server refuses a request (HTTP status, vLLM's type)
@@ -79,6 +80,10 @@ class TeacherIncompatible(PermanentError):
 
 class MalformedResponse(PermanentError):
     """The teacher's body did not parse, or its numbers fail validation (row count, NaN, logprob > 0, ...)."""
+
+
+class UnknownTeacher(PermanentError):
+    """A rollout names a teacher the worker does not have (the message names the teachers it has)."""
 
 
 class ApiError(GKDError):

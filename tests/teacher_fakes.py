@@ -122,7 +122,9 @@ class FakeTeacher:
 
     # -------------------------------------------------------------------------------------- server
 
-    async def start(self) -> FakeTeacher:
+    async def start(self, port: int = 0) -> FakeTeacher:
+        """Serve on 127.0.0.1:`port` (0: a free one); a stopped teacher restarts on its old port with
+        `start(port_of(fake.url))`."""
         app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._record])
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
@@ -134,7 +136,7 @@ class FakeTeacher:
             app.router.add_post("/generate", self._generate)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
         self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
         return self

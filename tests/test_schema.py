@@ -39,6 +39,7 @@ GENERIC = {
     "export": "gkd command, bench suite, the export state of a scored dataset's manifest",
     "replay": "gkd command",
     "version": "field of a scored dataset's manifest",
+    "default": "argparse's default= (settings); the default teacher's name is schema.DEFAULT_TEACHER",
     "consumer": "the consumer of XPENDING's oldest entry in gkd status, a checkpoint's per-rank listing",
 }
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pipeline.errors import GKDError, SettingsError
-from pipeline.score.pool import SUPERVISOR_ENV, WorkerSettings, default_name, supervise, teacher_config
+from pipeline.score.pool import SUPERVISOR_ENV, WorkerSettings, default_name, supervise, teacher_configs
 from pipeline.settings import parse, redacted
 
 if TYPE_CHECKING:  # the heavy imports (aiohttp, redis, numpy) wait until the signal handlers are set
@@ -48,14 +48,14 @@ def main(argv: Sequence[str]) -> int:
         raise SettingsError("--teacher: expected at least one teacher URL (http://host:port), got none")
     if s.procs < 1:
         raise SettingsError(f"--procs: expected >= 1, got {s.procs}")
-    config = teacher_config(s)
+    config = teacher_configs(s)
     log.debug("settings: %s", redacted(s))
     if s.procs > 1:
         return supervise(s, list(argv), _stop_requested)
     return asyncio.run(run_one(s, config, s.name or default_name()))
 
 
-async def run_one(s: WorkerSettings, config: TeacherConfig, name: str) -> int:
+async def run_one(s: WorkerSettings, config: dict[str, TeacherConfig], name: str) -> int:
     """Run one worker until SIGTERM/SIGINT; returns the process exit status."""
     from pipeline.score.loop import TeacherWorker
 

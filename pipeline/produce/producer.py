@@ -78,6 +78,7 @@ class RolloutSettings(CommonSettings):
     policy_poll_s: float = setting(5.0, "How often to look for a newly published policy.")
     device: str = setting("auto", "Device of in-process generation.", choices=("cpu", "cuda", "auto"))
     name: str = setting("rollouts", "Process name (heartbeat).")
+    teacher: str | None = setting(None, 'Teacher name of prompt lines without a "teacher" key.')
     skip_scored: list[str] = setting(
         [],
         "Scored dataset folder(s) (gkd export): leave out sequences whose exact token ids are already "
@@ -261,6 +262,7 @@ class Producer:
                     source="student" if student else "dataset",
                     created_ms=now_ms(),
                     meta={"prompt_index": item.index, "line": item.line, "epoch": epoch},
+                    teacher_name=item.teacher or self.s.teacher,
                 )
             )
             if self.scored and self._already_scored(out[-1]):

@@ -6,6 +6,8 @@ A line is one of:
 - ``{"messages": [{"role", "content"}, ...]}``: a chat, rendered with the student's chat template and
   ``add_generation_prompt``. When the last message is the assistant's, it is the dataset completion
   and the prompt is the chat before it; a ``"completion"`` field may also give it.
+Any form may add ``"teacher": str``, the name of the teacher that must score it (`gkd workers --teacher
+NAME=URL`); lines without it get the producer's `--teacher` (or the run's default teacher).
 Blank lines are skipped. Plain prompts get the tokenizer's special tokens (e.g. BOS); a chat template
 brings its own. Dataset completions end with the tokenizer's EOS token (added when missing), as a
 generation that stopped would.
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import SettingsError
+from pipeline.queue.schema import TEACHER_NAME
 
 FORMS = '{"prompt": str}, {"prompt": str, "completion": str} or {"messages": [{"role", "content"}, ...]}'
 
@@ -38,6 +41,8 @@ class PromptItem:
     prompt_ids: list[int]
     completion_ids: list[int] | None
     """The dataset completion's ids (ending with EOS), or None when only the student can complete it."""
+    teacher: str | None = None
+    """The line's `teacher` (None: the producer's default)."""
 
 
 def _error(path: str, line: int, msg: str) -> PromptFileError:
@@ -104,6 +109,16 @@ def parse_line(obj: Any, tokenizer: Any, path: str, line: int) -> tuple[list[int
     return prompt_ids, ids
 
 
+def _teacher(obj: dict[str, Any], path: str, line: int) -> str | None:
+    name = obj.get("teacher")
+    if name is None:
+        return None
+    if not isinstance(name, str) or not TEACHER_NAME.match(name):
+        got = json.dumps(name)[:80]
+        raise _error(path, line, f'expected "teacher" as a name of 1-64 characters [A-Za-z0-9_-], got {got}')
+    return name
+
+
 def load_prompts(path: str | Path, tokenizer: Any) -> list[PromptItem]:
     """Every prompt of a JSONL file, tokenized. Raises PromptFileError naming the first bad line."""
     p = str(path)
@@ -120,7 +135,7 @@ def load_prompts(path: str | Path, tokenizer: Any) -> list[PromptItem]:
         except json.JSONDecodeError as exc:
             raise _error(p, line_no, f"expected one JSON object ({FORMS}), got invalid JSON: {exc}") from None
         prompt_ids, completion_ids = parse_line(obj, tokenizer, p, line_no)
-        items.append(PromptItem(len(items), line_no, prompt_ids, completion_ids))
+        items.append(PromptItem(len(items), line_no, prompt_ids, completion_ids, _teacher(obj, p, line_no)))
     if not items:
         raise PromptFileError(f"prompts file {p}: expected at least one prompt line, got none")
     return items

@@ -62,6 +62,11 @@ REPLAY_UPDATED_MS = "updated_ms"
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
+#: The name of the unnamed teacher (`--teacher URL`): rollouts that name no teacher go to it.
+DEFAULT_TEACHER = "default"
+#: Teacher names: like run names (they appear in config fields, counters, heartbeats and metric labels).
+TEACHER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
 
 class HB:
     """Fields of a process's heartbeat hash. The first five every process writes; the rest are
@@ -93,6 +98,31 @@ class HB:
     """Rollouts `gkd replay --serve-rollouts` scored from its dataset."""
     INSTANCE = "instance"
     """A random id per process: a second live process with the same name finds another's here."""
+    TEACHERS = "teachers"
+    """A worker's teacher names, comma-separated (per-teacher fields follow, see `per_teacher`)."""
+    T_MODEL = "model_id"
+    T_POSITIONS = "positions"
+    T_SCORED = "scored"
+    T_ERRORS = "teacher_errors"
+    T_WAITING = "waiting_rollouts"
+    """Rollouts this worker holds that wait for the teacher (down, or at its in-flight limit)."""
+    T_BREAKER = "breaker_state"
+    """"closed", or "open n/m" (n of its m endpoints' circuit breakers open)."""
+    T_DOWN_S = "teacher_down_s"
+    """Seconds since the teacher stopped answering this worker (absent while it answers)."""
+
+    @staticmethod
+    def per_teacher(name: str, field: str) -> str:
+        """The heartbeat field of one teacher's figure, e.g. ``teacher.math.latency_p50_ms``."""
+        return f"teacher.{name}.{field}"
+
+    @staticmethod
+    def split_teacher(key: str) -> tuple[str, str] | None:
+        """(teacher, field) of a `per_teacher` field name; None for any other field."""
+        if not key.startswith("teacher.") or key.count(".") < 2:
+            return None
+        name, _, fld = key[len("teacher.") :].partition(".")
+        return name, fld
 
     BASE = (HOST, PID, ROLE, IN_FLIGHT, LAST_SEEN_MS)
 
@@ -123,6 +153,14 @@ class Config:
     TEACHER_MAX_MODEL_LEN = "teacher_max_model_len"
     """Longest sequence the run's teachers accept; recorded, not compared (a teacher may be restarted
     with another context length). Producers refuse prompts that cannot fit."""
+    TEACHERS = "teachers"
+    """The run's teacher names, sorted and comma-separated (``default`` is the unnamed `--teacher URL`);
+    every worker of the run serves all of them."""
+
+    @staticmethod
+    def teacher_model(name: str) -> str:
+        """The field of one named teacher's model id (the default teacher keeps `TEACHER_MODEL`)."""
+        return Config.TEACHER_MODEL if name == DEFAULT_TEACHER else f"{Config.TEACHER_MODEL}.{name}"
 
 
 class Stage:
@@ -169,6 +207,18 @@ class Stat:
     """Dead letters removed to keep the dead stream under its entry limit."""
     DEAD_CUT = "dead_cut"
     """Dead letters whose payload was cut to the size limit."""
+
+    @staticmethod
+    def per_teacher(name: str, stat: str) -> str:
+        """The counter of one teacher's share of `stat` (SCORED, SCORED_POSITIONS, TEACHER_REQUESTS,
+        TEACHER_ERRORS, TEACHER_LATENCY_MS_SUM), e.g. ``scored_positions.teacher.math``."""
+        return f"{stat}.teacher.{name}"
+
+    @staticmethod
+    def split_teacher(key: str) -> tuple[str, str] | None:
+        """(teacher, stat) of a `per_teacher` counter name; None for any other counter."""
+        stat, sep, name = key.partition(".teacher.")
+        return (name, stat) if sep and name else None
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -23,42 +24,46 @@ from pipeline.errors import (
 )
 from pipeline.notice import WaitNotice
 from pipeline.queue.backpressure import Backpressure
-from pipeline.queue.connection import RedisRetry, connect, wait_event, wait_for_redis, where
+from pipeline.queue.connection import RedisRetry, connect, wait_event, wait_for_redis
 from pipeline.queue.lease import Entry, Held, StreamConsumer
-from pipeline.queue.runstate import Heartbeat, check_run_config, now_ms, other_runs, record_run_info
-from pipeline.queue.schema import HB, Config, Role, Stage, Stat
+from pipeline.queue.runstate import Heartbeat, check_run_config, now_ms, record_run_info
+from pipeline.queue.schema import DEFAULT_TEACHER, HB, Config, Role, Stage, Stat
 from pipeline.queue.streams import ensure_groups
 from pipeline.score.handoff import HandoffBatcher
+from pipeline.score.lifecycle import drain, note_idle, release_own_pending
 from pipeline.score.metrics import WorkerMetrics
 from pipeline.score.options import WorkerOptions, WorkerReport
+from pipeline.score.router import Lane, TeacherRouter, counted
 from pipeline.score.telemetry import Telemetry
 from pipeline.sections import FlowSettings, RunSettings
-from pipeline.teacher.client import TeacherClient, TeacherConfig, TeacherScores
+from pipeline.teacher.client import TeacherConfig, TeacherScores
 from pipeline.wire.codec import Rollout, ScoredSample, decode_rollout, encode_scored
 
 log = logging.getLogger("gkd.worker")
 
-#: While stopping, how often the worker says how many rollouts are still in flight and for how long.
-COUNTDOWN_EVERY_S = 5.0
-
 
 class TeacherWorker:
-    """One consumer of the rollouts stream: `await run(stop)` works until `stop` is set."""
+    """One consumer of the rollouts stream: `await run(stop)` works until `stop` is set.
+
+    `teacher` is one TeacherConfig (the run's default teacher) or teacher name -> TeacherConfig."""
 
     def __init__(
         self,
         run: RunSettings,
-        teacher: TeacherConfig,
+        teacher: TeacherConfig | Mapping[str, TeacherConfig],
         name: str,
         flow: FlowSettings | None = None,
         options: WorkerOptions | None = None,
         metrics: WorkerMetrics | None = None,
     ) -> None:
-        if teacher.k != run.k:
-            raise SettingsError(f"k: the teacher client asks for k={teacher.k}, the run has k={run.k}")
+        configs = {DEFAULT_TEACHER: teacher} if isinstance(teacher, TeacherConfig) else dict(teacher)
+        for tname, cfg in configs.items():
+            if cfg.k != run.k:
+                raise SettingsError(
+                    f"k: teacher {tname}'s client asks for k={cfg.k}, the run has k={run.k} (one k per run)"
+                )
         self.run_settings = run
         self.keys = run.keys
-        self.teacher = teacher
         self.name = name
         self.flow = flow or FlowSettings()
         self.opts = options or WorkerOptions()
@@ -70,7 +75,7 @@ class TeacherWorker:
             max_s=self.opts.redis_backoff_max_s,
             on_failure=self.metrics.errors.labels(error="redis").inc,
         )
-        self.client = TeacherClient(teacher, on_event=self.tel.on_event)
+        self.router = TeacherRouter(configs, self.opts.concurrency, self._on_teacher_event)
         self.started = asyncio.Event()
         """Set once the start-up checks passed and reading begins."""
         self._dtype = np.dtype(run.logprob_dtype)
@@ -135,39 +140,24 @@ class TeacherWorker:
         start fixes nothing for the run."""
         if not await self._wait_for_redis():
             return False
-        own = self.run_settings.fixed(Config.K, Config.LOGPROB_DTYPE)
+        own = {**self.run_settings.fixed(Config.K, Config.LOGPROB_DTYPE), **self.router.fixed()}
         await check_run_config(self.r, self.keys, own, record=False)
-        await self._start_client()
+        await self.router.start(self._stop, self.opts.outage_backoff_s, self.tel.teacher_down)
         self.metrics.serve(self.opts.metrics_port, self.opts.metrics_addr)
-        await check_run_config(self.r, self.keys, {**own, **self._teacher_fixed()})
-        if self.client.max_tokens is not None:  # producers refuse prompts that cannot fit
-            limit = {Config.TEACHER_MAX_MODEL_LEN: self.client.max_tokens + 1}
-            await record_run_info(self.r, self.keys, limit)
+        await check_run_config(self.r, self.keys, {**own, **self.router.teacher_fixed()})
+        max_tokens = self.router.max_tokens()
+        if max_tokens is not None:  # producers refuse prompts that cannot fit
+            await record_run_info(self.r, self.keys, {Config.TEACHER_MAX_MODEL_LEN: max_tokens + 1})
         await self._heartbeat.claim()  # NameInUse: the name's pending entries belong to a live process
-        # Entries an earlier process with this consumer name left pending: make them reclaimable now.
-        released = 0
-        cursor: bytes | None = b"0"
-        while cursor is not None:
-            mine, cursor = await self.consumer.read_own_pending(1000, after=cursor)
-            released += sum(await self.consumer.release(mine))
+        released = await release_own_pending(self.consumer)  # an earlier process's, with this name
         if released:
             log.info("worker %s: released %d rollouts left pending by an earlier run", self.name, released)
         log.info(
-            "worker %s: run %r, teacher %s, k=%d, %s, concurrency %d",
-            self.name, self.keys.run, self.client.model_id, self.teacher.k, self.run_settings.logprob_dtype,
-            self.opts.concurrency,
+            "worker %s: run %r, teachers %s, k=%d, %s, concurrency %d per teacher, at most %d held",
+            self.name, self.keys.run, self.router.describe(), self.run_settings.k,
+            self.run_settings.logprob_dtype, self.opts.concurrency, self._max_held(),
         )  # fmt: skip
         return True
-
-    def _teacher_fixed(self) -> dict[str, object]:
-        """The teacher's run-config fields: its model id and, as far as it says, its tokenizer."""
-        vocab = self.client.vocabulary
-        fixed: dict[str, object] = {Config.TEACHER_MODEL: self.client.model_id}
-        if vocab.fingerprint is not None:
-            fixed[Config.TEACHER_TOKENIZER] = vocab.fingerprint
-        if vocab.tokenizer_size is not None:
-            fixed[Config.TEACHER_TOKENIZER_SIZE] = vocab.tokenizer_size
-        return fixed
 
     async def _wait_for_redis(self) -> bool:
         """Create the consumer groups, waiting for a Redis that is not up yet; False if stopped first."""
@@ -179,46 +169,9 @@ class TeacherWorker:
             return False  # stopped while Redis was down
         return not self._stop.is_set()
 
-    async def _start_client(self) -> None:
-        """The client's start-up checks, waiting out a teacher that is not up yet (still loading).
-
-        Permanent failures (k above the server's limit, another tokenizer) raise at once.
-        """
-        delay = self.opts.outage_backoff_s
-        while True:
-            try:
-                await self.client.start()
-                return
-            except RetryableError as exc:
-                self.tel.teacher_down(exc)
-                if await wait_event(self._stop, delay):
-                    raise
-                # A loading teacher is polled at least every 2 s: starting late costs little.
-                delay = min(delay * 2, self.opts.outage_backoff_max_s, 2.0)
-
     async def _drain(self) -> None:
-        """Give in-flight rollouts `grace_s` to finish (or until `hurry()`), counting down in the log;
-        the caller cancels the rest (then released)."""
-        if not self._tasks:
-            return
-        deadline = time.monotonic() + self.opts.grace_s
-        log.info("worker %s: stopping; %d rollouts in flight get %.0f s to finish, then the rest is handed "
-                 "back (stop again, e.g. Ctrl-C, to hand them back now)",
-                 self.name, len(self._tasks), self.opts.grace_s)  # fmt: skip
-        hurry = asyncio.ensure_future(self._hurry.wait())
-        said = time.monotonic()
-        try:
-            # A task ends once its result is published (or dead-lettered): this covers the handoffs.
-            while self._tasks and not self._hurry.is_set() and (left := deadline - time.monotonic()) > 0:
-                await asyncio.wait({*self._tasks, hurry}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-                if time.monotonic() - said >= COUNTDOWN_EVERY_S and self._tasks:
-                    said = time.monotonic()
-                    log.info("worker %s: %d rollouts still in flight; handing them back in %.0f s",
-                             self.name, len(self._tasks), max(deadline - said, 0))  # fmt: skip
-        finally:
-            hurry.cancel()
-        if self._hurry.is_set() and self._tasks:
-            log.info("worker %s: stopped again: handing back %d rollouts now", self.name, len(self._tasks))
+        """Give in-flight rollouts `grace_s` (or until `hurry()`); the caller cancels the rest."""
+        await drain(self._tasks, self.opts.grace_s, self._hurry, f"worker {self.name}")
 
     async def _shutdown(self) -> None:
         left = self._owned.entries()
@@ -229,8 +182,7 @@ class TeacherWorker:
                 log.info("worker %s: released %d unfinished rollouts", self.name, sum(flags))
             await self.tel.stats.flush(self.r, self.keys)
             await self._heartbeat.remove()
-        with contextlib.suppress(Exception):
-            await self.client.close()
+        await self.router.close()
         with contextlib.suppress(Exception):
             await self.r.aclose()
         self.metrics.close()
@@ -251,7 +203,7 @@ class TeacherWorker:
                 if not await self._wait_for_slot():
                     break
                 await self._bp.wait_for_room(self._stop)
-                free = self.opts.concurrency - len(self._tasks)
+                free = self._free()
                 if self._stop.is_set() or free <= 0:
                     continue
                 if time.monotonic() >= next_reclaim:
@@ -263,7 +215,7 @@ class TeacherWorker:
                     got = await self.consumer.read(free, block_ms=self.opts.read_block_ms)
                     for entry in got:
                         self._spawn(entry)
-                    await self._note_idle(bool(got or self._tasks))
+                    await note_idle(self._idle, bool(got or self._tasks), self.r, self.keys, self.name)
                 self.retry.recovered()
                 delay = 0.0
             except RedisUnavailable as exc:
@@ -275,32 +227,25 @@ class TeacherWorker:
                 )
                 regroup = True
 
-    async def _note_idle(self, busy: bool) -> None:
-        """Count an idle read; every ~30 s of them, say what the worker waits for (and which other runs
-        this Redis holds: a mistyped or forgotten --run)."""
-        if busy:
-            self._idle.over()
-            return
-        if not self._idle.due():
-            self._idle.waiting("")  # counts the wait; silent until it is due
-            return
-        run = self.keys.run
-        others = await other_runs(self.r, self.keys)
-        elsewhere = f"; other runs in this Redis: {', '.join(others[:5])}" if others else ""
-        self._idle.waiting(
-            f"worker {self.name}: no rollouts to score in {self.keys.rollouts.key} (Redis at "
-            f"{where(self.r)}); is a producer feeding run {run!r}? (gkd status --run {run}){elsewhere}"
-        )
-
     def _reclaim_every_s(self) -> float:
         return min(max(self.flow.lease_ms / 2000, 0.05), 10.0)
 
+    def _max_held(self) -> int:
+        return self.router.max_held(self.opts.concurrency, self.opts.max_held)
+
+    def _free(self) -> int:
+        return self.router.free(len(self._tasks), self.opts.concurrency, self.opts.max_held)
+
     async def _wait_for_slot(self) -> bool:
-        """Wait until fewer than `concurrency` rollouts are in flight; False when stopping."""
-        while len(self._tasks) >= self.opts.concurrency and not self._stop.is_set():
+        """Wait until a rollout may be read (`_free`); False when stopping."""
+        while self._free() <= 0 and not self._stop.is_set():
             self._slot_freed.clear()
             await wait_event(self._slot_freed, 0.1)
         return not self._stop.is_set()
+
+    def _parking(self, lane: Lane) -> contextlib.AbstractContextManager[None]:
+        """The calling task waits for `lane`: count it as parked, and let the read loop know."""
+        return counted(lane, self._slot_freed.set)
 
     async def _reclaim(self, count: int) -> int:
         """Take over stale entries of dead workers; dead-letter those delivered too often. Returns taken."""
@@ -348,7 +293,8 @@ class TeacherWorker:
             await self._dead_letter(entry, Stage.DECODE, _reason(exc))
             return
         try:
-            scores = await self._score(entry, rollout)
+            lane = self.router.lane(rollout.teacher_name)
+            scores = await self._score(entry, rollout, lane)
         except PermanentError as exc:
             await self._dead_letter(entry, Stage.TEACHER, f"{type(exc).__name__}: {exc}")
             return
@@ -360,42 +306,53 @@ class TeacherWorker:
         if scores is None:
             return  # stopping during an outage (released at shutdown), or the lease was lost
         try:
-            payload, positions = self._pack(rollout, scores)
+            payload, positions = self._pack(rollout, scores, lane)
         except Exception as exc:  # deterministic too (this rollout with this answer)
             await self._dead_letter(entry, Stage.ENCODE, f"cannot encode the scored sample: {_reason(exc)}")
             return
         await self._handoff.submit(entry, payload, positions)
 
-    async def _score(self, entry: Entry, rollout: Rollout) -> TeacherScores | None:
-        """The teacher's scores. A RetryableError (the client's own retries and failover exhausted) is
-        an outage: keep the entry (the renew loop holds its lease) and retry with capped backoff until
-        the teacher answers; None if the worker stops meanwhile or the lease was lost."""
+    async def _score(self, entry: Entry, rollout: Rollout, lane: Lane) -> TeacherScores | None:
+        """`lane`'s scores. A RetryableError (the client's own retries and failover exhausted) is an
+        outage of that teacher: keep the entry (the renew loop holds its lease; renewal is no delivery,
+        so max_deliveries is not spent) parked, and retry with capped backoff until the teacher answers;
+        None if the worker stops meanwhile or the lease was lost."""
         attempt = 0
         while True:
             try:
-                scores = await self.client.score(rollout.input_ids, rollout.prompt_len)
+                scores = await lane.call(rollout.input_ids, rollout.prompt_len, self._parking)
             except RetryableError as exc:
                 attempt += 1
-                self.tel.teacher_down(exc)
+                lane.failed(exc)
+                self.tel.teacher_down(exc, lane.name)
                 delay = min(self.opts.outage_backoff_s * 2 ** (attempt - 1), self.opts.outage_backoff_max_s)
-                if await wait_event(self._stop, delay * random.uniform(0.5, 1.0)):
+                with self._parking(lane):
+                    await lane.wait_back(delay * random.uniform(0.5, 1.0), self._stop)
+                if self._stop.is_set():
                     return None
                 if entry.sid in self._owned.lost:
                     self._forget(entry)
                     self._count_lease_lost(1)
                     return None
                 continue
-            self.tel.teacher_up()
+            positions = int(scores.ids_RK.shape[0])
+            lane.answered(scores, positions)
+            self.tel.teacher_answered(lane.name, positions)
             return scores
 
-    def _pack(self, rollout: Rollout, scores: TeacherScores) -> tuple[bytes, int]:
+    def _on_teacher_event(self, teacher: str, event: str, fields: dict[str, object]) -> None:
+        """A lane's client event: the lane's own figures, then stats and metrics by teacher."""
+        self.router.lanes[teacher].note(event, fields)
+        self.tel.on_event(event, fields, teacher)
+
+    def _pack(self, rollout: Rollout, scores: TeacherScores, lane: Lane) -> tuple[bytes, int]:
         """The encoded ScoredSample (logprobs cast to the wire dtype; -inf stays -inf) and its R."""
         logprobs_RK = scores.logprobs_RK
         if logprobs_RK.dtype != self._dtype:
             logprobs_RK = logprobs_RK.astype(self._dtype)
         sample = ScoredSample(
             rollout=rollout, topk_ids=scores.ids_RK, topk_logprobs=logprobs_RK,
-            teacher=self.client.model_id, k=self.teacher.k, scored_ms=now_ms(),
+            teacher=lane.client.model_id, k=self.run_settings.k, scored_ms=now_ms(),
         )  # fmt: skip
         return encode_scored(sample), int(scores.ids_RK.shape[0])
 
@@ -438,7 +395,12 @@ class TeacherWorker:
     # ---------------------------------------------------------------------------------- heartbeat
 
     def _heartbeat_fields(self) -> dict[str, object]:
-        return {HB.IN_FLIGHT: len(self._owned), **self.tel.heartbeat_fields(self.client.model_id)}
+        lanes = self.router.lanes
+        teacher = lanes[DEFAULT_TEACHER].model_or("?") if list(lanes) == [DEFAULT_TEACHER] else ""
+        teacher = teacher or ",".join(f"{n}={lane.model_or('?')}" for n, lane in lanes.items())
+        self.tel.lanes(lanes.values())
+        fields = {HB.IN_FLIGHT: len(self._owned), **self.tel.heartbeat_fields(teacher)}
+        return {**fields, **self.router.heartbeat_fields()}
 
 
 def _reason(exc: BaseException) -> str:

@@ -8,10 +8,14 @@ error classes that need not leave the host.
 Names (all prefixed ``gkd_``):
 - ``gkd_worker_positions_total``            scored teacher positions (rate() = positions/s)
 - ``gkd_worker_rollouts_total``             rollouts handed off to the ready stream
-- ``gkd_teacher_request_seconds{endpoint}`` histogram of teacher request latency
+- ``gkd_teacher_request_seconds{teacher,endpoint}`` histogram of teacher request latency
+- ``gkd_teacher_positions_total{teacher}``  positions each named teacher scored (rate() = its positions/s)
+- ``gkd_teacher_errors_total{teacher,error}`` teacher errors by teacher and class
+- ``gkd_teacher_breakers_open{teacher}``    endpoints of the teacher whose circuit breaker is open
+- ``gkd_teacher_waiting{teacher}``          rollouts held that wait for the teacher (down or at its limit)
 - ``gkd_worker_errors_total{error}``        errors by class (teacher, decode, redis, lease lost)
 - ``gkd_worker_in_flight``                  rollouts owned by this process right now
-- ``gkd_teacher_retries_total{endpoint}``   teacher request retries (client-level and outage backoff)
+- ``gkd_teacher_retries_total{teacher,endpoint}`` teacher request retries (client-level and outage backoff)
 - ``gkd_worker_dead_lettered_total{stage}`` rollouts sent to the dead stream
 - ``gkd_worker_reclaimed_total``            stale rollouts taken over from dead workers
 - ``gkd_worker_lease_lost_total``           results dropped because another worker owns the rollout
@@ -37,13 +41,30 @@ class WorkerMetrics:
         self.latency = Histogram(
             "gkd_teacher_request_seconds",
             "Teacher request latency.",
-            ["endpoint"],
+            ["teacher", "endpoint"],
             buckets=_LATENCY_BUCKETS_S,
             registry=reg,
         )
         self.errors = Counter("gkd_worker_errors", "Errors by class.", ["error"], registry=reg)
         self.in_flight = Gauge("gkd_worker_in_flight", "Rollouts owned by this process.", registry=reg)
-        self.retries = Counter("gkd_teacher_retries", "Teacher request retries.", ["endpoint"], registry=reg)
+        self.retries = Counter(
+            "gkd_teacher_retries", "Teacher request retries.", ["teacher", "endpoint"], registry=reg
+        )
+        self.teacher_positions = Counter(
+            "gkd_teacher_positions", "Positions scored, by teacher.", ["teacher"], registry=reg
+        )
+        self.teacher_errors = Counter(
+            "gkd_teacher_errors", "Teacher errors by teacher and class.", ["teacher", "error"], registry=reg
+        )
+        self.breakers_open = Gauge(
+            "gkd_teacher_breakers_open",
+            "Endpoints whose breaker is open, by teacher.",
+            ["teacher"],
+            registry=reg,
+        )
+        self.waiting = Gauge(
+            "gkd_teacher_waiting", "Rollouts held waiting for their teacher.", ["teacher"], registry=reg
+        )
         self.dead = Counter("gkd_worker_dead_lettered", "Rollouts dead-lettered.", ["stage"], registry=reg)
         self.reclaimed = Counter("gkd_worker_reclaimed", "Stale rollouts taken over.", registry=reg)
         self.lease_lost = Counter("gkd_worker_lease_lost", "Results dropped: lease lost.", registry=reg)

@@ -15,7 +15,12 @@ class WorkerOptions:
     """Tuning of one worker's loop (the run, the flow and the teacher have their own settings)."""
 
     concurrency: int = setting(
-        64, "Rollouts in flight per process (being scored, or waiting for their handoff)."
+        64, "Rollouts in flight per process and teacher (being scored, or waiting for their handoff)."
+    )
+    max_held: int = setting(
+        0,
+        "With several teachers: most rollouts one process holds, in flight plus waiting for a teacher that "
+        "is down or at its limit (0: 4 x concurrency per teacher).",
     )
     grace_s: float = setting(30.0, "On SIGTERM/SIGINT, time for in-flight rollouts before they are released.")
     heartbeat_ttl_ms: int = setting(5000, "Heartbeat key TTL (beats every third of it).")
@@ -34,8 +39,10 @@ class WorkerOptions:
     metrics_addr: str = setting("127.0.0.1", "Address the metrics server binds.", name="metrics_host")
 
     def __post_init__(self) -> None:
-        if self.concurrency < 1:
-            raise ValueError(f"concurrency: expected >= 1, got {self.concurrency}")
+        if self.concurrency < 1 or self.max_held < 0:
+            raise ValueError(
+                f"expected concurrency >= 1 and max_held >= 0, got {self.concurrency}, {self.max_held}"
+            )
         if self.grace_s < 0 or self.heartbeat_ttl_ms < 100:
             raise ValueError(
                 f"expected grace_s >= 0 and heartbeat_ttl_ms >= 100, "

@@ -19,7 +19,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pipeline.queue.schema import DEFAULT_TEACHER
 from pipeline.score.options import WorkerOptions
+from pipeline.score.teachers import parse_teachers
 from pipeline.sections import CommonSettings, FlowSettings, RunSettings
 from pipeline.settings import secret_flags, section, setting
 
@@ -42,11 +44,24 @@ class WorkerSettings(CommonSettings):
     run: RunSettings = section(RunSettings, "name", "redis_url", "k", "logprob_dtype")
     flow: FlowSettings = section(FlowSettings)
     loop: WorkerOptions = section(
-        WorkerOptions, "concurrency", "grace_s", "heartbeat_ttl_ms", "metrics_port", "metrics_addr"
+        WorkerOptions,
+        "concurrency",
+        "max_held",
+        "grace_s",
+        "heartbeat_ttl_ms",
+        "metrics_port",
+        "metrics_addr",
     )
-    teacher: list[str] = setting([], "Teacher endpoint URL (repeat or comma-separate for several).")
+    teacher: list[str] = setting(
+        [],
+        "Teacher endpoint URLs, URL[,URL...] (the default teacher) or NAME=URL[,URL...] (a named teacher "
+        "that rollouts choose by their teacher_name); repeat for several teachers.",
+    )
     backend: str = setting("auto", "Teacher protocol.", choices=("auto", "vllm", "sglang"))
-    model: str | None = setting(None, "Teacher model name to request (default: the server's only model).")
+    model: str | None = setting(
+        None,
+        "Default teacher's model name to request (default: the server's only model; named teachers: theirs).",
+    )
     procs: int = setting(1, "Worker processes (each runs its own event loop).")
     api_key: str | None = setting(None, "Bearer token for the teacher.", secret=True)
     student_tokenizer: str | None = setting(
@@ -58,21 +73,25 @@ class WorkerSettings(CommonSettings):
     per_endpoint_concurrency: int = setting(64, "Requests in flight per teacher endpoint (per process).")
 
 
-def teacher_config(s: WorkerSettings) -> TeacherConfig:
-    """The teacher client configuration of these settings."""
+def teacher_configs(s: WorkerSettings) -> dict[str, TeacherConfig]:
+    """Teacher name -> client configuration of these settings (see `pipeline.score.teachers`).
+    Raises SettingsError for a bad --teacher list."""
     from pipeline.teacher.client import TeacherConfig
 
-    return TeacherConfig(
-        endpoints=list(s.teacher),
-        backend=s.backend,
-        k=s.run.k,
-        model=s.model,
-        api_key=s.api_key,
-        request_timeout_s=s.request_timeout_s,
-        max_retries=s.max_retries,
-        per_endpoint_concurrency=s.per_endpoint_concurrency,
-        student_tokenizer=s.student_tokenizer,
-    )
+    return {
+        name: TeacherConfig(
+            endpoints=urls,
+            backend=s.backend,
+            k=s.run.k,
+            model=s.model if name == DEFAULT_TEACHER else None,
+            api_key=s.api_key,
+            request_timeout_s=s.request_timeout_s,
+            max_retries=s.max_retries,
+            per_endpoint_concurrency=s.per_endpoint_concurrency,
+            student_tokenizer=s.student_tokenizer,
+        )
+        for name, urls in parse_teachers(list(s.teacher)).items()
+    }
 
 
 def default_name() -> str:

@@ -2,20 +2,23 @@
 
 Counters are accumulated in memory (`Counts`) and added to the run's `stats` hash on each heartbeat.
 A teacher outage is logged once when it starts and once when it ends, not once per failed call
-(Redis outages likewise, by `pipeline.queue.connection.RedisRetry`).
+(by its lane, `pipeline.score.router`; Redis outages likewise, by `pipeline.queue.connection.RedisRetry`).
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import time
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from pipeline.queue.runstate import Counts
-from pipeline.queue.schema import HB, Stat
+from pipeline.queue.schema import DEFAULT_TEACHER, HB, Stat
 from pipeline.score.metrics import WorkerMetrics
 from pipeline.score.options import WorkerReport
+
+if TYPE_CHECKING:
+    from pipeline.score.router import Lane
 
 log = logging.getLogger("gkd.worker")
 
@@ -28,45 +31,58 @@ class Telemetry:
         self.metrics = metrics
         self.report = report
         self.stats = Counts()
-        self._teacher_down_since: float | None = None
         # Recent request latencies (ms) for the heartbeat's p50/p95, which `gkd status` shows.
         self._latencies_ms: collections.deque[float] = collections.deque(maxlen=512)
 
     # ---------------------------------------------------------------------------------- teacher events
 
-    def on_event(self, name: str, fields: dict[str, Any]) -> None:
-        """TeacherClient hook: request latency, retries and errors into stats and metrics."""
+    def on_event(self, name: str, fields: dict[str, Any], teacher: str = DEFAULT_TEACHER) -> None:
+        """TeacherClient hook of `teacher`'s client: request latency, retries and errors into stats
+        (run-wide and the teacher's own counters) and metrics (labelled by teacher)."""
         endpoint = str(fields.get("endpoint") or "?")
         if name == "request":
             latency_s = float(fields.get("latency_s", 0.0))
-            self.stats.add(Stat.TEACHER_REQUESTS)
-            self.stats.add(Stat.TEACHER_LATENCY_MS_SUM, int(latency_s * 1000))
-            self.metrics.latency.labels(endpoint=endpoint).observe(latency_s)
+            self._count(teacher, Stat.TEACHER_REQUESTS)
+            self._count(teacher, Stat.TEACHER_LATENCY_MS_SUM, int(latency_s * 1000))
+            self.metrics.latency.labels(teacher=teacher, endpoint=endpoint).observe(latency_s)
             self._latencies_ms.append(latency_s * 1000)
         elif name == "retry":
             self.stats.add(Stat.TEACHER_RETRIES)
-            self.metrics.retries.labels(endpoint=endpoint).inc()
+            self.metrics.retries.labels(teacher=teacher, endpoint=endpoint).inc()
         elif name == "error":
             err = fields.get("error")
             label = type(err).__name__ if isinstance(err, BaseException) else str(err or "error")
-            self.stats.add(Stat.TEACHER_ERRORS)
+            self._count(teacher, Stat.TEACHER_ERRORS)
             self.metrics.errors.labels(error=label.split(":", 1)[0][:60]).inc()
+            self.metrics.teacher_errors.labels(teacher=teacher, error=label.split(":", 1)[0][:60]).inc()
         elif name == "breaker_open":
-            log.warning("worker %s: teacher %s keeps failing; circuit breaker open", self.name, endpoint)
+            log.warning(
+                "worker %s: teacher %s endpoint %s keeps failing; circuit breaker open",
+                self.name,
+                teacher,
+                endpoint,
+            )
 
-    def teacher_down(self, exc: BaseException) -> None:
-        """A rollout's teacher call failed after the client's retries: log once per outage."""
+    def _count(self, teacher: str, stat: str, n: int = 1) -> None:
+        self.stats.add(stat, n)
+        self.stats.add(Stat.per_teacher(teacher, stat), n)
+
+    def teacher_down(self, exc: BaseException, teacher: str = DEFAULT_TEACHER) -> None:
+        """A rollout's teacher call failed after the client's retries (the lane logs the outage once)."""
         self.report.teacher_outage_retries += 1
-        self.metrics.retries.labels(endpoint="all").inc()
-        if self._teacher_down_since is None:
-            self._teacher_down_since = time.monotonic()
-            log.warning("worker %s: teacher unavailable (%s); keeping rollouts, retrying", self.name, exc)
+        self.metrics.retries.labels(teacher=teacher, endpoint="all").inc()
 
-    def teacher_up(self) -> None:
-        if self._teacher_down_since is not None:
-            down_s = time.monotonic() - self._teacher_down_since
-            self._teacher_down_since = None
-            log.info("worker %s: teacher back after %.1fs", self.name, down_s)
+    def lanes(self, lanes: Iterable[Lane]) -> None:
+        """Gauges of each teacher's state (set with every heartbeat)."""
+        for lane in lanes:
+            self.metrics.breakers_open.labels(teacher=lane.name).set(lane.breakers_open())
+            self.metrics.waiting.labels(teacher=lane.name).set(lane.waiting)
+
+    def teacher_answered(self, teacher: str, positions: int) -> None:
+        """`teacher` scored a rollout of `positions` rows."""
+        self.stats.add(Stat.per_teacher(teacher, Stat.SCORED))
+        self.stats.add(Stat.per_teacher(teacher, Stat.SCORED_POSITIONS), positions)
+        self.metrics.teacher_positions.labels(teacher=teacher).inc(positions)
 
     # ---------------------------------------------------------------------------------- heartbeat
 

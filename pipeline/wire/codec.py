@@ -34,6 +34,9 @@ LOGPROB_WIRE_DTYPES = frozenset({"<f2", "<f4"})
 #: from the staleness filter: it already passed it once, and dropping it now would lose it.
 META_RETRAIN_OF_STEP = "retrain_of_step"
 
+#: Longest teacher name a Rollout may carry (names are checked against the workers' teachers).
+MAX_TEACHER_NAME = 64
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -62,6 +65,9 @@ class Rollout:
     source: str = "dataset"
     created_ms: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    teacher_name: str | None = None
+    """The named teacher that must score it (wire field `teacher_name`, absent when None: the run's
+    default teacher). A worker without that teacher dead-letters it, naming the teachers it has."""
 
     @property
     def num_tokens(self) -> int:
@@ -166,6 +172,11 @@ def _check_rollout(r: Rollout, limits: Limits) -> None:
         raise WireFormatError("prompt_len", f"expected 1 <= prompt_len < T = {t}, got {r.prompt_len}")
     if t and int(ids.min()) < 0:
         raise WireFormatError("input_ids", f"expected non-negative token ids, got {int(ids.min())}")
+    name = r.teacher_name
+    if name is not None and (not isinstance(name, str) or not 0 < len(name) <= MAX_TEACHER_NAME):
+        raise WireFormatError(
+            "teacher_name", f"expected None or a string of 1..{MAX_TEACHER_NAME} chars, got {name!r:.80}"
+        )
 
 
 def _rollout_map(r: Rollout, limits: Limits) -> dict[str, Any]:
@@ -177,7 +188,7 @@ def _rollout_map(r: Rollout, limits: Limits) -> dict[str, Any]:
             raise WireFormatError("input_ids", f"expected ids < 2**31, got {int(ids.max())}")
         ids = ids.astype(np.int32)
     _check_rollout(r, limits)
-    return {
+    out: dict[str, Any] = {
         "v": VERSION,
         "id": r.id,
         "input_ids": pack_tensor(ids, "input_ids"),
@@ -187,6 +198,9 @@ def _rollout_map(r: Rollout, limits: Limits) -> dict[str, Any]:
         "created_ms": int(r.created_ms),
         "meta": r.meta,
     }
+    if r.teacher_name is not None:
+        out["teacher_name"] = r.teacher_name
+    return out
 
 
 def _rollout_from(obj: dict[str, Any], limits: Limits) -> Rollout:
@@ -204,6 +218,7 @@ def _rollout_from(obj: dict[str, Any], limits: Limits) -> Rollout:
         source=_str(obj, "source"),
         created_ms=_int(obj, "created_ms", lo=0),
         meta=meta,
+        teacher_name=_str(obj, "teacher_name", MAX_TEACHER_NAME) if "teacher_name" in obj else None,
     )
     _check_rollout(r, limits)
     return r

@@ -1,0 +1,262 @@
+"""Several named teachers in one run: per-rollout routing, per-teacher outages, run config and figures.
+
+Two loopback teachers (real HTTP servers, tests/teacher_fakes.py) serve different models: each has its
+own fixed random distribution table, so a sample scored by the wrong teacher cannot pass the exact
+comparison with the teacher it names, which the test computes independently (`FakeTeacher.expected`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+
+from pipeline.errors import SettingsError
+from pipeline.local.tiny_models import tiny_models
+from pipeline.produce.producer import RolloutSettings, produce
+from pipeline.queue.runstate import read_config
+from pipeline.queue.schema import HB, Config, RunKeys, Stat
+from pipeline.queue.streams import add_rollouts, ensure_groups
+from pipeline.score.loop import TeacherWorker
+from pipeline.score.options import WorkerOptions
+from pipeline.score.pool import WorkerSettings, teacher_configs
+from pipeline.score.teachers import parse_teachers
+from pipeline.sections import FlowSettings, RunSettings
+from pipeline.settings import parse
+from pipeline.teacher.client import TeacherConfig
+from pipeline.wire.codec import Rollout, ScoredSample, decode_scored, encode_rollout
+from tests.redis_helpers import read_stats
+from tests.teacher_fakes import FakeTeacher
+
+K = 4
+VOCAB = 320  # the tiny student's tokenizer: every token id has its own row in the fake teachers
+MODELS = {"math": "math-model", "code": "code-model"}
+
+
+@pytest.fixture
+async def teachers() -> AsyncIterator[dict[str, FakeTeacher]]:
+    fakes = {
+        name: await FakeTeacher(model=model, seed=i + 1, vocab=VOCAB).start()
+        for i, (name, model) in enumerate(MODELS.items())
+    }
+    yield fakes
+    for fake in fakes.values():
+        await fake.stop()
+
+
+def config(url: str) -> TeacherConfig:
+    return TeacherConfig(
+        endpoints=[url], backend="vllm", k=K, max_retries=1, backoff_base_s=0.01, backoff_max_s=0.05,
+        breaker_failures=2, breaker_reset_s=0.1, request_timeout_s=10,
+    )  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def running(
+    redis_url: str,
+    keys: RunKeys,
+    fakes: dict[str, FakeTeacher],
+    flow: FlowSettings | None = None,
+    **opts: Any,
+) -> AsyncIterator[TeacherWorker]:
+    run = RunSettings(name=keys.run, redis_url=redis_url, k=K)
+    options = WorkerOptions(**{"outage_backoff_s": 0.02, "outage_backoff_max_s": 0.2, **opts})
+    worker = TeacherWorker(run, {n: config(f.url) for n, f in fakes.items()}, "w0", flow, options)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    started = asyncio.create_task(worker.started.wait())
+    await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        started.cancel()
+        task.result()
+    try:
+        yield worker
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def wait_for(pred: Any, what: str, timeout_s: float = 60.0) -> None:
+    """Poll the async predicate until true; fail naming `what` after `timeout_s` (a bound only)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await pred():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"expected {what} within {timeout_s}s, it did not happen")
+        await asyncio.sleep(0.02)
+
+
+async def ready_samples(r: aioredis.Redis, keys: RunKeys) -> list[ScoredSample]:
+    rows: Any = await r.xrange(keys.ready.key)
+    return [decode_scored(f[b"data"]) for _, f in rows]
+
+
+def check_scored_by_its_teacher(s: ScoredSample, fakes: dict[str, FakeTeacher]) -> None:
+    """The sample's top-k is exactly its named teacher's, and not the other teacher's."""
+    name = s.rollout.teacher_name
+    assert name in fakes, f"{s.rollout.id}: teacher_name {name!r}"
+    own, other = fakes[name], next(f for n, f in fakes.items() if n != name)
+    P = s.rollout.prompt_len
+    ids_RK, lp_RK = own.expected(s.rollout.input_ids, P, K)
+    assert s.teacher == own.model and s.k == K
+    assert np.array_equal(s.topk_ids, ids_RK), f"{s.rollout.id}: not {name}'s top-k"
+    np.testing.assert_allclose(s.topk_logprobs.astype(np.float32), lp_RK, atol=1e-2, rtol=1e-3)
+    other_ids, _ = other.expected(s.rollout.input_ids, P, K)
+    assert not np.array_equal(other_ids, ids_RK)  # the two teachers differ on every sample here
+
+
+def make_rollout(i: int, teacher: str | None, T: int = 10, P: int = 3) -> Rollout:
+    ids_T = np.random.default_rng(i).integers(0, VOCAB, size=T).astype(np.int32)
+    return Rollout(id=f"r{i}", input_ids=ids_T, prompt_len=P, source="dataset", teacher_name=teacher)
+
+
+async def add(r: aioredis.Redis, keys: RunKeys, rollouts: list[Rollout]) -> None:
+    await ensure_groups(r, keys)
+    await add_rollouts(r, keys, [(ro.id, encode_rollout(ro)) for ro in rollouts])
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+def test_teacher_flags_name_teachers_and_an_unnamed_one_stays_the_default() -> None:
+    assert parse_teachers(["http://a:8000", "http://b:8000"]) == {
+        "default": ["http://a:8000", "http://b:8000"]
+    }
+    # --teacher math=http://a:8000,http://b:8000 --teacher code=http://c:8000 (commas and repeats flattened)
+    argv = ["--teacher", "math=http://a:8000,http://b:8000", "--teacher", "code=http://c:8000"]
+    s = parse(WorkerSettings, argv, prog="gkd workers")
+    got = teacher_configs(s)
+    assert {n: c.endpoints for n, c in got.items()} == {
+        "math": ["http://a:8000", "http://b:8000"], "code": ["http://c:8000"],
+    }  # fmt: skip
+    assert parse_teachers(["http://d:1", "math=http://a:1"]) == {
+        "default": ["http://d:1"],
+        "math": ["http://a:1"],
+    }
+    for bad in (["math=http://a", "math=http://b"], ["bad name=http://a"], ["math="], []):
+        with pytest.raises(SettingsError):
+            parse_teachers(bad)
+
+
+async def test_mixed_prompt_file_every_sample_scored_by_the_teacher_it_names(
+    redis_url: str, r: aioredis.Redis, keys: RunKeys, tmp_path: Path, teachers: dict[str, FakeTeacher]
+) -> None:
+    lines = [
+        {"prompt": f"Task {i}: add {i} and {i + 1}", "completion": f" It is {2 * i + 1}.", "teacher": name}
+        for i, name in enumerate(["math", "code"] * 6)
+    ]
+    lines += [{"prompt": "Write a loop", "completion": " for x in y: pass"}]  # no key: --teacher code
+    lines += [{"prompt": "A sonnet", "completion": " Shall I compare", "teacher": "poetry"}]  # unknown
+    prompts = tmp_path / "mixed.jsonl"
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    student = str(tiny_models().student.resolve())
+    settings = RolloutSettings(
+        run=RunSettings(name=keys.run, redis_url=redis_url, k=K), prompts=str(prompts), student=student,
+        lmbda=0.0, shuffle=False, device="cpu", policy_poll_s=0.0, teacher="code",
+    )  # fmt: skip
+    async with running(redis_url, keys, teachers, concurrency=3):
+        summary = await produce(settings)
+        assert summary.produced == len(lines)
+
+        async def settled() -> bool:
+            return await r.xlen(keys.ready.key) == len(lines) - 1 and await r.xlen(keys.dead.key) == 1
+
+        await wait_for(settled, "13 samples in ready and 1 in dead")
+
+        async def beating() -> bool:  # the producer's tokenizer load blocked this loop for a while
+            return bool(await r.hexists(keys.worker("w0"), HB.TEACHERS))
+
+        await wait_for(beating, "the worker's heartbeat")
+        beat = {k.decode(): v.decode() for k, v in (await r.hgetall(keys.worker("w0"))).items()}
+    samples = await ready_samples(r, keys)
+    names = [s.rollout.teacher_name for s in samples]
+    assert sorted(names) == ["code"] * 7 + ["math"] * 6
+    for s in samples:
+        check_scored_by_its_teacher(s, teachers)
+    ((_, dead),) = await r.xrange(keys.dead.key)
+    reason = dead[b"reason"].decode()
+    assert dead[b"stage"] == b"teacher" and "'poetry'" in reason and "code, math" in reason
+    config = await read_config(r, keys)
+    assert config[Config.TEACHERS] == "code,math" and config[Config.K] == str(K)
+    assert config[Config.teacher_model("math")] == "math-model"
+    assert config[Config.teacher_model("code")] == "code-model"
+    stats = await read_stats(r, keys)
+    per = {n: stats[Stat.per_teacher(n, Stat.SCORED_POSITIONS)] for n in MODELS}
+    rows = {n: sum(s.topk_ids.shape[0] for s in samples if s.rollout.teacher_name == n) for n in MODELS}
+    assert per == rows and stats[Stat.SCORED_POSITIONS] == sum(rows.values())
+    assert beat[HB.TEACHERS] == "code,math"
+    assert beat[HB.per_teacher("math", HB.T_MODEL)] == "math-model"
+    assert int(beat[HB.per_teacher("code", HB.T_SCORED)]) == 7
+    assert beat[HB.per_teacher("math", HB.T_BREAKER)] == "closed"
+
+
+async def test_run_refuses_a_worker_with_other_teachers(
+    redis_url: str, r: aioredis.Redis, keys: RunKeys, teachers: dict[str, FakeTeacher]
+) -> None:
+    from pipeline.errors import ConfigMismatch
+
+    async with running(redis_url, keys, teachers):
+        pass
+    with pytest.raises(ConfigMismatch, match="teachers: run has 'code,math'"):
+        async with running(redis_url, keys, {"math": teachers["math"]}):
+            pass
+    swapped = {"math": teachers["code"], "code": teachers["math"]}  # names bound to the other models
+    with pytest.raises(ConfigMismatch, match=r"teacher_model\.code: run has 'code-model'"):
+        async with running(redis_url, keys, swapped):
+            pass
+
+
+def port_of(url: str) -> int:
+    port = urlparse(url).port
+    assert port is not None
+    return port
+
+
+async def test_a_killed_teacher_holds_back_only_its_own_rollouts_and_nothing_is_lost(
+    redis_url: str, r: aioredis.Redis, keys: RunKeys, teachers: dict[str, FakeTeacher]
+) -> None:
+    first = [make_rollout(i, ["math", "code"][i % 2]) for i in range(10)]
+    later = [make_rollout(i, ["math", "code"][i % 2]) for i in range(10, 50)]
+    math = teachers["math"]
+    # A short lease and max_deliveries=1: were the waiting rollouts' leases not renewed, they would be
+    # taken over (counted in `reclaimed`) or dead-lettered while math is down.
+    flow = FlowSettings(lease_ms=300, max_deliveries=1)
+
+    async def ready_n(n: int) -> bool:
+        return int(await r.xlen(keys.ready.key)) >= n
+
+    async with running(redis_url, keys, teachers, flow, concurrency=2, max_held=40) as worker:
+        await add(r, keys, first)
+        await wait_for(lambda: ready_n(10), "the first 10 samples")
+        await math.stop()  # killed mid-run
+        await add(r, keys, later)
+
+        async def code_done() -> bool:
+            got = {s.rollout.id for s in await ready_samples(r, keys)}
+            return {ro.id for ro in later if ro.teacher_name == "code"} <= got
+
+        await wait_for(code_done, "every code rollout scored while math is down")
+        lane = worker.router.lanes["math"]
+        assert lane.down and lane.waiting > 0
+        await asyncio.sleep(1.0)  # > 3 leases with math down
+        ready = {s.rollout.id for s in await ready_samples(r, keys)}
+        assert not ready & {ro.id for ro in later if ro.teacher_name == "math"}
+        assert await r.xlen(keys.dead.key) == 0
+        await math.start(port_of(math.url))  # back on its old address
+        await wait_for(lambda: ready_n(50), "all 50 samples once math is back")
+    samples = await ready_samples(r, keys)
+    ledger = sorted(s.rollout.id for s in samples)
+    assert ledger == sorted(ro.id for ro in first + later)  # each exactly once
+    for s in samples:
+        check_scored_by_its_teacher(s, teachers)
+    assert await r.xlen(keys.dead.key) == 0 and await r.xlen(keys.rollouts.key) == 0
+    stats = await read_stats(r, keys)
+    assert stats.get(Stat.RECLAIMED, 0) == 0 and stats[Stat.per_teacher("math", Stat.TEACHER_ERRORS)] > 0
+    assert stats.get(Stat.per_teacher("code", Stat.TEACHER_ERRORS), 0) == 0

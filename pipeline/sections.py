@@ -7,7 +7,7 @@ uses (``--run``, ``--k``, ``--high-water``, ... keep their names for users). Val
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import SettingsError
 from pipeline.queue.schema import DEAD_MAX_ENTRIES, DEAD_MAX_PAYLOAD_BYTES, DEFAULT_RUN, Config, RunKeys
@@ -15,6 +15,7 @@ from pipeline.settings import mask_url, section, setting
 
 if TYPE_CHECKING:  # imported when used: it pulls in redis, which `gkd workers` loads after its signals
     from pipeline.queue.backpressure import WaterMarks
+    from pipeline.queue.durable import Replicas
 
 
 @dataclasses.dataclass
@@ -34,6 +35,21 @@ class RunSettings:
         flags=("--redis",),
         secret=True,
     )
+    redis_cluster: bool = setting(
+        False,
+        "The Redis URL names a seed node of a Redis Cluster: use the cluster client (MOVED/ASK, failover).",
+    )
+    partitions: int = setting(
+        1,
+        "Partitions of the run (fixed for the run): each has its own streams under the hash tag "
+        "{run.p}, so a Redis Cluster spreads them over its masters.",
+    )
+    redis_min_replicas: int = setting(
+        -1,
+        "After each producer batch, handoff and trainer read and acknowledgement, WAIT for this many "
+        "replicas to have it (-1: 1 with --redis-cluster, else 0).",
+    )
+    redis_wait_ms: int = setting(1000, "Longest WAIT for those replicas; a shorter answer is logged.")
     k: int = setting(20, "Teacher top-k logprobs per position (fixed for the run; checked on every sample).")
     logprob_dtype: str = setting(
         "float16", "dtype of the stored top-k logprobs (fixed for the run).", choices=("float16", "float32")
@@ -47,10 +63,34 @@ class RunSettings:
         check_redis_url(self.redis_url)
         if self.k < 1:
             raise SettingsError(f"k: expected >= 1, got {self.k}")
+        RunKeys(self.name).parts(self.partitions)  # raises SettingsError naming the range
+        if self.redis_min_replicas < -1 or self.redis_wait_ms < 1:
+            raise SettingsError(
+                f"redis_min_replicas, redis_wait_ms: expected >= -1 and >= 1, got "
+                f"{self.redis_min_replicas} and {self.redis_wait_ms}"
+            )
 
     @property
     def keys(self) -> RunKeys:
         return RunKeys(self.name)
+
+    @property
+    def parts(self) -> list[RunKeys]:
+        """The keys of each partition ([keys] for a one-partition run)."""
+        return self.keys.parts(self.partitions)
+
+    @property
+    def min_replicas(self) -> int:
+        """Replicas to WAIT for after a handoff or acknowledgement (the -1 default resolved)."""
+        if self.redis_min_replicas >= 0:
+            return self.redis_min_replicas
+        return 1 if self.redis_cluster else 0
+
+    def replicas(self, r: Any) -> Replicas:
+        """What writes of client `r` wait for (`pipeline.queue.durable`)."""
+        from pipeline.queue.durable import Replicas
+
+        return Replicas(r, self.min_replicas, self.redis_wait_ms)
 
     def fixed(self, *fields: str) -> dict[str, object]:
         """The values of these run-config fields (`schema.Config`), for `check_run_config`."""
@@ -58,9 +98,13 @@ class RunSettings:
             Config.K: self.k,
             Config.LOGPROB_DTYPE: self.logprob_dtype,
             Config.LOSS_MODE: self.loss_mode,
+            Config.PARTITIONS: self.partitions,
         }
         return {f: values[f] for f in fields}
 
+
+#: The RunSettings fields every process that joins a run exposes next to its name and URL.
+REDIS_LAYOUT = ("redis_cluster", "partitions", "redis_min_replicas", "redis_wait_ms")
 
 #: URL schemes redis-py connects with.
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -129,5 +173,5 @@ class FlowSettings:
 class CommonSettings:
     """Settings every process has: the run it joins (name and Redis) and its log level."""
 
-    run: RunSettings = section(RunSettings, "name", "redis_url")
+    run: RunSettings = section(RunSettings, "name", "redis_url", *REDIS_LAYOUT)
     log_level: str = setting("info", "Log level.", choices=("debug", "info", "warning", "error"))

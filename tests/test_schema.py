@@ -41,6 +41,7 @@ GENERIC = {
     "version": "field of a scored dataset's manifest",
     "default": "argparse's default= (settings); the default teacher's name is schema.DEFAULT_TEACHER",
     "consumer": "the consumer of XPENDING's oldest entry in gkd status, a checkpoint's per-rank listing",
+    "partitions": "the run setting's name (--partitions), a status report section",
 }
 
 #: Methods of a redis-py client or pipeline that send a command.

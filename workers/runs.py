@@ -28,7 +28,7 @@ from workers.status import ping
 class RunsSettings:
     """Settings of `gkd runs`."""
 
-    run: RunSettings = section(RunSettings, "redis_url")
+    run: RunSettings = section(RunSettings, "redis_url", "redis_cluster")
     json_output: bool = setting(False, "Print the runs as one JSON list.", flags=("--json",))
     yes: bool = setting(False, "delete: do not ask for confirmation.")
     force: bool = setting(False, "delete: even while processes of the run are alive.")
@@ -75,7 +75,7 @@ def main(argv: Sequence[str]) -> int:
     s = parse(RunsSettings, args, prog="gkd runs", description=__doc__.split("\n")[0])
     if action and run is None:
         raise SettingsError("delete: expected the run to delete (gkd runs delete RUN), got none")
-    r = connect_sync(s.run.redis_url)
+    r = connect_sync(s.run.redis_url, cluster=s.run.redis_cluster)
     try:
         ping(r)
         if action:

@@ -106,7 +106,7 @@ def main(argv: Sequence[str]) -> int:
         raise SettingsError(
             f"expected --interval-s >= 0 and --dead-reasons >= 0, got {s.interval_s} and {s.dead_reasons}"
         )
-    r = connect_sync(s.run.redis_url)
+    r = connect_sync(s.run.redis_url, cluster=s.run.redis_cluster)
     try:
         ping(r)
         return run(r, keys, s)

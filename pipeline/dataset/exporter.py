@@ -109,7 +109,7 @@ class Exporter:
 
     async def run(self, stop: asyncio.Event) -> ExportSummary:
         self._stop, s = stop, self.s
-        self.r: aioredis.Redis = connect(s.run.redis_url)
+        self.r: aioredis.Redis = connect(s.run.redis_url, cluster=s.run.redis_cluster)
         self.consumer = StreamConsumer(
             self.r, self.keys.ready, s.name, lease_ms=s.flow.lease_ms, max_deliveries=s.flow.max_deliveries
         )
@@ -151,6 +151,11 @@ class Exporter:
         """Open the dataset when its teacher is known (an existing folder, or the run's config), and
         acknowledge what an earlier process committed, before any pending entry is read again."""
         config = await self.retry.call("read config", lambda: read_config(self.r, self.keys), stop=self._stop)
+        if config.get(Config.PARTITIONS, "1") != "1":  # its lease and settle work on one ready stream
+            raise SettingsError(
+                f"gkd export: expected a run of one partition, run {self.keys.run!r} has "
+                f"{config[Config.PARTITIONS]} (export a partitioned run through the trainer's sample log)"
+            )
         if (Path(self.s.out) / mf.MANIFEST).exists():
             m = mf.load(self.s.out)
             w = self._open_writer(m.teacher, m.k, m.logprob_dtype)
@@ -240,8 +245,8 @@ class Exporter:
                     ok, over = await self.consumer.reclaim(want)
                     # XAUTOCLAIM also returns our own entries whose renewal has not come round yet
                     # (read again from our pending list after a restart): they are in the shard already.
-                    ok = [e for e in ok if e.sid not in self.held]
-                    over = [e for e in over if e.sid not in self.held]
+                    ok = [e for e in ok if e.ref not in self.held]
+                    over = [e for e in over if e.ref not in self.held]
                     for e in over:
                         await self._dead(e, f"delivered {e.deliveries} times; consumers kept dying on it")
                     for e in ok:

@@ -160,13 +160,14 @@ class Replayer:
     def fixed_settings(self) -> dict[str, object]:
         """What the run's config must agree with (written there when missing)."""
         fixed = self.manifest.identity()
+        fixed[Config.PARTITIONS] = 1  # its cursor and ready stream share one slot: one partition only
         if self.manifest.tokenizer_fingerprint:
             fixed[Config.TOKENIZER_FINGERPRINT] = self.manifest.tokenizer_fingerprint
         return fixed
 
     async def run(self, stop: asyncio.Event) -> ReplaySummary:
         s = self.s
-        self.r: aioredis.Redis = connect(s.run.redis_url)
+        self.r: aioredis.Redis = connect(s.run.redis_url, cluster=s.run.redis_cluster)
         self._commit = self.r.register_script(_COMMIT)
         self.bp = Backpressure(self.r, self.keys.ready, s.flow.marks)
         beat = Heartbeat(

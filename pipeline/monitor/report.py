@@ -64,6 +64,8 @@ class Sample:
     config: dict[str, str]
     policy: dict[str, str]
     workers: dict[str, dict[str, str]] = field(default_factory=dict)
+    parts: list[dict[str, Any]] = field(default_factory=list)
+    """Per partition of a partitioned run: its streams' lengths, pending entries and waiting bytes."""
 
     @property
     def has_data(self) -> bool:
@@ -98,14 +100,11 @@ def _dead_entry(sid: Any, fields: dict[Any, Any]) -> dict[str, Any]:
     return d
 
 
-def take_sample(r: Any, keys: RunKeys, dead_n: int = 5) -> Sample:
-    """Read one consistent-enough picture of the run (one pipelined round trip + heartbeats).
-
-    Raises RedisUnavailable when Redis cannot be reached.
-    """
+def _read_part(r: Any, keys: RunKeys, dead_n: int) -> Sample:
+    """The streams and counters of one partition (the run's own keys for one partition), one round trip;
+    config and policy too for the run's own keys."""
     streams = keys.all_streams
     pipe = r.pipeline(transaction=False)
-    pipe.time()
     for stream in streams:
         pipe.xlen(stream.key)
     for stream in keys.work_streams:
@@ -116,16 +115,14 @@ def take_sample(r: Any, keys: RunKeys, dead_n: int = 5) -> Sample:
     pipe.hgetall(keys.config)
     pipe.hgetall(keys.policy)
     res = list(pipe.execute(raise_on_error=False))
-    t_s = time.monotonic()
     # XINFO/XPENDING fail (no such key, NOGROUP) only for a missing stream or group: that is "absent".
-    g0, n_groups = 1 + len(streams), 2 * len(keys.work_streams)
+    g0, n_groups = len(streams), 2 * len(keys.work_streams)
     for i, v in enumerate(res):
         if isinstance(v, RedisCommandError | StreamGroupMissing) and g0 <= i < g0 + n_groups:
             res[i] = None
         elif isinstance(v, GKDError):
             raise v
-    secs, micros = res[0]
-    lengths = {s.kind: int(n) for s, n in zip(streams, res[1:g0], strict=True)}
+    lengths = {s.kind: int(n) for s, n in zip(streams, res[:g0], strict=True)}
     groups: dict[str, dict[str, Any] | None] = {}
     oldest: dict[str, dict[str, Any] | None] = {}
     for j, stream in enumerate(keys.work_streams):
@@ -133,18 +130,53 @@ def take_sample(r: Any, keys: RunKeys, dead_n: int = 5) -> Sample:
         groups[stream.kind] = next((g for g in infos or [] if _s(g["name"]) == stream.group), None)
         oldest[stream.kind] = pend[0] if pend else None
     dead_raw, stats, config, policy = res[g0 + n_groups :]
-    dead = [_dead_entry(sid, f) for sid, f in dead_raw]
-    sample = Sample(
-        t_s=t_s,
-        server_ms=int(secs) * 1000 + int(micros) // 1000,
-        lengths=lengths,
-        groups=groups,
-        oldest=oldest,
-        dead_latest=dead[:dead_n],
-        stats={k: int(v) for k, v in _strs(stats).items()},
-        config=_strs(config),
-        policy=_strs(policy),
-    )
+    return Sample(
+        t_s=0.0, server_ms=0, lengths=lengths, groups=groups, oldest=oldest,
+        dead_latest=[_dead_entry(sid, f) for sid, f in dead_raw],
+        stats={k: int(v) for k, v in _strs(stats).items()}, config=_strs(config), policy=_strs(policy),
+    )  # fmt: skip
+
+
+def _merge(total: Sample, part: Sample) -> None:
+    """Add a partition's streams and counters to the run's sample (sums; the oldest pending entry)."""
+    for kind, n in part.lengths.items():
+        total.lengths[kind] = total.lengths.get(kind, 0) + n
+    for kind, g in part.groups.items():
+        cur = total.groups.get(kind)
+        if g is None or cur is None:
+            total.groups[kind] = cur or g
+            continue
+        lag = None if cur.get("lag") is None or g.get("lag") is None else int(cur["lag"]) + int(g["lag"])
+        total.groups[kind] = {**cur, "pending": int(cur["pending"]) + int(g["pending"]), "lag": lag,
+                              "consumers": max(int(cur["consumers"]), int(g["consumers"]))}  # fmt: skip
+    for kind, o in part.oldest.items():
+        cur_o = total.oldest.get(kind)
+        if o is not None and (cur_o is None or _sid_ms(o["message_id"]) < _sid_ms(cur_o["message_id"])):
+            total.oldest[kind] = o
+    total.dead_latest = sorted(total.dead_latest + part.dead_latest, key=lambda d: -_sid_ms(d["sid"]))
+    for k, v in part.stats.items():
+        total.stats[k] = total.stats.get(k, 0) + v
+
+
+def take_sample(r: Any, keys: RunKeys, dead_n: int = 5) -> Sample:
+    """Read one consistent-enough picture of the run (one pipelined round trip per partition +
+    heartbeats); a partitioned run's streams and counters are summed, `parts` has each partition's.
+
+    Raises RedisUnavailable when Redis cannot be reached.
+    """
+    secs, micros = r.time()
+    sample = _read_part(r, keys, dead_n)
+    partitions = int(num(sample.config.get(K.Config.PARTITIONS)) or 1)
+    for part in keys.parts(partitions) if partitions > 1 else []:
+        one = _read_part(r, part, dead_n)
+        _merge(sample, one)
+        pending = {kind: int(g["pending"]) if g else 0 for kind, g in one.groups.items()}
+        waiting = {s.kind: _waiting_bytes(s, one) for s in part.work_streams}
+        sample.parts.append({"partition": part.index, "tag": part.tag, "lengths": one.lengths,
+                             "pending": pending, "waiting_bytes": waiting})  # fmt: skip
+    sample.dead_latest = sample.dead_latest[:dead_n]
+    sample.t_s = time.monotonic()
+    sample.server_ms = int(secs) * 1000 + int(micros) // 1000
     names = [_s(k) for k in r.scan_iter(match=keys.worker_pattern, count=500)]
     if names:
         hpipe = r.pipeline(transaction=False)
@@ -163,7 +195,7 @@ def other_runs(r: Any, limit_keys: int = 20_000) -> list[str]:
         if n >= limit_keys:
             break
         runs.add(run_of_key(_s(key)))
-    return sorted(runs)
+    return sorted(K.fold_partitions(runs))
 
 
 def num(v: str | None) -> float | None:
@@ -282,6 +314,7 @@ def build_report(prev: Sample | None, cur: Sample, *, run: str, redis_url: str) 
             "cut": st.get(Stat.DEAD_CUT, 0),
             "latest": cur.dead_latest,
         },
+        "partitions": cur.parts,
         "workers": workers,
         "throughput": rates,
         "teacher": {

@@ -45,6 +45,9 @@ def run_names(r: Any) -> dict[str, int]:
     for key in r.scan_iter(match=ALL_RUNS_PATTERN, count=1000):
         run = run_of_key(_s(key))
         counts[run] = counts.get(run, 0) + 1
+    runs = K.fold_partitions(set(counts))
+    for tag in set(counts) - runs:  # a partition's keys count for its run
+        counts[tag.rpartition(".")[0]] += counts.pop(tag)
     return counts
 
 
@@ -56,12 +59,15 @@ def live_processes(r: Any, keys: RunKeys) -> list[str]:
 def describe(r: Any, run: str, n_keys: int) -> RunInfo:
     """The numbers of one run (one pipelined round trip plus a SCAN of its heartbeats)."""
     keys = RunKeys(run)
+    partitions = int(r.hget(keys.config, Config.PARTITIONS) or 1)
     pipe = r.pipeline(transaction=False)
-    for stream in (keys.rollouts, keys.ready, keys.dead):
-        pipe.xlen(stream.key)
+    for part in keys.parts(partitions):
+        for stream in (part.rollouts, part.ready, part.dead):
+            pipe.xlen(stream.key)
     pipe.hget(keys.config, Config.K)
     pipe.hget(keys.policy, K.POLICY_VERSION)
-    rollouts, ready, dead, k, version = pipe.execute()
+    *lengths, k, version = pipe.execute()
+    rollouts, ready, dead = (sum(lengths[i::3]) for i in range(3))
     return RunInfo(
         run=run, keys=n_keys, rollouts=int(rollouts), ready=int(ready), dead=int(dead),
         k=_s(k) if k is not None else None, policy_version=int(version) if version is not None else None,
@@ -77,14 +83,16 @@ def list_runs(r: Any) -> list[RunInfo]:
 def delete_run(r: Any, keys: RunKeys) -> int:
     """Delete every key of the run (UNLINK in batches); returns how many were deleted."""
     deleted = 0
-    batch: list[Any] = []
-    for key in r.scan_iter(match=keys.pattern, count=1000):
-        batch.append(key)
-        if len(batch) >= DELETE_BATCH:
+    partitioned = int(r.hget(keys.config, Config.PARTITIONS) or 1) > 1
+    for pattern in (keys.pattern, keys.part_pattern) if partitioned else (keys.pattern,):
+        batch: list[Any] = []
+        for key in r.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= DELETE_BATCH:
+                deleted += int(r.unlink(*batch))
+                batch = []
+        if batch:
             deleted += int(r.unlink(*batch))
-            batch = []
-    if batch:
-        deleted += int(r.unlink(*batch))
     return deleted
 
 

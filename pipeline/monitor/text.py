@@ -81,7 +81,22 @@ def _streams(rep: dict[str, Any]) -> list[str]:
         rows.append([kind, s["length"], size, s.get("group"), s.get("consumers"), s.get("pending"), lag,
                      _oldest(s.get("oldest_pending"))])  # fmt: skip
     headers = ["stream", "length", "bytes", "group", "consumers", "pending", "lag", "oldest pending"]
-    return table(headers, rows)
+    return table(headers, rows) + _partitions(rep)
+
+
+def _partitions(rep: dict[str, Any]) -> list[str]:
+    """One line per partition of a partitioned run (the streams table above is their sum)."""
+    parts = rep.get("partitions") or []
+    if not parts:
+        return []
+    rows = [
+        [f"{p['partition']} {{{p['tag']}}}", *(p["lengths"].get(k, 0) for k in ("rollouts", "ready")),
+         *(p["pending"].get(k, 0) for k in ("rollouts", "ready")), _bytes(p["waiting_bytes"].get("ready", 0)),
+         p["lengths"].get("trained", 0), p["lengths"].get("dead", 0)]
+        for p in parts
+    ]  # fmt: skip
+    headers = ["partition", "rollouts", "ready", "pending r", "pending t", "ready bytes", "journal", "dead"]
+    return ["", f"  {len(parts)} partitions (the streams above are their sum):", *table(headers, rows)]
 
 
 def _rates(rep: dict[str, Any]) -> list[str]:

@@ -38,8 +38,8 @@ from pipeline.produce.prompts import PromptFileError, PromptItem, load_prompts
 from pipeline.produce.student_gen import Generator, LocalGenerator, Sampling, ServerGenerator
 from pipeline.queue.backpressure import Backpressure
 from pipeline.queue.connection import RedisRetry, connect, wait_for_redis
-from pipeline.queue.runstate import Heartbeat, now_ms, read_config, read_policy
-from pipeline.queue.schema import HB, Config, Role
+from pipeline.queue.runstate import Heartbeat, check_run_config, now_ms, read_config, read_policy
+from pipeline.queue.schema import HB, Config, Role, RunKeys
 from pipeline.queue.streams import add_rollouts, batch_landed, ensure_groups
 from pipeline.sections import CommonSettings, FlowSettings
 from pipeline.settings import section, setting
@@ -142,8 +142,9 @@ class Producer:
             s.prompts,
             sum(i.completion_ids is not None for i in items),
         )
-        self.r = connect(s.run.redis_url)
-        self.bp = Backpressure(self.r, self.keys.rollouts, s.flow.marks)
+        self.r = connect(s.run.redis_url, cluster=s.run.redis_cluster)
+        self.bp = Backpressure(self.r, self.keys.rollouts, s.flow.marks, parts=s.run.parts)
+        self.replicas = s.run.replicas(self.r)
         # Producers own no stream entries: several may share a name (e.g. replicas of one deployment).
         heartbeat = Heartbeat(
             self.r, self.keys, s.name, Role.PRODUCER, fields=self._heartbeat_fields, exclusive=False
@@ -152,7 +153,9 @@ class Producer:
         try:
             if not await wait_for_redis(self.r, f"rollouts {s.name}", self.stop):
                 return self.summary
-            await self.retry.call("create groups", lambda: ensure_groups(self.r, self.keys), stop=self.stop)
+            await check_run_config(self.r, self.keys, s.run.fixed(Config.PARTITIONS))
+            groups = lambda: ensure_groups(self.r, self.keys, s.run.partitions)  # noqa: E731
+            await self.retry.call("create groups", groups, stop=self.stop)
             await self._load_scored()
             await self._fit_context(items, refuse=True)
             await self._follow_policy(force=True)
@@ -283,12 +286,13 @@ class Producer:
         await self.retry.call("wait for room", lambda: self.bp.wait_for_room(self.stop), stop=self.stop)
         if self.stop.is_set():
             return  # stopped while paused: nothing written, nothing lost (prompts are re-read next run)
-        await self._add_once(payloads)
+        part = await self.retry.call("read levels", self.bp.least_filled, stop=self.stop)
+        await self._add_once(payloads, self.s.run.parts[part])
         self.summary.produced += len(payloads)
         self.summary.sources.update(ro.source for ro in rollouts)
 
-    async def _add_once(self, payloads: list[tuple[str, bytes]]) -> None:
-        """add_rollouts, retried through outages without writing a batch twice.
+    async def _add_once(self, payloads: list[tuple[str, bytes]], part: RunKeys) -> None:
+        """add_rollouts to partition `part`, retried through outages without writing a batch twice.
 
         A failed call is ambiguous: Redis may have executed the transaction and lost only the reply.
         The transaction writes a marker with the batch (all or nothing), so before retrying, the
@@ -298,14 +302,12 @@ class Producer:
         delay = 0.0
         while True:
             try:
-                await add_rollouts(self.r, self.keys, payloads, batch_id=batch_id)
+                await add_rollouts(self.r, part, payloads, batch_id=batch_id, replicas=self.replicas)
                 self.retry.recovered()
                 return
             except RedisUnavailable as exc:
                 delay = await self.retry.backoff("add rollouts", exc, delay)
-            if await self.retry.call(
-                "check the last batch", lambda: batch_landed(self.r, self.keys, batch_id)
-            ):
+            if await self.retry.call("check the last batch", lambda: batch_landed(self.r, part, batch_id)):
                 log.warning("batch of %s: written before its reply was lost; not added again", payloads[0][0])
                 return
 

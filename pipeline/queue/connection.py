@@ -59,8 +59,9 @@ _CLASS_CODES: dict[type[BaseException], str] = {
     rex.ReadOnlyError: "READONLY",
     rex.NoPermissionError: "NOPERM",
     rex.ExecAbortError: "EXECABORT",
+    rex.NoScriptError: "NOSCRIPT",
 }
-_FAILURES = (rex.RedisError, OSError)
+FAILURES = (rex.RedisError, rex.RedisClusterException, OSError)
 
 
 def translate(exc: BaseException, where: str = "") -> GKDError:
@@ -72,7 +73,7 @@ def translate(exc: BaseException, where: str = "") -> GKDError:
         return _auth_error(at, text)
     if isinstance(exc, rex.BusyLoadingError):
         return RedisUnavailable(f"Redis{at} is loading its data ({text})")
-    if isinstance(exc, rex.ConnectionError | rex.TimeoutError | OSError):
+    if isinstance(exc, rex.ConnectionError | rex.TimeoutError | OSError | rex.RedisClusterException):
         return RedisUnavailable(f"cannot reach Redis{at} ({text})")
     code = _code(exc)
     if code == "NOGROUP":
@@ -99,7 +100,7 @@ def _code(exc: BaseException) -> str:
     return first if first.isupper() and first.isalpha() else "ERR"
 
 
-def _cancelled(exc: BaseException | None = None) -> None:
+def cancelled(exc: BaseException | None = None) -> None:
     """Raise CancelledError if the running task is being cancelled but the cancellation did not
     surface: redis-py sometimes absorbs one that lands inside a command (the command then returns or
     fails as a connection error), and a loop around it would never end (seen: a cancelled heartbeat
@@ -110,9 +111,9 @@ def _cancelled(exc: BaseException | None = None) -> None:
         raise asyncio.CancelledError from exc
 
 
-def _translated(results: list[Any]) -> list[Any]:
+def translated(results: list[Any]) -> list[Any]:
     """A pipeline's results with redis-py's exception objects replaced (raise_on_error=False)."""
-    return [translate(x) if isinstance(x, _FAILURES) else x for x in results]
+    return [translate(x) if isinstance(x, FAILURES) else x for x in results]
 
 
 def where(client: Any) -> str:
@@ -125,11 +126,11 @@ class _Pipeline(aioclient.Pipeline):
 
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
         try:
-            out = _translated(await super().execute(raise_on_error))
-        except _FAILURES as exc:
-            _cancelled(exc)
+            out = translated(await super().execute(raise_on_error))
+        except FAILURES as exc:
+            cancelled(exc)
             raise translate(exc, self.gkd_where) from exc
-        _cancelled()
+        cancelled()
         return out
 
 
@@ -141,10 +142,10 @@ class _Client(aioredis.Redis):
             out = await super().execute_command(*args, **options)
         except rex.NoScriptError:
             raise  # redis-py's Script loads the script and calls again
-        except _FAILURES as exc:
-            _cancelled(exc)
+        except FAILURES as exc:
+            cancelled(exc)
             raise translate(exc, self.gkd_where) from exc
-        _cancelled()
+        cancelled()
         return out
 
     def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> _Pipeline:
@@ -158,8 +159,8 @@ class _SyncPipeline(redis.client.Pipeline):
 
     def execute(self, raise_on_error: bool = True) -> list[Any]:
         try:
-            return _translated(super().execute(raise_on_error))
-        except _FAILURES as exc:
+            return translated(super().execute(raise_on_error))
+        except FAILURES as exc:
             raise translate(exc, self.gkd_where) from exc
 
 
@@ -171,7 +172,7 @@ class _SyncClient(redis.Redis):
             return super().execute_command(*args, **options)
         except rex.NoScriptError:
             raise
-        except _FAILURES as exc:
+        except FAILURES as exc:
             raise translate(exc, self.gkd_where) from exc
 
     def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> _SyncPipeline:
@@ -180,11 +181,23 @@ class _SyncClient(redis.Redis):
         return pipe
 
 
-def connect(url: str, *, socket_timeout_s: float = 10.0, connect_timeout_s: float = 5.0) -> aioredis.Redis:
-    """An asyncio Redis client for `url` (``redis://``, ``rediss://`` for TLS, ``unix://``).
+def connect(
+    url: str, *, socket_timeout_s: float = 10.0, connect_timeout_s: float = 5.0, cluster: bool = False
+) -> aioredis.Redis:
+    """An asyncio Redis client for `url` (``redis://``, ``rediss://`` for TLS, ``unix://``); with
+    `cluster`, a Redis Cluster client seeded by that node (`pipeline.queue.cluster`).
 
     Responses are bytes (payloads are binary). Every command has a finite socket timeout.
     """
+    if cluster:
+        from pipeline.queue import cluster as rc
+
+        timeout_s = max(socket_timeout_s, MAX_BLOCK_MS / 1000 + 5)
+        c: Any = rc.cluster_client(
+            url, rc.AsyncClusterClient, socket_timeout_s=timeout_s, connect_timeout_s=connect_timeout_s
+        )
+        c.gkd_where = mask_url(url)
+        return c  # type: ignore[no-any-return]
     client: aioredis.Redis = _Client.from_url(
         url,
         decode_responses=False,
@@ -197,8 +210,16 @@ def connect(url: str, *, socket_timeout_s: float = 10.0, connect_timeout_s: floa
     return client
 
 
-def connect_sync(url: str, *, socket_timeout_s: float = 10.0) -> redis.Redis:
+def connect_sync(url: str, *, socket_timeout_s: float = 10.0, cluster: bool = False) -> redis.Redis:
     """A blocking Redis client (for `gkd status`, the demo and tests), same timeouts and errors."""
+    if cluster:
+        from pipeline.queue import cluster as rc
+
+        c: Any = rc.cluster_client(
+            url, rc.SyncClusterClient, socket_timeout_s=socket_timeout_s, connect_timeout_s=5.0
+        )
+        c.gkd_where = mask_url(url)
+        return c  # type: ignore[no-any-return]
     client: redis.Redis = _SyncClient.from_url(
         url,
         decode_responses=False,

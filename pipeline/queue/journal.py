@@ -107,3 +107,37 @@ class Journal:
                 args += [sid, size]
             done += int(await self._settle(keys=[self.keys.ready.key, self.keys.stats], args=args))
         return done
+
+
+class Journals:
+    """The journals of every partition of a run (one `Journal` for a one-partition run): each partition's
+    trained samples are journaled, trimmed, requeued and settled in its own slot."""
+
+    def __init__(self, r: aioredis.Redis, parts: Sequence[RunKeys]) -> None:
+        self.of = [Journal(r, p) for p in parts]
+
+    async def mark(self) -> list[bytes | None]:
+        """The newest entry of each partition's journal (see `Journal.mark`)."""
+        return [await j.mark() for j in self.of]
+
+    async def trim(self, marks: Sequence[bytes | None]) -> int:
+        """Trim each partition's journal up to its mark; returns how many entries went."""
+        return sum([await j.trim(m) for j, m in zip(self.of, marks, strict=True)])
+
+    async def requeue(self, after_step: int, retrain: Retrain) -> tuple[int, int]:
+        """`Journal.requeue` in every partition (into that partition's rollouts); summed."""
+        moved = dropped = 0
+        for j in self.of:
+            m, d = await j.requeue(after_step, retrain)
+            moved, dropped = moved + m, dropped + d
+        return moved, dropped
+
+    async def settle(self, listed: Mapping[str, Sequence[tuple[str, int]]]) -> int:
+        """`Journal.settle` per partition: a listed entry id ``<p>/<id>`` (`lease.Entry.ref`) is of
+        partition p, a plain one of partition 0."""
+        by_part: dict[int, dict[str, list[tuple[str, int]]]] = {}
+        for consumer, entries in listed.items():
+            for ref, size in entries:
+                part, _, sid = ref.rpartition("/")
+                by_part.setdefault(int(part or 0), {}).setdefault(consumer, []).append((sid, size))
+        return sum([await self.of[p].settle(lst) for p, lst in sorted(by_part.items())])

@@ -28,13 +28,14 @@ import logging
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
 from pipeline.errors import RedisUnavailable, StreamGroupMissing
 from pipeline.queue import schema as K
 from pipeline.queue import scripts
+from pipeline.queue.durable import Replicas
 from pipeline.queue.schema import Stat, Stream
 
 log = logging.getLogger("gkd.lease")
@@ -57,10 +58,18 @@ class Entry:
     """How many times the group has delivered this entry (1 on the first read)."""
     size: int = -1
     """Payload bytes, counted out of the stream's byte level when the entry leaves (-1: len(data))."""
+    part: int = 0
+    """The run partition whose stream holds the entry (`pipeline.queue.partitions`)."""
 
     def __post_init__(self) -> None:
         if self.size < 0:
             self.size = len(self.data)
+
+    @property
+    def ref(self) -> bytes:
+        """The entry's id within its run: the stream id, prefixed ``<p>/`` for partitions p > 0 (two
+        partitions' streams may give the same id)."""
+        return self.sid if not self.part else b"%d/%s" % (self.part, self.sid)
 
     def hollow(self) -> Entry:
         """This entry without its payload (same sid, id, deliveries and size): cheap to keep."""
@@ -71,12 +80,12 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _entry(sid: bytes, fields: Any, deliveries: int = 1) -> Entry:
+def _entry(sid: bytes, fields: Any, deliveries: int = 1, part: int = 0) -> Entry:
     if isinstance(fields, list):  # RESP2 may give a flat list
         fields = dict(zip(fields[::2], fields[1::2], strict=True))
     fid = fields.get(K.FIELD_ID.encode(), b"")
     data = fields.get(K.FIELD_DATA.encode(), b"")
-    return Entry(sid=sid, id=_s(fid), data=bytes(data), deliveries=deliveries)
+    return Entry(sid=sid, id=_s(fid), data=bytes(data), deliveries=deliveries, part=part)
 
 
 def _sid_key(sid: bytes) -> tuple[int, int]:
@@ -97,12 +106,15 @@ class StreamConsumer:
         max_deliveries: int = 5,
         dead_max_entries: int = K.DEAD_MAX_ENTRIES,
         dead_max_payload_bytes: int = K.DEAD_MAX_PAYLOAD_BYTES,
+        replicas: Replicas | None = None,
+        wait_reads: bool = False,
     ) -> None:
         if stream.group is None:
             raise ValueError(f"stream: expected rollouts or ready (with a consumer group), got {stream.kind}")
         self.r = r
         self.source = stream
         self.keys = stream.run
+        self.part = stream.run.index
         self.stream = stream.key
         self.group: str = stream.group
         self.consumer = consumer
@@ -110,6 +122,9 @@ class StreamConsumer:
         self.max_deliveries = max_deliveries
         self.dead_max_entries = dead_max_entries
         self.dead_max_payload_bytes = dead_max_payload_bytes
+        self.replicas = replicas or Replicas(r)
+        """Handoffs, acknowledgements and journal writes (and reads, with `wait_reads`) wait for these."""
+        self.wait_reads = wait_reads
         self._cursor = "0-0"
         self._handoff = r.register_script(scripts.HANDOFF)
         self._ack = r.register_script(scripts.ACK)
@@ -120,12 +135,11 @@ class StreamConsumer:
 
     # ------------------------------------------------------------------------------------ reading
 
-    async def read(self, count: int, block_ms: int = 1000) -> list[Entry]:
-        """Up to `count` new entries, waiting at most `block_ms` for the first one."""
-        res: Any = await self.r.xreadgroup(
-            self.group, self.consumer, {self.stream: ">"}, count=count, block=block_ms
-        )
-        return [_entry(sid, f) for _, msgs in res or [] for sid, f in msgs if f is not None]
+    async def read(self, count: int, block_ms: int | None = 1000) -> list[Entry]:
+        """Up to `count` new entries, waiting at most `block_ms` for the first one (None: no wait)."""
+        res: Any = await self._read(lambda c: c.xreadgroup(self.group, self.consumer, {self.stream: ">"},
+                                                             count=count, block=block_ms))  # fmt: skip
+        return [_entry(sid, f, part=self.part) for _, msgs in res or [] for sid, f in msgs if f is not None]
 
     async def read_own_pending(self, count: int, after: bytes = b"0") -> tuple[list[Entry], bytes | None]:
         """Entries delivered earlier to this consumer name and not acknowledged (e.g. before a restart),
@@ -134,11 +148,12 @@ class StreamConsumer:
         Returns (entries, cursor): pass the cursor as `after` for the next page; None when none is left.
         Entries deleted from the stream meanwhile are skipped.
         """
-        res: Any = await self.r.xreadgroup(self.group, self.consumer, {self.stream: after}, count=count)
+        res: Any = await self._read(lambda c: c.xreadgroup(self.group, self.consumer, {self.stream: after},
+                                                             count=count))  # fmt: skip
         msgs = [m for _, page in res or [] for m in page]
         if not msgs:
             return [], None
-        entries = await self._with_deliveries([_entry(sid, f) for sid, f in msgs if f])
+        entries = await self._with_deliveries([_entry(sid, f, part=self.part) for sid, f in msgs if f])
         return entries, msgs[-1][0]
 
     async def reclaim(self, count: int) -> tuple[list[Entry], list[Entry]]:
@@ -147,15 +162,22 @@ class StreamConsumer:
         Returns (entries to process, entries over `max_deliveries`). The caller dead-letters the
         second list (`dead_letter`), which it now owns.
         """
-        res = await self.r.xautoclaim(
-            self.stream, self.group, self.consumer, self.lease_ms, start_id=self._cursor, count=count
-        )
+        res = await self._read(lambda c: c.xautoclaim(self.stream, self.group, self.consumer, self.lease_ms,
+                                                        start_id=self._cursor, count=count))  # fmt: skip
         nxt, msgs = res[0], res[1]
         self._cursor = _s(nxt)
-        entries = await self._with_deliveries([_entry(sid, f) for sid, f in msgs if f])
+        entries = await self._with_deliveries([_entry(sid, f, part=self.part) for sid, f in msgs if f])
         ok = [e for e in entries if e.deliveries <= self.max_deliveries]
         over = [e for e in entries if e.deliveries > self.max_deliveries]
         return ok, over
+
+    async def _read(self, command: Any) -> Any:
+        """`command(client)`: a read that records deliveries; with `wait_reads`, those reach the replicas
+        before the entries are used (a failover then cannot hand them out again)."""
+        if not self.wait_reads or self.replicas.n <= 0:
+            return await command(self.r)
+        (res,) = await self.replicas.call(self.stream, command)
+        return res
 
     async def _with_deliveries(self, entries: list[Entry]) -> list[Entry]:
         if not entries:
@@ -194,7 +216,7 @@ class StreamConsumer:
         ]
         for entry, payload, positions in items:
             args += [entry.sid, entry.id, payload, entry.size, positions]
-        res = await self._handoff(keys=[self.stream, dest.key, self.keys.stats], args=args)
+        res = await self.replicas.script(self._handoff, [self.stream, dest.key, self.keys.stats], args)
         return [bool(x) for x in res]
 
     async def ack(self, entries: Sequence[Entry]) -> list[bool]:
@@ -204,7 +226,8 @@ class StreamConsumer:
             args: list[Any] = [self.group, self.consumer, self.source.bytes_out]
             for e in entries[i : i + CHUNK]:
                 args += [e.sid, e.size]
-            flags += [bool(x) for x in await self._ack(keys=[self.stream, self.keys.stats], args=args)]
+            res = await self.replicas.script(self._ack, [self.stream, self.keys.stats], args)
+            flags += [bool(x) for x in res]
         return flags
 
     async def renew(self, entries: Sequence[Entry]) -> list[bool]:
@@ -242,7 +265,7 @@ class StreamConsumer:
             args: list[Any] = [self.group, self.consumer, step, self.source.bytes_out, journal.bytes_in]
             for e in entries[i : i + CHUNK]:
                 args += [e.sid, e.id, e.data, e.size]
-            res = await self._journal(keys=[self.stream, journal.key, self.keys.stats], args=args)
+            res = await self.replicas.script(self._journal, [self.stream, journal.key, self.keys.stats], args)
             flags += [bool(x) for x in res]
         return flags
 
@@ -272,14 +295,24 @@ class StreamConsumer:
         return bool(res)
 
 
+class Lessee(Protocol):
+    """What `Held` needs of a consumer: a `StreamConsumer`, or a `partitions.Partitioned` of several."""
+
+    consumer: str
+    lease_ms: int
+
+    async def renew(self, entries: Sequence[Entry]) -> list[bool]: ...
+
+
 class Held:
     """The entries a consumer owns and works on, renewed every third of the lease until dropped.
 
     Thread-safe: the trainer adds entries on its IO loop and drops them from its training thread.
-    Entries whose renewal was refused (taken over by another consumer) are collected in `lost`.
+    Entries whose renewal was refused (taken over by another consumer) are collected in `lost` (by
+    `Entry.ref`, as is membership: ``entry.ref in held``).
     """
 
-    def __init__(self, consumer: StreamConsumer) -> None:
+    def __init__(self, consumer: Lessee) -> None:
         self.consumer = consumer
         self.lost: set[bytes] = set()
         self._by_sid: dict[bytes, Entry] = {}
@@ -288,16 +321,16 @@ class Held:
     def add(self, entries: Iterable[Entry]) -> None:
         with self._lock:
             for e in entries:
-                self._by_sid[e.sid] = e
+                self._by_sid[e.ref] = e
 
     def drop(self, entries: Iterable[Entry]) -> None:
         with self._lock:
             for e in entries:
-                self._by_sid.pop(e.sid, None)
-                self.lost.discard(e.sid)
+                self._by_sid.pop(e.ref, None)
+                self.lost.discard(e.ref)
 
-    def __contains__(self, sid: bytes) -> bool:
-        return sid in self._by_sid
+    def __contains__(self, ref: bytes) -> bool:
+        return ref in self._by_sid
 
     def __len__(self) -> int:
         return len(self._by_sid)
@@ -310,9 +343,9 @@ class Held:
         """Renew every held entry once; returns (and records in `lost`) those no longer owned."""
         entries = self.entries()
         flags = await self.consumer.renew(entries)
-        lost = [e for e, ok in zip(entries, flags, strict=True) if not ok and e.sid in self._by_sid]
+        lost = [e for e, ok in zip(entries, flags, strict=True) if not ok and e.ref in self._by_sid]
         if lost:
-            self.lost.update(e.sid for e in lost)
+            self.lost.update(e.ref for e in lost)
             log.warning(
                 "%s: lease lost on %d held entries (taken over by another consumer): %s",
                 self.consumer.consumer,

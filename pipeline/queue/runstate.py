@@ -118,7 +118,7 @@ async def other_runs(r: aioredis.Redis, keys: RunKeys, limit_keys: int = 20_000)
         n += 1
         if n >= limit_keys:
             break
-    return sorted(runs - {keys.run})
+    return sorted(K.fold_partitions(runs) - {keys.run})
 
 
 async def record_run_info(r: aioredis.Redis, keys: RunKeys, info: Mapping[str, object]) -> None:

@@ -1,7 +1,10 @@
 """The Redis schema of a run: the only module that spells a key, a group, a field, a counter, a stage.
 
-Every key carries the hash tag ``{run}`` so that a run lives in one Redis Cluster slot and MULTI/Lua
-work there. For the run ``demo`` the rollouts stream is ``gkd:{demo}:rollouts``. A test
+Every key carries a hash tag so that MULTI/Lua work in a Redis Cluster. For the run ``demo`` the
+rollouts stream is ``gkd:{demo}:rollouts``. A run of P > 1 partitions (`RunKeys.parts`) keeps partition
+p's streams, groups, journal, batch markers and partition counters under the hash tag ``{demo.p}``
+(``gkd:{demo.3}:ready``, ``gkd:{demo.3}:stats``); run-wide keys (config, policy, the run's `stats`,
+heartbeats, replay cursors) stay under ``{demo}``. A one-partition run keeps the names above. A test
 (tests/test_schema.py) checks that no other module of `pipeline/` or `workers/` spells these names.
 """
 
@@ -150,6 +153,8 @@ class Config:
     """Fingerprint of the teacher's tokenization of probe texts (pipeline.vocab); the student's must match."""
     TEACHER_TOKENIZER_SIZE = "teacher_tokenizer_size"
     """Tokens in the teacher's tokenizer, when its server says: the student's vocabulary must cover them."""
+    PARTITIONS = "partitions"
+    """Partitions of the run (`RunKeys.parts`); a run without the field has one."""
     TEACHER_MAX_MODEL_LEN = "teacher_max_model_len"
     """Longest sequence the run's teachers accept; recorded, not compared (a teacher may be restarted
     with another context length). Producers refuse prompts that cannot fit."""
@@ -223,7 +228,8 @@ class Stat:
 
 @dataclass(frozen=True)
 class Stream:
-    """One stream of a run: its key, its consumer group (None for `dead`) and its byte counters."""
+    """One stream of a run (or of one partition): its key, its consumer group (None for `dead`) and its
+    byte counters (in the `stats` hash of the same hash tag)."""
 
     run: RunKeys
     kind: str
@@ -231,7 +237,11 @@ class Stream:
 
     @property
     def key(self) -> str:
-        return self.run.key(self.kind)
+        return self.run.part_key(self.kind)
+
+    def of(self, part: RunKeys) -> Stream:
+        """The same stream of another partition."""
+        return Stream(part, self.kind)
 
     @property
     def group(self) -> str | None:
@@ -258,11 +268,18 @@ class Stream:
         return f"dead_{self.kind}"
 
 
+#: Most partitions a run may have (each is a few streams; more spread no better over a cluster's slots).
+MAX_PARTITIONS = 1024
+
+
 @dataclass(frozen=True)
 class RunKeys:
-    """All keys of one run. Build with ``RunKeys.for_run("demo")``."""
+    """All keys of one run, or of one partition of it. Build with ``RunKeys.for_run("demo")``; the keys
+    of partition p of a P-partition run with ``keys.parts(P)[p]``."""
 
     run: str
+    partition: int | None = None
+    """None: the run's own keys (also partition 0 of a one-partition run); p: partition p of P > 1."""
 
     @classmethod
     def for_run(cls, run: str) -> RunKeys:
@@ -271,9 +288,37 @@ class RunKeys:
             raise SettingsError(f"run name: expected 1-64 characters from [A-Za-z0-9_.-], got {run!r}")
         return cls(run)
 
+    @property
+    def tag(self) -> str:
+        """The hash tag of the partition's keys: ``demo`` (run-wide, one partition) or ``demo.3``."""
+        return self.run if self.partition is None else f"{self.run}.{self.partition}"
+
+    @property
+    def index(self) -> int:
+        """The partition's number (0 for the run's own keys)."""
+        return self.partition or 0
+
+    def parts(self, partitions: int) -> list[RunKeys]:
+        """The keys of each partition of a run of `partitions` partitions: [self] for one."""
+        if not 1 <= partitions <= MAX_PARTITIONS:
+            raise SettingsError(f"partitions: expected 1..{MAX_PARTITIONS}, got {partitions}")
+        if partitions == 1:
+            return [RunKeys(self.run)]
+        return [RunKeys(self.run, p) for p in range(partitions)]
+
+    def stats_keys(self, partitions: int) -> list[str]:
+        """Every `stats` hash of the run: its own, then one per partition when P > 1 (scripts count what
+        they move in their partition's hash; a counter's total is the sum over these)."""
+        own = RunKeys(self.run).stats
+        return [own] if partitions == 1 else [own, *(p.stats for p in self.parts(partitions))]
+
     def key(self, suffix: str) -> str:
-        """The key ``gkd:{run}:<suffix>``."""
+        """The run-wide key ``gkd:{run}:<suffix>``."""
         return f"{PREFIX}:{{{self.run}}}:{suffix}"
+
+    def part_key(self, suffix: str) -> str:
+        """The partition's key ``gkd:{run.p}:<suffix>`` (``gkd:{run}:<suffix>`` for the run's own)."""
+        return f"{PREFIX}:{{{self.tag}}}:{suffix}"
 
     @property
     def rollouts(self) -> Stream:
@@ -297,7 +342,7 @@ class RunKeys:
 
     def batch_marker(self, batch_id: str) -> str:
         """Key (with TTL) written with a producer's batch: it landed, whatever happened to the reply."""
-        return self.key(f"batch:{batch_id}")
+        return self.part_key(f"batch:{batch_id}")
 
     @property
     def all_streams(self) -> tuple[Stream, Stream, Stream, Stream]:
@@ -311,8 +356,8 @@ class RunKeys:
 
     @property
     def stats(self) -> str:
-        """Hash of monotonic counters (field names in `Stat`)."""
-        return self.key("stats")
+        """Hash of monotonic counters (field names in `Stat`): the partition's for partition keys."""
+        return self.part_key("stats")
 
     @property
     def policy(self) -> str:
@@ -343,14 +388,25 @@ class RunKeys:
 
     @property
     def pattern(self) -> str:
-        """SCAN pattern matching every key of the run."""
+        """SCAN pattern matching every key of the run (not of its partitions: `part_pattern`)."""
         return f"{PREFIX}:\\{{{self.run}\\}}:*"
+
+    @property
+    def part_pattern(self) -> str:
+        """SCAN pattern matching every key of the run's partitions (P > 1)."""
+        return f"{PREFIX}:\\{{{self.run}.[0-9]*\\}}:*"
 
 
 #: SCAN pattern matching every key of every run.
 ALL_RUNS_PATTERN = f"{PREFIX}:\\{{*"
 
 
+def fold_partitions(tags: set[str]) -> set[str]:
+    """Run names from the hash tags of keys: a tag ``<run>.<p>`` is a partition of ``<run>`` when that run
+    has keys of its own (its config, stats, heartbeats), else a run of that name."""
+    return {t for t in tags if not (t.rpartition(".")[2].isdigit() and t.rpartition(".")[0] in tags)}
+
+
 def run_of_key(key: str) -> str:
-    """The run name inside any key of a run."""
+    """The hash tag inside any key of a run: its name, or ``<run>.<p>`` for a key of partition p."""
     return key[len(PREFIX) + 2 :].split("}", 1)[0]

@@ -60,6 +60,20 @@ return res
 """
 )
 
+# KEYS: rollouts, stats[, batch marker]. ARGV: produced field, bytes_in field, marker TTL ms, then pairs
+# (rid, payload). A producer's batch: its entries, its counters and its marker, all or nothing.
+ADD = f"""
+local ids, b = {{}}, 0
+for i = 4, #ARGV, 2 do
+  ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', '{K.FIELD_ID}', ARGV[i], '{K.FIELD_DATA}', ARGV[i + 1])
+  b = b + #ARGV[i + 1]
+end
+redis.call('HINCRBY', KEYS[2], ARGV[1], #ids)
+redis.call('HINCRBY', KEYS[2], ARGV[2], b)
+if #KEYS > 2 then redis.call('SET', KEYS[3], 1, 'PX', ARGV[3]) end
+return ids
+"""
+
 # KEYS: src, stats. ARGV: group, consumer, bytes_out field, then pairs (sid, src_bytes).
 ACK = (
     OWNED

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
 
 from pipeline.errors import RedisCommandError
 from pipeline.queue import schema as K
+from pipeline.queue import scripts
+from pipeline.queue.durable import Replicas
 from pipeline.queue.schema import RunKeys, Stat, Stream
 
 
@@ -22,30 +25,37 @@ async def ensure_group(r: aioredis.Redis, stream: Stream) -> None:
             raise
 
 
-async def ensure_groups(r: aioredis.Redis, keys: RunKeys) -> None:
-    """Create both consumer groups of a run."""
-    for stream in keys.work_streams:
-        await ensure_group(r, stream)
+async def ensure_groups(r: aioredis.Redis, keys: RunKeys, partitions: int = 1) -> None:
+    """Create both consumer groups of a run (of each of its partitions)."""
+    for part in keys.parts(partitions):
+        for stream in part.work_streams:
+            await ensure_group(r, stream)
 
 
 async def add_rollouts(
-    r: aioredis.Redis, keys: RunKeys, items: Sequence[tuple[str, bytes]], batch_id: str | None = None
+    r: aioredis.Redis,
+    keys: RunKeys,
+    items: Sequence[tuple[str, bytes]],
+    batch_id: str | None = None,
+    replicas: Replicas | None = None,
 ) -> list[bytes]:
-    """XADD (rollout id, payload) pairs to the rollouts stream in one MULTI transaction.
+    """XADD (rollout id, payload) pairs to the rollouts stream of `keys` (a partition's keys in a
+    partitioned run) in one script (`scripts.ADD`: all or nothing, one slot).
 
-    Counts them in `stats` (produced, bytes in). With `batch_id`, the same transaction writes the
-    batch's marker (`batch_landed`), so a caller whose reply was lost can tell whether it landed.
-    Returns the stream entry ids. Callers wait for room first (`Backpressure.wait_for_room`).
+    Counts them in `stats` (produced, bytes in). With `batch_id`, the same script writes the batch's
+    marker (`batch_landed`), so a caller whose reply was lost can tell whether it landed. With
+    `replicas`, returns once they have it (or their WAIT timed out). Returns the stream entry ids.
+    Callers wait for room first (`Backpressure.wait_for_room`).
     """
-    async with r.pipeline(transaction=True) as pipe:
-        for rid, payload in items:
-            pipe.xadd(keys.rollouts.key, {K.FIELD_ID: rid, K.FIELD_DATA: payload})
-        pipe.hincrby(keys.stats, Stat.ROLLOUTS_PRODUCED, len(items))
-        pipe.hincrby(keys.stats, keys.rollouts.bytes_in, sum(len(p) for _, p in items))
-        if batch_id is not None:
-            pipe.set(keys.batch_marker(batch_id), 1, px=K.BATCH_MARKER_TTL_MS)
-        res = await pipe.execute()
-    return [sid for sid in res[: len(items)]]
+    script = r.register_script(scripts.ADD)
+    script_keys = [keys.rollouts.key, keys.stats]
+    if batch_id is not None:
+        script_keys.append(keys.batch_marker(batch_id))
+    args: list[Any] = [Stat.ROLLOUTS_PRODUCED, keys.rollouts.bytes_in, K.BATCH_MARKER_TTL_MS]
+    for rid, payload in items:
+        args += [rid, payload]
+    res = await (replicas or Replicas(r)).script(script, script_keys, args)
+    return list(res)
 
 
 async def batch_landed(r: aioredis.Redis, keys: RunKeys, batch_id: str) -> bool:

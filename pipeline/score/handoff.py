@@ -2,7 +2,8 @@
 
 Each result is (source entry, ScoredSample bytes, positions). `StreamConsumer.handoff` publishes it to
 `ready`, acknowledges and deletes the rollout in one script, and refuses an entry this consumer no longer
-owns. Batching cuts the round trips from one per rollout to one per batch; a batch closes after
+owns. In a partitioned run a batch is one script per partition (rollouts of p -> ready of p, one slot).
+Batching cuts the round trips from one per rollout to one per batch; a batch closes after
 `max_items`, `max_bytes`, or `linger_s` after its first result, whichever comes first.
 """
 
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 
 from pipeline.errors import StreamGroupMissing
 from pipeline.queue.connection import RedisRetry
-from pipeline.queue.lease import Entry, StreamConsumer
+from pipeline.queue.lease import Entry
+from pipeline.queue.partitions import Partitioned
 from pipeline.queue.schema import Stream
 
 #: Called once per result after its batch was published: (entry, positions, published?).
@@ -34,7 +36,7 @@ class HandoffBatcher:
 
     def __init__(
         self,
-        consumer: StreamConsumer,
+        consumer: Partitioned,
         dest: Stream,
         retry: RedisRetry,
         on_published: OnPublished,

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from pipeline.notice import WaitNotice
 from pipeline.queue.connection import where
-from pipeline.queue.lease import StreamConsumer
+from pipeline.queue.partitions import Partitioned
 from pipeline.queue.runstate import other_runs
 from pipeline.queue.schema import RunKeys
 
@@ -22,7 +22,7 @@ log = logging.getLogger("gkd.worker")
 COUNTDOWN_EVERY_S = 5.0
 
 
-async def release_own_pending(consumer: StreamConsumer) -> int:
+async def release_own_pending(consumer: Partitioned) -> int:
     """Make the entries an earlier process with this consumer name left pending reclaimable now; returns
     how many."""
     released = 0

@@ -25,7 +25,8 @@ from pipeline.errors import (
 from pipeline.notice import WaitNotice
 from pipeline.queue.backpressure import Backpressure
 from pipeline.queue.connection import RedisRetry, connect, wait_event, wait_for_redis
-from pipeline.queue.lease import Entry, Held, StreamConsumer
+from pipeline.queue.lease import Entry, Held
+from pipeline.queue.partitions import Partitioned
 from pipeline.queue.runstate import Heartbeat, check_run_config, now_ms, record_run_info
 from pipeline.queue.schema import DEFAULT_TEACHER, HB, Config, Role, Stage, Stat
 from pipeline.queue.streams import ensure_groups
@@ -98,17 +99,19 @@ class TeacherWorker:
         PermanentError from its start-up checks, before any rollout is read.
         """
         self._stop = stop
-        self.r = connect(self.run_settings.redis_url)
-        self.consumer = StreamConsumer(
-            self.r, self.keys.rollouts, self.name,
+        run = self.run_settings
+        self.r = connect(run.redis_url, cluster=run.redis_cluster)
+        self.consumer = Partitioned(
+            self.r, self.keys.rollouts, run.parts, self.name,
             lease_ms=self.flow.lease_ms, max_deliveries=self.flow.max_deliveries,
+            replicas=run.replicas(self.r),
         )  # fmt: skip
         self._owned = Held(self.consumer)  # until published, dead-lettered or released
         self._heartbeat = Heartbeat(
             self.r, self.keys, self.name, Role.WORKER, ttl_ms=self.opts.heartbeat_ttl_ms,
             fields=self._heartbeat_fields, counts=self.tel.stats,
         )  # fmt: skip
-        self._bp = Backpressure(self.r, self.keys.ready, self.flow.marks)
+        self._bp = Backpressure(self.r, self.keys.ready, self.flow.marks, parts=run.parts)
         self._handoff = HandoffBatcher(
             self.consumer, self.keys.ready, self.retry, self._published,
             max_items=self.opts.handoff_max_items, max_bytes=self.opts.handoff_max_bytes,
@@ -140,7 +143,10 @@ class TeacherWorker:
         start fixes nothing for the run."""
         if not await self._wait_for_redis():
             return False
-        own = {**self.run_settings.fixed(Config.K, Config.LOGPROB_DTYPE), **self.router.fixed()}
+        own = {
+            **self.run_settings.fixed(Config.K, Config.LOGPROB_DTYPE, Config.PARTITIONS),
+            **self.router.fixed(),
+        }
         await check_run_config(self.r, self.keys, own, record=False)
         await self.router.start(self._stop, self.opts.outage_backoff_s, self.tel.teacher_down)
         self.metrics.serve(self.opts.metrics_port, self.opts.metrics_addr)
@@ -164,7 +170,8 @@ class TeacherWorker:
         if not await wait_for_redis(self.r, f"worker {self.name}", self._stop):
             return False
         try:
-            await self.retry.call("start", lambda: ensure_groups(self.r, self.keys), stop=self._stop)
+            groups = lambda: ensure_groups(self.r, self.keys, self.run_settings.partitions)  # noqa: E731
+            await self.retry.call("start", groups, stop=self._stop)
         except RedisUnavailable:
             return False  # stopped while Redis was down
         return not self._stop.is_set()
@@ -196,7 +203,7 @@ class TeacherWorker:
         while not self._stop.is_set():
             try:
                 if regroup:
-                    await ensure_groups(self.r, self.keys)
+                    await ensure_groups(self.r, self.keys, self.run_settings.partitions)
                     regroup = False
                 # Slots first, then room: the level is read after the results it waited for have
                 # landed, so ready overshoots its high-water mark by at most one read batch.
@@ -212,7 +219,8 @@ class TeacherWorker:
                     # A full reclaim batch means more may be stale: look again at once.
                     next_reclaim = 0.0 if free == 0 else time.monotonic() + self._reclaim_every_s()
                 if free > 0:
-                    got = await self.consumer.read(free, block_ms=self.opts.read_block_ms)
+                    full = await self._bp.full()  # partitions whose ready stream is at its share
+                    got = await self.consumer.read(free, block_ms=self.opts.read_block_ms, skip=full)
                     for entry in got:
                         self._spawn(entry)
                     await note_idle(self._idle, bool(got or self._tasks), self.r, self.keys, self.name)
@@ -251,14 +259,14 @@ class TeacherWorker:
         """Take over stale entries of dead workers; dead-letter those delivered too often. Returns taken."""
         ok, over = await self.consumer.reclaim(count)
         for entry in over:
-            if entry.sid not in self._owned:
+            if entry.ref not in self._owned:
                 self._owned.add([entry])
                 reason = (
                     f"delivered {entry.deliveries} times (max_deliveries={self.flow.max_deliveries}); "
                     f"workers kept dying or stalling on it"
                 )
                 await self._dead_letter(entry, Stage.TEACHER, reason)
-        fresh = [e for e in ok if e.sid not in self._owned]  # owned ones: our renewal lagged, still ours
+        fresh = [e for e in ok if e.ref not in self._owned]  # owned ones: our renewal lagged, still ours
         for entry in fresh:
             self._spawn(entry)
         if fresh:
@@ -330,7 +338,7 @@ class TeacherWorker:
                     await lane.wait_back(delay * random.uniform(0.5, 1.0), self._stop)
                 if self._stop.is_set():
                     return None
-                if entry.sid in self._owned.lost:
+                if entry.ref in self._owned.lost:
                     self._forget(entry)
                     self._count_lease_lost(1)
                     return None

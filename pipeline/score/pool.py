@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from pipeline.queue.schema import DEFAULT_TEACHER
 from pipeline.score.options import WorkerOptions
 from pipeline.score.teachers import parse_teachers
-from pipeline.sections import CommonSettings, FlowSettings, RunSettings
+from pipeline.sections import REDIS_LAYOUT, CommonSettings, FlowSettings, RunSettings
 from pipeline.settings import secret_flags, section, setting
 
 if TYPE_CHECKING:  # aiohttp, redis and numpy wait until the signal handlers are set
@@ -41,7 +41,7 @@ SUPERVISOR_ENV = "GKD_SUPERVISOR_PID"
 class WorkerSettings(CommonSettings):
     """Settings of `gkd workers` (flags, GKD_* environment variables, TOML table [workers])."""
 
-    run: RunSettings = section(RunSettings, "name", "redis_url", "k", "logprob_dtype")
+    run: RunSettings = section(RunSettings, "name", "redis_url", "k", "logprob_dtype", *REDIS_LAYOUT)
     flow: FlowSettings = section(FlowSettings)
     loop: WorkerOptions = section(
         WorkerOptions,

@@ -26,8 +26,10 @@ import redis.asyncio as aioredis
 
 from pipeline.errors import RedisUnavailable, StreamGroupMissing, WireFormatError
 from pipeline.queue.connection import RedisRetry
-from pipeline.queue.journal import Journal
-from pipeline.queue.lease import Entry, Held, StreamConsumer
+from pipeline.queue.durable import Replicas
+from pipeline.queue.journal import Journals
+from pipeline.queue.lease import Entry, Held
+from pipeline.queue.partitions import Partitioned
 from pipeline.queue.runstate import Counts, Heartbeat, publish_policy
 from pipeline.queue.schema import HB, Role, RunKeys, Stage, Stat
 from pipeline.queue.streams import ensure_groups
@@ -61,14 +63,18 @@ class ReadyLeases:
         *,
         flow: FlowSettings,
         stop: threading.Event,
+        partitions: int = 1,
+        replicas: Replicas | None = None,
     ) -> None:
-        self.io, self.r, self.keys = io, r, keys
-        self.consumer = StreamConsumer(
-            r, keys.ready, consumer, lease_ms=flow.lease_ms, max_deliveries=flow.max_deliveries,
-            dead_max_entries=flow.dead_max_entries, dead_max_payload_bytes=flow.dead_max_payload_bytes,
+        self.io, self.r, self.keys, self.partitions = io, r, keys, partitions
+        # With replicas, reads wait too: a delivery a failover forgot would hand a trained sample out again.
+        self.consumer = Partitioned(
+            r, keys.ready, keys.parts(partitions), consumer, lease_ms=flow.lease_ms,
+            max_deliveries=flow.max_deliveries, dead_max_entries=flow.dead_max_entries,
+            dead_max_payload_bytes=flow.dead_max_payload_bytes, replicas=replicas, wait_reads=True,
         )  # fmt: skip
         self.held = Held(self.consumer)
-        self.journal = Journal(r, keys)
+        self.journal = Journals(r, keys.parts(partitions))
         self.retry = RedisRetry(f"trainer {consumer}")
         self.counts = Counts()
         self._stop = stop
@@ -80,7 +86,7 @@ class ReadyLeases:
         self._step_fields: Callable[[], dict[str, object]] = dict
         self._heartbeat = Heartbeat(r, keys, consumer, Role.TRAINER, fields=self._fields, counts=self.counts)
         self._tasks: list[Any] = []
-        io.run(ensure_groups(r, keys))
+        io.run(ensure_groups(r, keys, partitions))
         io.run(self._heartbeat.claim())  # NameInUse: another live process has this consumer name
 
     @property
@@ -100,14 +106,14 @@ class ReadyLeases:
             return []  # stopped during an outage
         except StreamGroupMissing:
             log.warning("%s: ready's consumer group is gone (Redis lost its data?); recreating it", self.name)
-            await ensure_groups(self.r, self.keys)
+            await ensure_groups(self.r, self.keys, self.partitions)
             return []
 
     async def _read(self, count: int, block_ms: int) -> list[Entry]:
         try:
             while self._cursor is not None:
                 page, self._cursor = await self.consumer.read_own_pending(count, after=self._cursor)
-                fresh = [e for e in page if e.sid not in self.held]
+                fresh = [e for e in page if e.ref not in self.held]
                 if fresh:
                     self._hold(fresh)
                     return fresh
@@ -134,7 +140,7 @@ class ReadyLeases:
             reason = (f"delivered {e.deliveries} times (max_deliveries={self.consumer.max_deliveries}); "
                       f"trainers kept dying or stalling on it")  # fmt: skip
             await self.consumer.dead_letter(e, Stage.TRAINER, reason)
-        fresh = [e for e in ok if e.sid not in self.held]  # held ones: our renewal lagged, still ours
+        fresh = [e for e in ok if e.ref not in self.held]  # held ones: our renewal lagged, still ours
         if fresh:
             self._hold(fresh)
             self.counts.add(Stat.RECLAIMED, len(fresh))
@@ -152,7 +158,7 @@ class ReadyLeases:
 
     async def _reject(self, skipped: Sequence[Entry], dead: Sequence[tuple[Entry, str]]) -> None:
         for entry, reason in dead:
-            if entry.sid in self.held:
+            if entry.ref in self.held:
                 log.error("ready entry %s (%s) dead-lettered: %s", entry.sid, entry.id, reason)
                 await self.consumer.dead_letter(entry, Stage.TRAINER, reason)
                 self.held.drop([entry])
@@ -199,7 +205,7 @@ class ReadyLeases:
         while self._pending and time.monotonic() < deadline:
             time.sleep(0.005)
         with self._pending_lock:
-            return [(e.sid.decode(), e.size) for _, entries in self._pending for e in entries]
+            return [(e.ref.decode(), e.size) for _, entries in self._pending for e in entries]
 
     def recover(self, listed: Mapping[str, Sequence[tuple[str, int]]], step: int) -> None:
         """Before any rank reads (rank 0 at start): settle the ready entries the checkpoint of `step` lists,
@@ -216,11 +222,11 @@ class ReadyLeases:
                 *(step, settled, requeued, dropped),
             )
 
-    def journal_mark(self) -> bytes | None:
+    def journal_mark(self) -> list[bytes | None]:
         """The journal's newest entry (rank 0, after every rank journaled the checkpoint's steps)."""
         return self.io.run(self.retry.call("reading the journal", self.journal.mark))
 
-    def trim_journal(self, mark: bytes | None) -> None:
+    def trim_journal(self, mark: list[bytes | None]) -> None:
         """Drop the journal up to `mark` once the checkpoint that includes it is written (best effort:
         what stays is dropped by the next trim or a resume)."""
         try:

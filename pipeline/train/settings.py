@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.sections import CommonSettings, FlowSettings, RunSettings
+from pipeline.sections import REDIS_LAYOUT, CommonSettings, FlowSettings, RunSettings
 from pipeline.settings import section, setting
 
 #: LR schedules after warmup (pipeline.train.optim implements them).
@@ -20,7 +20,7 @@ SHARDINGS = ("fsdp", "ddp")
 class TrainSettings(CommonSettings):
     """Settings of `gkd train`."""
 
-    run: RunSettings = section(RunSettings, "name", "redis_url", "k", "loss_mode")
+    run: RunSettings = section(RunSettings, "name", "redis_url", "k", "loss_mode", *REDIS_LAYOUT)
     flow: FlowSettings = section(
         FlowSettings,
         "lease_ms",

@@ -38,11 +38,10 @@ from pipeline.notice import WaitNotice
 from pipeline.queue.connection import connect, wait_for_redis, where
 from pipeline.queue.runstate import check_run_config, other_runs, read_config, read_policy
 from pipeline.queue.schema import HB, Config
-from pipeline.train import checkpoint as ckpt
 from pipeline.train.batching import Batch, BatchPacker
 from pipeline.train.distributed import Dist, init_distributed, shutdown
-from pipeline.train.export import PolicyExporter, export_complete
 from pipeline.train.ioloop import IOLoop
+from pipeline.train.lineage import Lineage
 from pipeline.train.metrics import MetricsSink, SampleLog
 from pipeline.train.prefetch import TRAIN, Prefetcher, Verdict
 from pipeline.train.ready import ReadyLeases
@@ -50,19 +49,13 @@ from pipeline.train.settings import TrainSettings
 from pipeline.train.startup import (
     check_output_dir,
     check_policy_floor,
-    schedule_change,
-    schedule_of,
     start_point,
 )
 from pipeline.train.step import LossConfig, StepStats, train_step
-from pipeline.train.student import build_student
 from pipeline.vocab import check_student, tokenizer_fingerprint
 from pipeline.wire.codec import META_RETRAIN_OF_STEP, ScoredSample
 
 log = logging.getLogger("gkd.train")
-
-#: How long a checkpoint waits for the journal writes of its steps; unconfirmed ones it lists instead.
-JOURNAL_WAIT_S = 10.0
 
 #: Samples in a row beyond the student's vocabulary, none trained yet, that make a trainer refuse.
 OUTSIDE_VOCAB_REFUSAL = 16
@@ -89,7 +82,7 @@ class _Stopped(Exception):
     """Stopped (SIGTERM, Ctrl-C) before the trainer could start (still waiting for Redis)."""
 
 
-class Trainer:
+class Trainer(Lineage):
     """One rank of a training job. `run()` loops until max steps, stop, SIGTERM or idle exit."""
 
     def __init__(self, s: TrainSettings, stop: threading.Event | None = None) -> None:
@@ -111,14 +104,14 @@ class Trainer:
         self.keys = s.run.keys
         self.consumer_name = f"{s.name}-{self.dist.rank}"
         self.io = IOLoop()
-        self.r = self.io.run(_connect(s.run.redis_url))
+        self.r = self.io.run(_connect(s.run.redis_url, s.run.redis_cluster))
         self.step = 0
         self.version = 0
         self.last_ckpt_step = -1
         self._vocab_checked = False
         self._outside_vocab = 0  # samples in a row whose ids the student's vocabulary does not cover
         self.idle_notice = WaitNotice(log)
-        fixed = s.run.fixed(Config.K, Config.LOSS_MODE)
+        fixed = s.run.fixed(Config.K, Config.LOSS_MODE, Config.PARTITIONS)
         try:
             waited = wait_for_redis(self.r, f"trainer {self.consumer_name}", self.stop)
             if not self.io.run(waited, timeout_s=None):
@@ -127,8 +120,9 @@ class Trainer:
             self.io.run(check_run_config(self.r, self.keys, fixed, record=False))
             self._check_policy_floor()
             self.ready = ReadyLeases(
-                self.io, self.r, self.keys, self.consumer_name, flow=s.flow, stop=self.stop
-            )
+                self.io, self.r, self.keys, self.consumer_name, flow=s.flow, stop=self.stop,
+                partitions=s.run.partitions, replicas=s.run.replicas(self.r),
+            )  # fmt: skip
             self._listed: dict[str, list[tuple[str, int]]] = {}
             self._load_model()
             self._check_vocabulary(required=False)
@@ -172,51 +166,6 @@ class Trainer:
         s = self.s
         check_student(config, student=s.student, vocab_size=self.vocab, fingerprint_=fp, run=self.keys.run)
         self._vocab_checked = True
-
-    def _load_model(self) -> None:
-        """The student, its optimizer and LR schedule; their state from the latest checkpoint on --resume."""
-        s = self.s
-        self.student = build_student(s, self.dist)
-        self.tokenizer, self.vocab = self.student.tokenizer, self.student.vocab
-        self.exports = PolicyExporter(self.student.lm, self.tokenizer, self.dist)
-        latest = ckpt.latest_checkpoint(s.output_dir) if s.resume else None
-        self.resumed_from = str(latest) if latest is not None else None
-        if latest is not None:
-            self._resume(latest)
-        elif s.resume:
-            log.info("--resume: no checkpoint in %s yet, starting from %s", s.output_dir, s.student)
-
-    def _resume(self, latest: Path) -> None:
-        """Model, optimizer, schedule, step and RNG from `latest`; acknowledge the samples it includes."""
-        d, st = self.dist, self.student
-        state = ckpt.load_checkpoint(
-            latest, model=st.lm, optimizer=st.optimizer, scheduler=st.scheduler, rank=d.rank
-        )
-        self.step = self.last_ckpt_step = state.step
-        self.version = state.policy_version
-        self._apply_schedule(state.extra.get("schedule", {}))
-        self._listed = state.entries  # settled by `_recover`
-        log.info("resumed from %s (step %d)", latest, self.step)
-        if export_complete(latest):
-            if d.is_main:
-                self.ready.publish(self.version, str(latest))
-        else:  # the crash came before its export was written
-            self.exports.start(st.lm, latest, self.version)
-
-    def _apply_schedule(self, saved: dict[str, Any]) -> None:
-        """Resume under this run's LR settings, saying how they differ from the checkpoint's."""
-        s = self.s
-        scheduler, optimizer = self.student.scheduler, self.student.optimizer
-        # LambdaLR restores the checkpoint's base LR and keeps our (new) lambda: set both from ours, so a
-        # changed --lr applies too; unchanged settings give exactly the LR the checkpoint had.
-        scheduler.base_lrs = [s.lr for _ in scheduler.base_lrs]
-        factor = scheduler.lr_lambdas[0](self.step)
-        for group in optimizer.param_groups:
-            group["initial_lr"] = s.lr
-            group["lr"] = s.lr * factor
-        note = schedule_change(saved, s, self.step, s.lr * factor)
-        if note:
-            log.warning("%s", note)
 
     def _check(self, sample: ScoredSample) -> Verdict:
         """Dead-letter what can never train here; skip (count) stale student rollouts."""
@@ -392,56 +341,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _recover(self) -> None:
-        """Rank 0, before any rank reads: settle what the checkpoint lists as included but unjournaled,
-        put journal entries past it back into rollouts (every rank of every earlier job), drop the rest."""
-        if self.dist.is_main:
-            self.ready.recover(self._listed, self.step)
-        self.dist.barrier()
-
-    def _checkpoint(self) -> None:
-        """Every rank journals what it trained and writes its shard (the checkpoint lists the samples whose
-        journal write is unconfirmed); rank 0 then trims the journal up to it; the policy export starts,
-        and is published once written (`_publish_exports`)."""
-        d, st = self.dist, self.student
-        listing = self.ready.unjournaled(JOURNAL_WAIT_S)
-        mine = {"consumer": self.consumer_name, "entries": listing, "rng": ckpt.capture_rng()}
-        everyone = d.all_gather(mine)
-        # Every rank has journaled the steps this checkpoint includes, and none has begun the next.
-        mark = self.ready.journal_mark() if d.is_main else None
-        state = ckpt.TrainState(
-            step=self.step,
-            policy_version=self.step,
-            world_size=d.world_size,
-            entries={m["consumer"]: m["entries"] for m in everyone if m["entries"]},
-            created_ms=int(time.time() * 1000),
-            extra={"schedule": schedule_of(self.s)},  # a resume says how its schedule differs
-        )
-        self.exports.wait()  # the previous export writes into a checkpoint folder that pruning may remove
-        path = ckpt.save_checkpoint(
-            self.s.output_dir,
-            model=st.lm,
-            optimizer=st.optimizer,
-            scheduler=st.scheduler,
-            state=state,
-            rng_states=[m["rng"] for m in everyone],
-            keep=self.s.keep_checkpoints,
-            dist=d,
-        )
-        if d.is_main:
-            self.ready.trim_journal(mark)
-        self.last_ckpt_step = self.step
-        self.summary.checkpoint = str(path)
-        self.version = self.step
-        self.exports.start(st.lm, path, self.version)
-        self._publish_exports()
-
-    def _publish_exports(self) -> None:
-        """Publish the policies whose export is written (rank 0)."""
-        for version, path in self.exports.finished():
-            self.ready.publish(version, path)
-            log.info("checkpoint %s written; policy version %d published", path, version)
-
     def close(self, clean: bool = True) -> None:
         """Release everything; `clean`: every rank got here (not after an error on this rank alone)."""
         exports = getattr(self, "exports", None)
@@ -464,8 +363,8 @@ class Trainer:
         self.io.close()
 
 
-async def _connect(url: str) -> Any:
-    return connect(url)
+async def _connect(url: str, cluster: bool) -> Any:
+    return connect(url, cluster=cluster)
 
 
 def train(s: TrainSettings, stop: threading.Event | None = None) -> TrainSummary:

@@ -35,6 +35,7 @@ from pipeline.teacher.client import TeacherConfig
 from pipeline.wire.codec import Rollout, ScoredSample, decode_scored, encode_rollout
 from tests.redis_helpers import read_stats
 from tests.teacher_fakes import FakeTeacher
+from tests.test_trainer import fill, models, scored, settings  # noqa: F401 -- fixtures and helpers
 
 K = 4
 VOCAB = 320  # the tiny student's tokenizer: every token id has its own row in the fake teachers
@@ -260,3 +261,55 @@ async def test_a_killed_teacher_holds_back_only_its_own_rollouts_and_nothing_is_
     stats = await read_stats(r, keys)
     assert stats.get(Stat.RECLAIMED, 0) == 0 and stats[Stat.per_teacher("math", Stat.TEACHER_ERRORS)] > 0
     assert stats.get(Stat.per_teacher("code", Stat.TEACHER_ERRORS), 0) == 0
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+
+
+def test_trainer_logs_kl_and_teacher_mass_per_teacher(
+    redis_url: str,
+    models: tuple[str, str],  # noqa: F811 -- the fixture of tests/test_trainer.py
+    scored: list[ScoredSample],  # noqa: F811 -- likewise
+    tmp_path: Path,
+) -> None:
+    from dataclasses import replace as dc_replace
+
+    from pipeline.train.trainer import train
+
+    # Two teachers: "sharp" sends the tiny teacher's own top-k, "soft" the same rows with a third of the
+    # mass (logprobs - ln 3), so both the KL and the teacher mass differ between them.
+    samples = []
+    for i, s in enumerate(scored[:60]):
+        name = ("sharp", "soft")[i % 2]
+        lp = s.topk_logprobs if name == "sharp" else (s.topk_logprobs.astype(np.float32) - np.log(3.0))
+        ro = dc_replace(s.rollout, teacher_name=name)
+        samples.append(dc_replace(s, rollout=ro, topk_logprobs=lp.astype(np.float16)))
+    keys = RunKeys.for_run("per-teacher")
+    fill(redis_url, keys, samples)
+    log_path = tmp_path / "samples.jsonl"
+    summary = train(settings(redis_url, keys.run, models[1], tmp_path, max_steps=5, sample_log=str(log_path)))
+    assert summary.steps == 5
+    by_id = {s.rollout.id: s for s in samples}
+    steps = {json.loads(x)["step"]: json.loads(x)["ids"] for x in log_path.read_text().splitlines()}
+    for m in summary.history:
+        ids = steps[int(m["step"])]
+        rows = {"sharp": 0.0, "soft": 0.0}
+        mass = {"sharp": 0.0, "soft": 0.0}
+        for sid in ids:  # the teacher mass of each teacher's rows in this step, computed from the samples
+            s = by_id[sid]
+            name = s.rollout.teacher_name
+            assert name is not None
+            rows[name] += s.topk_ids.shape[0]
+            mass[name] += float(np.exp(s.topk_logprobs.astype(np.float64)).sum())
+        for name in rows:
+            if rows[name]:
+                assert m[f"teacher_mass/{name}"] == pytest.approx(mass[name] / rows[name], rel=1e-3)
+        # Every row of a step is a KL row here (fewer than kl_rows), so the per-teacher KLs weighted by
+        # their rows make the step's KL.
+        total = sum(m[f"kl/{n}"] * rows[n] for n in rows if rows[n]) / sum(rows.values())
+        assert m["kl"] == pytest.approx(total, rel=1e-4)
+    assert any(
+        m["kl/soft"] != pytest.approx(m["kl/sharp"], rel=1e-2) for m in summary.history if "kl/soft" in m
+    )
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all("kl/sharp" in x and "teacher_mass/soft" in x for x in logged)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.queue.schema import DEFAULT_TEACHER
 from pipeline.wire.codec import ScoredSample
 
 
@@ -46,11 +47,27 @@ class Batch:
     """Opaque per-sample references carried along (the trainer's stream entries), in batch order."""
     num_tokens: int = 0
     """Real (unpadded) tokens: the sum of T over the samples."""
+    sample_teachers: list[str] = field(default_factory=list)
+    """The teacher each sample names (`Rollout.teacher_name`, "default" when none), in batch order."""
+    sample_rows: list[int] = field(default_factory=list)
+    """Loss rows of each sample (R = T - prompt_len), in batch order: its rows follow the previous ones'."""
 
     @property
     def num_loss_tokens(self) -> int:
         """N: the rows the loss sums over."""
         return int(self.positions_N.shape[0])
+
+    def teacher_rows(self) -> dict[str, list[int]]:
+        """Row indices (into the N loss rows) of each teacher's samples; empty when no sample names a
+        teacher (a single-teacher run: nothing to split)."""
+        if all(t == DEFAULT_TEACHER for t in self.sample_teachers):
+            return {}
+        out: dict[str, list[int]] = {}
+        row = 0
+        for name, n in zip(self.sample_teachers, self.sample_rows, strict=True):
+            out.setdefault(name, []).extend(range(row, row + n))
+            row += n
+        return out
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {
@@ -141,6 +158,8 @@ def collate(
         sample_ids=[s.rollout.id for s in samples],
         refs=list(refs) if refs is not None else [],
         num_tokens=sum(s.rollout.num_tokens for s in samples),
+        sample_teachers=[s.rollout.teacher_name or DEFAULT_TEACHER for s in samples],
+        sample_rows=[s.rollout.num_tokens - s.rollout.prompt_len for s in samples],
     )
 
 

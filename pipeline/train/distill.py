@@ -15,7 +15,7 @@ import torch
 
 from pipeline.train.batching import Batch, gather_logits
 from pipeline.train.loss import fused_topk_gkd_loss, topk_gkd_loss
-from pipeline.train.step import LossConfig
+from pipeline.train.step import LossConfig, teacher_key
 
 
 def supports_mask_logits(model: Any, device: torch.device) -> bool:
@@ -118,12 +118,38 @@ class DistillModule(torch.nn.Module):
             m = min(cfg.kl_rows, batch.num_loss_tokens)
             with torch.no_grad():
                 _, kl = self._loss(rows[:m].detach(), batch, 0.0, cfg)
+        if want_kl and kl is not None and (groups := batch.teacher_rows()):
+            with torch.no_grad():
+                kl.update(self._per_teacher(rows.detach(), batch, groups, cfg))
         return loss, stats, kl
 
+    def _per_teacher(
+        self, rows: torch.Tensor, batch: Batch, groups: dict[str, list[int]], cfg: LossConfig
+    ) -> Stats:
+        """Forward KL and teacher mass on up to `kl_rows` rows of each teacher's samples (no grad), under
+        the keys of `step.teacher_key`."""
+        out: Stats = {}
+        for name, idx in groups.items():
+            pick = torch.tensor(idx[: cfg.kl_rows], dtype=torch.long, device=rows.device)
+            ids = batch.teacher_ids_NK.index_select(0, pick)
+            logp = batch.teacher_logprobs_NK.index_select(0, pick)
+            _, st = self._loss(rows.index_select(0, pick), batch, 0.0, cfg, teacher=(ids, logp))
+            out[teacher_key(name, "kl_sum")] = st["loss_sum"]
+            out[teacher_key(name, "mass_sum")] = st["teacher_mass"] * st["rows"]
+            out[teacher_key(name, "rows")] = st["rows"]
+        return out
+
     def _loss(
-        self, rows: torch.Tensor, batch: Batch, beta: float, cfg: LossConfig, normalizer: float | None = None
+        self,
+        rows: torch.Tensor,
+        batch: Batch,
+        beta: float,
+        cfg: LossConfig,
+        normalizer: float | None = None,
+        teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, Stats]:
-        """The loss over the first n = len(rows) loss rows of `batch`."""
+        """The loss over the first n = len(rows) loss rows of `batch` (or against `teacher`'s rows: ids
+        [n, K] and logprobs [n, K] given)."""
         n = rows.shape[0]
         common: dict[str, Any] = {
             "beta": beta,
@@ -131,7 +157,9 @@ class DistillModule(torch.nn.Module):
             "mode": cfg.mode,
             "normalizer": normalizer,
         }
-        ids, logp = batch.teacher_ids_NK[:n], batch.teacher_logprobs_NK[:n]
+        ids, logp = (
+            teacher if teacher is not None else (batch.teacher_ids_NK[:n], batch.teacher_logprobs_NK[:n])
+        )
         if self.fused:
             head = self.lm.get_output_embeddings()
             return fused_topk_gkd_loss(rows, head.weight, ids, logp, bias=head.bias, **common)

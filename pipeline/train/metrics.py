@@ -37,6 +37,24 @@ class SampleLog:
         os.close(self.fd)
 
 
+def teacher_metrics(ranks: list[dict[str, dict[str, float]]]) -> dict[str, float]:
+    """Per-teacher means of one step from every rank's `StepStats.per_teacher`: ``kl/NAME`` (forward KL
+    on the KL rows of NAME's samples) and ``teacher_mass/NAME`` (NAME's mean top-k mass on them)."""
+    sums: dict[str, dict[str, float]] = {}
+    for per in ranks:
+        for name, figures in per.items():
+            into = sums.setdefault(name, {})
+            for what, value in figures.items():
+                into[what] = into.get(what, 0.0) + value
+    out: dict[str, float] = {}
+    for name in sorted(sums):
+        rows = sums[name].get("rows", 0.0)
+        if rows > 0:
+            out[f"kl/{name}"] = sums[name].get("kl_sum", 0.0) / rows
+            out[f"teacher_mass/{name}"] = sums[name].get("mass_sum", 0.0) / rows
+    return out
+
+
 class MetricsSink:
     """Rank 0's per-step metrics: metrics.jsonl in the output folder, the log, TensorBoard."""
 
@@ -102,6 +120,13 @@ class MetricsSink:
             100 * m["data_wait_frac"],
             m["lr"],
         )
+        teachers = [name[3:] for name in m if name.startswith("kl/")]
+        if teachers:
+            log.info(
+                "step %d by teacher: %s",
+                m["step"],
+                ", ".join(f"{t} kl {m['kl/' + t]:.4f} mass {m['teacher_mass/' + t]:.3f}" for t in teachers),
+            )
         if self.tb is not None:
             for name, value in m.items():
                 if name != "step":

@@ -13,7 +13,7 @@ Shape legend: B samples, T padded length, N loss rows, V vocabulary, K teacher t
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -43,13 +43,36 @@ class StepStats:
     top1_sum: float = 0.0
     rows: float = 0.0
     grad_norm: float = 0.0
+    per_teacher: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Teacher name -> {"kl_sum", "mass_sum", "rows"} on the KL rows of its samples (log steps of runs
+    whose samples name teachers); summed over ranks by the trainer, not by `as_list`."""
 
     def as_list(self) -> list[float]:
-        return [getattr(self, f.name) for f in fields(self)]
+        return [getattr(self, f.name) for f in fields(self) if f.name != "per_teacher"]
 
     @classmethod
     def from_list(cls, values: list[float]) -> StepStats:
-        return cls(*values)
+        st = cls()
+        for f, value in zip([f for f in fields(cls) if f.name != "per_teacher"], values, strict=True):
+            setattr(st, f.name, value)
+        return st
+
+
+#: Separates a teacher name from a figure in the per-teacher keys of a micro-batch's KL stats.
+_TEACHER_SEP = "@teacher:"
+
+
+def teacher_key(name: str, what: str) -> str:
+    """The key of one teacher's figure (`what`: kl_sum, mass_sum, rows) in a micro-batch's KL stats."""
+    return f"{what}{_TEACHER_SEP}{name}"
+
+
+def _accumulate_teachers(st: StepStats, kl: dict[str, float]) -> None:
+    for key, value in kl.items():
+        what, sep, name = key.partition(_TEACHER_SEP)
+        if sep:
+            sums = st.per_teacher.setdefault(name, {})
+            sums[what] = sums.get(what, 0.0) + value
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
@@ -109,6 +132,7 @@ def train_step(
         if kl is not None:
             st.kl_sum += kl["loss_sum"]
             st.kl_rows += kl["rows"]
+            _accumulate_teachers(st, kl)
     params = [p for p in module.parameters() if p.grad is not None]
     # max_norm = inf measures the norm without clipping.
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")

@@ -42,7 +42,7 @@ from pipeline.train.batching import Batch, BatchPacker
 from pipeline.train.distributed import Dist, init_distributed, shutdown
 from pipeline.train.ioloop import IOLoop
 from pipeline.train.lineage import Lineage
-from pipeline.train.metrics import MetricsSink, SampleLog
+from pipeline.train.metrics import MetricsSink, SampleLog, teacher_metrics
 from pipeline.train.prefetch import TRAIN, Prefetcher, Verdict
 from pipeline.train.ready import ReadyLeases
 from pipeline.train.settings import TrainSettings
@@ -329,11 +329,13 @@ class Trainer(Lineage):
         if log_step:
             sums = d.all_sum([*st.as_list(), wait_s, step_s])
             g = StepStats.from_list(sums[:-2])
+            per_teacher = d.all_gather(st.per_teacher)  # each rank's samples may name other teachers
             if self.sink is not None:
                 lr = float(self.student.scheduler.get_last_lr()[0])
                 metrics = self.sink.step_metrics(
                     self.step, g, g_tokens, step_s, sums[-2], sums[-1], d.world_size, lr
                 )
+                metrics.update(teacher_metrics(per_teacher))
                 self.summary.history.append(metrics)
                 self.sink.write(metrics)
         if self.step % s.checkpoint_every == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from pipeline.errors import SettingsError
+from pipeline.local.redis_server import env_without_proxy
 from pipeline.local.tiny_models import tiny_models
 from pipeline.produce.producer import RolloutSettings, produce
 from pipeline.queue.runstate import read_config
@@ -214,6 +216,18 @@ async def test_run_refuses_a_worker_with_other_teachers(
             pass
 
 
+async def status_json(redis_url: str, keys: RunKeys) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "workers.cli", "status", "--run", keys.run, "--redis", redis_url, "--json",
+        "--interval-s", "0.3", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=env_without_proxy(),
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    rep: dict[str, Any] = json.loads(out)
+    return rep
+
+
 def port_of(url: str) -> int:
     port = urlparse(url).port
     assert port is not None
@@ -246,6 +260,18 @@ async def test_a_killed_teacher_holds_back_only_its_own_rollouts_and_nothing_is_
         await wait_for(code_done, "every code rollout scored while math is down")
         lane = worker.router.lanes["math"]
         assert lane.down and lane.waiting > 0
+
+        async def code_counted() -> bool:  # counters reach Redis with the worker's heartbeats
+            return (await read_stats(r, keys)).get(Stat.per_teacher("code", Stat.SCORED), 0) == 25
+
+        await wait_for(code_counted, "the code teacher's 25 samples counted")
+        rep = await status_json(redis_url, keys)  # gkd status --json, in its own process
+        math_st, code_st = rep["teachers"]["math"], rep["teachers"]["code"]
+        assert math_st["breaker"].startswith("open 1/1 on w0") and math_st["waiting"] > 0
+        assert math_st["down_s"] is not None and math_st["errors"] > 0 and math_st["model"] == "math-model"
+        assert code_st["breaker"] == "closed" and code_st["waiting"] == 0 and code_st["down_s"] is None
+        assert code_st["scored"] == 25 and code_st["positions"] == 7 * 25 and code_st["positions_per_s"] == 0
+        assert code_st["latency_p95_ms"] >= code_st["latency_p50_ms"] > 0
         await asyncio.sleep(1.0)  # > 3 leases with math down
         ready = {s.rollout.id for s in await ready_samples(r, keys)}
         assert not ready & {ro.id for ro in later if ro.teacher_name == "math"}

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import GKDError, RedisCommandError, StreamGroupMissing
+from pipeline.monitor.teachers import teachers_report
 from pipeline.queue import schema as K
 from pipeline.queue.schema import ALL_RUNS_PATTERN, HB, RunKeys, Stat, Stream, run_of_key
 from pipeline.settings import mask_url
@@ -317,6 +318,7 @@ def build_report(prev: Sample | None, cur: Sample, *, run: str, redis_url: str) 
         "partitions": cur.parts,
         "workers": workers,
         "throughput": rates,
+        "teachers": teachers_report(st, cur.config, cur.workers, delta, dt),
         "teacher": {
             "latency_mean_ms": _ratio(d_lat, d_req) if d_lat is not None and d_req else None,
             "latency_mean_ms_total": _ratio(

@@ -58,7 +58,15 @@ def render_text(rep: dict[str, Any]) -> str:
     """The report as the compact human-readable tables `gkd status` prints."""
     if not rep["has_data"]:
         return no_data_message(rep)
-    sections = [_header(rep), _streams(rep), _rates(rep), _teacher_trainer(rep), _workers(rep), _dead(rep)]
+    sections = [
+        _header(rep),
+        _streams(rep),
+        _rates(rep),
+        _teacher_trainer(rep),
+        _teachers(rep),
+        _workers(rep),
+    ]
+    sections.append(_dead(rep))
     return "\n\n".join("\n".join(lines) for lines in sections)
 
 
@@ -121,6 +129,29 @@ def _teacher_trainer(rep: dict[str, Any]) -> list[str]:
         f"{_pct(tr['data_wait_fraction'])} (interval), {_pct(tr['data_wait_fraction_total'])} (run), "
         f"stale skipped {tr[Stat.STALE_SKIPPED]}, requeued after a resume {tr[Stat.REQUEUED]}",
     ]
+
+
+def _teachers(rep: dict[str, Any]) -> list[str]:
+    ts = rep.get("teachers") or {}
+    lines = [f"teachers: {len(ts)}" + (" (by name; p50/p95 max over workers)" if ts else "")]
+    headers = [
+        "teacher",
+        "model",
+        "pos/s",
+        "scored",
+        "errors",
+        "err/s",
+        "p50_ms",
+        "p95_ms",
+        "breaker",
+        "waiting",
+    ]
+    rows = [
+        [name, t["model"], t["positions_per_s"], t["scored"], t["errors"], t["errors_per_s"],
+         t[HB.LATENCY_P50_MS], t[HB.LATENCY_P95_MS], t["breaker"], t["waiting"]]
+        for name, t in ts.items()
+    ]  # fmt: skip
+    return lines + table(headers, rows) if rows else lines
 
 
 def _workers(rep: dict[str, Any]) -> list[str]:

@@ -39,6 +39,7 @@ GENERIC = {
     "export": "gkd command, bench suite, the export state of a scored dataset's manifest",
     "replay": "gkd command",
     "version": "field of a scored dataset's manifest",
+    "teachers": "the workers' consumer group and run-config field; also gkd status's per-teacher section",
     "default": "argparse's default= (settings); the default teacher's name is schema.DEFAULT_TEACHER",
     "consumer": "the consumer of XPENDING's oldest entry in gkd status, a checkpoint's per-rank listing",
     "partitions": "the run setting's name (--partitions), a status report section",

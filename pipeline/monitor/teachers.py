@@ -76,7 +76,7 @@ def teachers_report(
             "model": config.get(Config.teacher_model(name)) or (models.pop() if len(models) == 1 else None),
             **rates,
             "scored": count(Stat.SCORED),
-            "positions": count(Stat.SCORED_POSITIONS),
+            Stat.SCORED_POSITIONS: count(Stat.SCORED_POSITIONS),
             "requests": requests,
             "errors": count(Stat.TEACHER_ERRORS),
             "latency_mean_ms": count(Stat.TEACHER_LATENCY_MS_SUM) / requests if requests else None,

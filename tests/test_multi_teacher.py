@@ -271,7 +271,8 @@ async def test_a_killed_teacher_holds_back_only_its_own_rollouts_and_nothing_is_
         assert math_st["breaker"].startswith("open 1/1 on w0") and math_st["waiting"] > 0
         assert math_st["down_s"] is not None and math_st["errors"] > 0 and math_st["model"] == "math-model"
         assert code_st["breaker"] == "closed" and code_st["waiting"] == 0 and code_st["down_s"] is None
-        assert code_st["scored"] == 25 and code_st["scored_positions"] == 7 * 25 and code_st["positions_per_s"] == 0
+        assert code_st["scored"] == 25 and code_st["scored_positions"] == 7 * 25
+        assert code_st["positions_per_s"] == 0  # nothing scored between gkd status's two samples
         assert code_st["latency_p95_ms"] >= code_st["latency_p50_ms"] > 0
         await asyncio.sleep(1.0)  # > 3 leases with math down
         ready = {s.rollout.id for s in await ready_samples(r, keys)}

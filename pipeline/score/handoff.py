@@ -1,4 +1,5 @@
-"""Batched handoff of finished ScoredSamples: one atomic Lua call publishes a whole batch.
+"""Batched handoff of finished ScoredSamples: one atomic Lua call publishes a whole batch (and how a result
+is packed, or its failure worded, for it).
 
 Each result is (source entry, ScoredSample bytes, positions). `StreamConsumer.handoff` publishes it to
 `ready`, acknowledges and deletes the rollout in one script, and refuses an entry this consumer no longer
@@ -12,12 +13,43 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from pipeline.errors import StreamGroupMissing
+import numpy as np
+
+from pipeline.errors import StreamGroupMissing, WireFormatError
 from pipeline.queue.connection import RedisRetry
 from pipeline.queue.lease import Entry
 from pipeline.queue.partitions import Partitioned
+from pipeline.queue.runstate import now_ms
 from pipeline.queue.schema import Stream
+from pipeline.teacher.client import TeacherScores
+from pipeline.wire.codec import Rollout, ScoredSample, encode_scored
+
+
+def pack_scored(
+    rollout: Rollout, scores: TeacherScores, teacher: str, k: int, dtype: np.dtype[Any]
+) -> tuple[bytes, int]:
+    """The encoded ScoredSample of `teacher`'s (model id) scores, logprobs cast to the wire `dtype` (-inf
+    stays -inf), and its R. Raises WireFormatError (or another error of the encoder) when it cannot."""
+    logprobs_RK = scores.logprobs_RK
+    if logprobs_RK.dtype != dtype:
+        logprobs_RK = logprobs_RK.astype(dtype)
+    sample = ScoredSample(
+        rollout=rollout,
+        topk_ids=scores.ids_RK,
+        topk_logprobs=logprobs_RK,
+        teacher=teacher,
+        k=k,
+        scored_ms=now_ms(),
+    )
+    return encode_scored(sample), int(scores.ids_RK.shape[0])
+
+
+def dead_reason(exc: BaseException) -> str:
+    """A dead-letter reason: WireFormatError messages name their field already; others get the class."""
+    return str(exc) if isinstance(exc, WireFormatError) else f"{type(exc).__name__}: {exc}"
+
 
 #: Called once per result after its batch was published: (entry, positions, published?).
 OnPublished = Callable[[Entry, int, bool], None]

@@ -20,17 +20,16 @@ from pipeline.errors import (
     RetryableError,
     SettingsError,
     StreamGroupMissing,
-    WireFormatError,
 )
 from pipeline.notice import WaitNotice
 from pipeline.queue.backpressure import Backpressure
 from pipeline.queue.connection import RedisRetry, connect, wait_event, wait_for_redis
 from pipeline.queue.lease import Entry, Held
 from pipeline.queue.partitions import Partitioned
-from pipeline.queue.runstate import Heartbeat, check_run_config, now_ms, record_run_info
+from pipeline.queue.runstate import Heartbeat, check_run_config, record_run_info
 from pipeline.queue.schema import DEFAULT_TEACHER, HB, Config, Role, Stage, Stat
 from pipeline.queue.streams import ensure_groups
-from pipeline.score.handoff import HandoffBatcher
+from pipeline.score.handoff import HandoffBatcher, dead_reason, pack_scored
 from pipeline.score.lifecycle import drain, note_idle, release_own_pending
 from pipeline.score.metrics import WorkerMetrics
 from pipeline.score.options import WorkerOptions, WorkerReport
@@ -38,7 +37,7 @@ from pipeline.score.router import Lane, TeacherRouter, counted
 from pipeline.score.telemetry import Telemetry
 from pipeline.sections import FlowSettings, RunSettings
 from pipeline.teacher.client import TeacherConfig, TeacherScores
-from pipeline.wire.codec import Rollout, ScoredSample, decode_rollout, encode_scored
+from pipeline.wire.codec import Rollout, decode_rollout
 
 log = logging.getLogger("gkd.worker")
 
@@ -298,7 +297,7 @@ class TeacherWorker:
         try:
             rollout = decode_rollout(entry.data)
         except Exception as exc:  # decoding is a function of the payload alone: retrying cannot help
-            await self._dead_letter(entry, Stage.DECODE, _reason(exc))
+            await self._dead_letter(entry, Stage.DECODE, dead_reason(exc))
             return
         try:
             lane = self.router.lane(rollout.teacher_name)
@@ -314,9 +313,13 @@ class TeacherWorker:
         if scores is None:
             return  # stopping during an outage (released at shutdown), or the lease was lost
         try:
-            payload, positions = self._pack(rollout, scores, lane)
+            payload, positions = pack_scored(
+                rollout, scores, lane.client.model_id, self.run_settings.k, self._dtype
+            )
         except Exception as exc:  # deterministic too (this rollout with this answer)
-            await self._dead_letter(entry, Stage.ENCODE, f"cannot encode the scored sample: {_reason(exc)}")
+            await self._dead_letter(
+                entry, Stage.ENCODE, f"cannot encode the scored sample: {dead_reason(exc)}"
+            )
             return
         await self._handoff.submit(entry, payload, positions)
 
@@ -352,17 +355,6 @@ class TeacherWorker:
         """A lane's client event: the lane's own figures, then stats and metrics by teacher."""
         self.router.lanes[teacher].note(event, fields)
         self.tel.on_event(event, fields, teacher)
-
-    def _pack(self, rollout: Rollout, scores: TeacherScores, lane: Lane) -> tuple[bytes, int]:
-        """The encoded ScoredSample (logprobs cast to the wire dtype; -inf stays -inf) and its R."""
-        logprobs_RK = scores.logprobs_RK
-        if logprobs_RK.dtype != self._dtype:
-            logprobs_RK = logprobs_RK.astype(self._dtype)
-        sample = ScoredSample(
-            rollout=rollout, topk_ids=scores.ids_RK, topk_logprobs=logprobs_RK,
-            teacher=lane.client.model_id, k=self.run_settings.k, scored_ms=now_ms(),
-        )  # fmt: skip
-        return encode_scored(sample), int(scores.ids_RK.shape[0])
 
     async def _dead_letter(self, entry: Entry, stage: str, reason: str) -> None:
         consumer = self.consumer
@@ -403,14 +395,6 @@ class TeacherWorker:
     # ---------------------------------------------------------------------------------- heartbeat
 
     def _heartbeat_fields(self) -> dict[str, object]:
-        lanes = self.router.lanes
-        teacher = lanes[DEFAULT_TEACHER].model_or("?") if list(lanes) == [DEFAULT_TEACHER] else ""
-        teacher = teacher or ",".join(f"{n}={lane.model_or('?')}" for n, lane in lanes.items())
-        self.tel.lanes(lanes.values())
-        fields = {HB.IN_FLIGHT: len(self._owned), **self.tel.heartbeat_fields(teacher)}
+        self.tel.lanes(self.router.lanes.values())
+        fields = {HB.IN_FLIGHT: len(self._owned), **self.tel.heartbeat_fields(self.router.models())}
         return {**fields, **self.router.heartbeat_fields()}
-
-
-def _reason(exc: BaseException) -> str:
-    """A dead-letter reason: WireFormatError messages name their field already; others get the class."""
-    return str(exc) if isinstance(exc, WireFormatError) else f"{type(exc).__name__}: {exc}"

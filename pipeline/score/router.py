@@ -271,6 +271,12 @@ class TeacherRouter:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    def models(self) -> str:
+        """The heartbeat's `teacher`: the model id of a lone default teacher, else NAME=model, ..."""
+        if list(self.lanes) == [DEFAULT_TEACHER]:
+            return self.lanes[DEFAULT_TEACHER].model_or("?")
+        return ",".join(f"{n}={lane.model_or('?')}" for n, lane in self.lanes.items())
+
     def describe(self) -> str:
         return ", ".join(f"{n}={lane.client.model_id}" for n, lane in self.lanes.items())
 

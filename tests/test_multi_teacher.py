@@ -33,7 +33,7 @@ from pipeline.score.pool import WorkerSettings, teacher_configs
 from pipeline.score.teachers import parse_teachers
 from pipeline.sections import FlowSettings, RunSettings
 from pipeline.settings import parse
-from pipeline.teacher.client import TeacherConfig
+from pipeline.teacher.config import TeacherConfig
 from pipeline.wire.codec import Rollout, ScoredSample, decode_scored, encode_rollout
 from tests.redis_helpers import read_stats
 from tests.teacher_fakes import FakeTeacher

@@ -32,7 +32,7 @@ from pipeline.queue.streams import add_rollouts, ensure_groups
 from pipeline.score.loop import TeacherWorker
 from pipeline.score.options import WorkerOptions
 from pipeline.sections import FlowSettings, RunSettings
-from pipeline.teacher.client import TeacherConfig
+from pipeline.teacher.config import TeacherConfig
 from pipeline.teacher.vllm import render_prompt_logprobs_body
 from pipeline.wire.codec import Rollout, decode_scored, encode_rollout
 from tests.redis_helpers import read_stats

@@ -24,7 +24,7 @@ from pipeline.score.pool import SUPERVISOR_ENV, WorkerSettings, default_name, su
 from pipeline.settings import parse, redacted
 
 if TYPE_CHECKING:  # the heavy imports (aiohttp, redis, numpy) wait until the signal handlers are set
-    from pipeline.teacher.client import TeacherConfig
+    from pipeline.teacher.config import TeacherConfig
 
 log = logging.getLogger("gkd.workers")
 

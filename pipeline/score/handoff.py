@@ -23,7 +23,7 @@ from pipeline.queue.lease import Entry
 from pipeline.queue.partitions import Partitioned
 from pipeline.queue.runstate import now_ms
 from pipeline.queue.schema import Stream
-from pipeline.teacher.client import TeacherScores
+from pipeline.teacher.config import TeacherScores
 from pipeline.wire.codec import Rollout, ScoredSample, encode_scored
 
 

@@ -36,7 +36,7 @@ from pipeline.score.options import WorkerOptions, WorkerReport
 from pipeline.score.router import Lane, TeacherRouter, counted
 from pipeline.score.telemetry import Telemetry
 from pipeline.sections import FlowSettings, RunSettings
-from pipeline.teacher.client import TeacherConfig, TeacherScores
+from pipeline.teacher.config import TeacherConfig, TeacherScores
 from pipeline.wire.codec import Rollout, decode_rollout
 
 log = logging.getLogger("gkd.worker")

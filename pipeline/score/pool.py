@@ -26,7 +26,7 @@ from pipeline.sections import REDIS_LAYOUT, CommonSettings, FlowSettings, RunSet
 from pipeline.settings import secret_flags, section, setting
 
 if TYPE_CHECKING:  # aiohttp, redis and numpy wait until the signal handlers are set
-    from pipeline.teacher.client import TeacherConfig
+    from pipeline.teacher.config import TeacherConfig
 
 log = logging.getLogger("gkd.workers")
 
@@ -76,7 +76,7 @@ class WorkerSettings(CommonSettings):
 def teacher_configs(s: WorkerSettings) -> dict[str, TeacherConfig]:
     """Teacher name -> client configuration of these settings (see `pipeline.score.teachers`).
     Raises SettingsError for a bad --teacher list."""
-    from pipeline.teacher.client import TeacherConfig
+    from pipeline.teacher.config import TeacherConfig
 
     return {
         name: TeacherConfig(

@@ -27,7 +27,8 @@ from pipeline.errors import PermanentError, RetryableError, TeacherIncompatible,
 from pipeline.queue.connection import wait_event
 from pipeline.queue.schema import DEFAULT_TEACHER, HB, Config
 from pipeline.score.teachers import teacher_names_field
-from pipeline.teacher.client import TeacherClient, TeacherConfig, TeacherScores
+from pipeline.teacher.client import TeacherClient
+from pipeline.teacher.config import TeacherConfig, TeacherScores
 from pipeline.teacher.endpoints import CLOSED
 
 log = logging.getLogger("gkd.worker")

@@ -170,7 +170,7 @@ async def run_worker(
     from pipeline.score.loop import TeacherWorker
     from pipeline.score.options import WorkerOptions
     from pipeline.sections import FlowSettings, RunSettings
-    from pipeline.teacher.client import TeacherConfig
+    from pipeline.teacher.config import TeacherConfig
     from pipeline.wire.codec import Rollout, encode_rollout
 
     run = RunSettings(name=f"bench-k{k}", redis_url=redis_url, k=k)

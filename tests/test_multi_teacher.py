@@ -12,6 +12,7 @@ import contextlib
 import json
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -24,6 +25,7 @@ from pipeline.errors import SettingsError
 from pipeline.local.redis_server import env_without_proxy
 from pipeline.local.tiny_models import tiny_models
 from pipeline.produce.producer import RolloutSettings, produce
+from pipeline.produce.prompts import PromptFileError
 from pipeline.queue.runstate import read_config
 from pipeline.queue.schema import HB, Config, RunKeys, Stat
 from pipeline.queue.streams import add_rollouts, ensure_groups
@@ -115,6 +117,11 @@ def check_scored_by_its_teacher(s: ScoredSample, fakes: dict[str, FakeTeacher]) 
     assert not np.array_equal(other_ids, ids_RK)  # the two teachers differ on every sample here
 
 
+def write_jsonl(path: Path, lines: list[dict[str, Any]]) -> str:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return str(path)
+
+
 def make_rollout(i: int, teacher: str | None, T: int = 10, P: int = 3) -> Rollout:
     ids_T = np.random.default_rng(i).integers(0, VOCAB, size=T).astype(np.int32)
     return Rollout(id=f"r{i}", input_ids=ids_T, prompt_len=P, source="dataset", teacher_name=teacher)
@@ -156,20 +163,26 @@ async def test_mixed_prompt_file_every_sample_scored_by_the_teacher_it_names(
         for i, name in enumerate(["math", "code"] * 6)
     ]
     lines += [{"prompt": "Write a loop", "completion": " for x in y: pass"}]  # no key: --teacher code
-    lines += [{"prompt": "A sonnet", "completion": " Shall I compare", "teacher": "poetry"}]  # unknown
-    prompts = tmp_path / "mixed.jsonl"
-    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    prompts = write_jsonl(tmp_path / "mixed.jsonl", lines)
     student = str(tiny_models().student.resolve())
     settings = RolloutSettings(
-        run=RunSettings(name=keys.run, redis_url=redis_url, k=K), prompts=str(prompts), student=student,
+        run=RunSettings(name=keys.run, redis_url=redis_url, k=K), prompts=prompts, student=student,
         lmbda=0.0, shuffle=False, device="cpu", policy_poll_s=0.0, teacher="code",
     )  # fmt: skip
     async with running(redis_url, keys, teachers, concurrency=3):
         summary = await produce(settings)
         assert summary.produced == len(lines)
+        # Another producer's rollout naming a teacher the run does not have: dead, naming the known ones.
+        await add(r, keys, [make_rollout(99, "poetry")])
+        # gkd rollouts refuses such lines at start once the workers recorded the run's teachers.
+        poetry = write_jsonl(
+            tmp_path / "poetry.jsonl", [{"prompt": "A sonnet", "completion": " Shall", "teacher": "poetry"}]
+        )
+        with pytest.raises(PromptFileError, match=r"teachers \(code,math\), got 'poetry' on lines 1;"):
+            await produce(dc_replace(settings, prompts=poetry))
 
         async def settled() -> bool:
-            return await r.xlen(keys.ready.key) == len(lines) - 1 and await r.xlen(keys.dead.key) == 1
+            return await r.xlen(keys.ready.key) == len(lines) and await r.xlen(keys.dead.key) == 1
 
         await wait_for(settled, "13 samples in ready and 1 in dead")
 
@@ -182,6 +195,7 @@ async def test_mixed_prompt_file_every_sample_scored_by_the_teacher_it_names(
     samples = await ready_samples(r, keys)
     names = [s.rollout.teacher_name for s in samples]
     assert sorted(names) == ["code"] * 7 + ["math"] * 6
+    assert summary.produced == len(lines)  # the refused file added nothing
     for s in samples:
         check_scored_by_its_teacher(s, teachers)
     ((_, dead),) = await r.xrange(keys.dead.key)
@@ -300,8 +314,6 @@ def test_trainer_logs_kl_and_teacher_mass_per_teacher(
     scored: list[ScoredSample],  # noqa: F811 -- likewise
     tmp_path: Path,
 ) -> None:
-    from dataclasses import replace as dc_replace
-
     from pipeline.train.trainer import train
 
     # Two teachers: "sharp" sends the tiny teacher's own top-k, "soft" the same rows with a third of the
@@ -341,3 +353,54 @@ def test_trainer_logs_kl_and_teacher_mass_per_teacher(
     )
     logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all("kl/sharp" in x and "teacher_mass/soft" in x for x in logged)
+
+
+async def test_export_of_a_run_of_several_teachers_is_refused(
+    redis_url: str, r: aioredis.Redis, keys: RunKeys, tmp_path: Path
+) -> None:
+    from pipeline.queue.runstate import check_run_config
+    from tests.test_export_replay import export_cmd
+
+    await check_run_config(r, keys, {Config.K: K, Config.TEACHERS: "code,math"})
+    proc = await asyncio.create_subprocess_exec(
+        *export_cmd(redis_url, keys.run, tmp_path / "ds", "--idle-exit-s", "1"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env_without_proxy(),
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 2, out.decode()
+    assert "expected a run of one teacher, run 'test' has teachers code,math" in out.decode()
+    assert not (tmp_path / "ds").exists() or not any((tmp_path / "ds").iterdir())
+
+
+async def test_gkd_workers_with_named_teachers_from_toml(
+    redis_url: str, r: aioredis.Redis, keys: RunKeys, tmp_path: Path, teachers: dict[str, FakeTeacher]
+) -> None:
+    import signal
+
+    urls = [f'"{name}={fake.url}"' for name, fake in teachers.items()]
+    toml = tmp_path / "gkd.toml"
+    toml.write_text(f'[workers]\nteacher = [{", ".join(urls)}]\nbackend = "vllm"\nk = {K}\n')
+    rollouts = [make_rollout(i, ["math", "code"][i % 2]) for i in range(8)]
+    await add(r, keys, rollouts)
+    cmd = [sys.executable, "-m", "workers.cli", "workers", "--run", keys.run, "--redis", redis_url,
+           "--config", str(toml), "--name", "cli"]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env_without_proxy()
+    )
+    try:
+
+        async def all_ready() -> bool:
+            return int(await r.xlen(keys.ready.key)) == 8
+
+        await wait_for(all_ready, "8 samples scored by the gkd workers process")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, out.decode()[-2000:]
+    assert "teachers code=code-model, math=math-model" in out.decode()
+    for s in await ready_samples(r, keys):
+        check_scored_by_its_teacher(s, teachers)
+    assert (await read_config(r, keys))[Config.TEACHERS] == "code,math"

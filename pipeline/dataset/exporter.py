@@ -156,6 +156,11 @@ class Exporter:
                 f"gkd export: expected a run of one partition, run {self.keys.run!r} has "
                 f"{config[Config.PARTITIONS]} (export a partitioned run through the trainer's sample log)"
             )
+        if len(config.get(Config.TEACHERS, "").split(",")) > 1:  # a dataset holds one teacher's scores
+            raise SettingsError(
+                f"gkd export: expected a run of one teacher, run {self.keys.run!r} has teachers "
+                f"{config[Config.TEACHERS]} (a scored dataset records one teacher model)"
+            )
         if (Path(self.s.out) / mf.MANIFEST).exists():
             m = mf.load(self.s.out)
             w = self._open_writer(m.teacher, m.k, m.logprob_dtype)

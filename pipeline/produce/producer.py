@@ -34,7 +34,7 @@ from pipeline.errors import (
     WireFormatError,
 )
 from pipeline.models import check_source
-from pipeline.produce.prompts import PromptFileError, PromptItem, load_prompts
+from pipeline.produce.prompts import PromptFileError, PromptItem, check_teacher_names, load_prompts
 from pipeline.produce.student_gen import Generator, LocalGenerator, Sampling, ServerGenerator
 from pipeline.queue.backpressure import Backpressure
 from pipeline.queue.connection import RedisRetry, connect, wait_for_redis
@@ -158,6 +158,8 @@ class Producer:
             await self.retry.call("create groups", groups, stop=self.stop)
             await self._load_scored()
             await self._fit_context(items, refuse=True)
+            teachers = (await read_config(self.r, self.keys)).get(Config.TEACHERS)
+            check_teacher_names(items, s.teacher, teachers, s.prompts)  # once the workers recorded them
             await self._follow_policy(force=True)
             await self._loop(items)
         finally:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import SettingsError
-from pipeline.queue.schema import TEACHER_NAME
+from pipeline.queue.schema import DEFAULT_TEACHER, TEACHER_NAME
 
 FORMS = '{"prompt": str}, {"prompt": str, "completion": str} or {"messages": [{"role", "content"}, ...]}'
 
@@ -117,6 +117,32 @@ def _teacher(obj: dict[str, Any], path: str, line: int) -> str | None:
         got = json.dumps(name)[:80]
         raise _error(path, line, f'expected "teacher" as a name of 1-64 characters [A-Za-z0-9_-], got {got}')
     return name
+
+
+def check_teacher_names(
+    items: list[PromptItem], default: str | None, run_teachers: str | None, path: str
+) -> None:
+    """Refuse prompts whose teacher (the line's, else `default`, else the run's default teacher) is not one
+    of `run_teachers` (the run config's comma-separated names; None: no worker has recorded them yet, so
+    nothing is checked). Raises PromptFileError naming the teachers, the lines and the run's teachers."""
+    if run_teachers is None:
+        return
+    known = set(run_teachers.split(","))
+    bad: dict[str, list[int]] = {}
+    for item in items:
+        name = item.teacher or default or DEFAULT_TEACHER
+        if name not in known:
+            bad.setdefault(name, []).append(item.line)
+    if bad:
+        parts = "; ".join(
+            f"{name!r} on lines {', '.join(map(str, lines[:10]))}{', ...' if len(lines) > 10 else ''}"
+            for name, lines in sorted(bad.items())
+        )
+        raise PromptFileError(
+            f"{path}: expected each prompt's teacher to be one of the run's teachers ({run_teachers}), got "
+            f'{parts}; fix the "teacher" keys or --teacher (lines without one get --teacher, else '
+            f"{DEFAULT_TEACHER!r})"
+        )
 
 
 def load_prompts(path: str | Path, tokenizer: Any) -> list[PromptItem]:

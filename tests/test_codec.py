@@ -11,6 +11,7 @@ from pipeline.wire.codec import (
     Limits,
     Rollout,
     ScoredSample,
+    check_version,
     decode_rollout,
     decode_scored,
     encode_rollout,
@@ -173,11 +174,73 @@ def test_k_field_must_match_columns() -> None:
     expect_error("topk_ids.shape", msgpack.packb(m))
 
 
-@pytest.mark.parametrize("v", [0, 2, "1", None])
+@pytest.mark.parametrize("v", [0, 3, "1", None, True])
 def test_unsupported_version(v: object) -> None:
     m = raw_map(make_scored())
     m["v"] = v
-    assert "expected version 1" in expect_error("v", msgpack.packb(m))
+    assert "expected version 1 or 2" in expect_error("v", msgpack.packb(m))
+
+
+def make_sampled(t: int = 12, p: int = 4, n: int = 6) -> ScoredSample:
+    """A sampled teacher's sample: per row the distinct ids of n draws, their counts, then padding."""
+    s = make_scored(t, p, k=n, dtype=np.float32)
+    rng = np.random.default_rng(1)
+    counts = np.zeros((t - p, n), dtype=np.int32)
+    for r in range(t - p):
+        drawn = np.bincount(rng.integers(0, 3, size=n), minlength=n)[:n]
+        live = np.sort(drawn[drawn > 0])[::-1]
+        counts[r, : live.size] = live
+    s.teacher_counts = counts
+    return s
+
+
+def test_sampled_round_trip_is_version_2_and_top_k_stays_version_1() -> None:
+    topk = make_scored()
+    assert raw_map(topk)["v"] == 1 and "teacher_counts" not in raw_map(topk)
+    s = make_sampled()
+    m = raw_map(s)
+    assert m["v"] == 2
+    back = decode_scored(encode_scored(s))
+    assert back.sampled and not decode_scored(encode_scored(topk)).sampled
+    assert back.teacher_counts is not None and back.teacher_counts.dtype == np.int32
+    np.testing.assert_array_equal(back.teacher_counts, s.teacher_counts)
+    np.testing.assert_array_equal(back.topk_ids, s.topk_ids)
+    assert (back.teacher_counts.sum(1) == s.k).all()
+
+
+def test_a_version_1_reader_refuses_a_sampled_record() -> None:
+    """A reader that knows version 1 only (the check every pre-sampling decoder made, and what
+    decode_rollout still accepts) refuses a sampled record by its version, before reading any field."""
+    buf = encode_scored(make_sampled())
+    with pytest.raises(WireFormatError) as info:
+        check_version(msgpack.unpackb(buf)["v"], (1,))
+    assert info.value.field == "v" and "expected version 1, got 2" in str(info.value)
+    assert "newer gkd-pipeline" in str(info.value)
+    msg = expect_error("v", buf, decoder=decode_rollout)
+    assert "expected version 1, got 2" in msg
+
+
+def test_sampled_counts_are_validated() -> None:
+    m = raw_map(make_sampled())
+    del m["teacher_counts"]
+    expect_error("teacher_counts", msgpack.packb(m))  # version 2 without counts
+    m = raw_map(make_sampled())
+    m["v"] = 1  # counts in a version-1 record: never silently dropped
+    expect_error("teacher_counts", msgpack.packb(m))
+    s = make_sampled()
+    assert s.teacher_counts is not None
+    s.teacher_counts[0, 0] += 1
+    with pytest.raises(WireFormatError, match="sum to k = 6 draws, got 7 in row 0"):
+        encode_scored(s)
+    s = make_sampled()
+    s.teacher_counts = s.teacher_counts[:, :5].copy()  # type: ignore[index]
+    with pytest.raises(WireFormatError, match="as topk_ids"):
+        encode_scored(s)
+    m = raw_map(make_sampled())
+    counts = np.frombuffer(m["teacher_counts"]["data"], dtype="<i4").copy()
+    counts[0], counts[1] = -1, counts[1] + counts[0] + 1
+    m["teacher_counts"]["data"] = counts.tobytes()
+    assert "non-negative" in expect_error("teacher_counts", msgpack.packb(m))
 
 
 def test_message_over_size_limit() -> None:

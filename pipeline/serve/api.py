@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.errors import ApiError
-from pipeline.teacher import binary, vllm
+from pipeline.serve.batcher import Draws
+from pipeline.teacher import binary, sampled, vllm
 from pipeline.teacher.binary import BINARY
 
 if TYPE_CHECKING:
@@ -38,6 +39,8 @@ class CompletionRequest:
     """Return the prompt as part of the completion: text and, with `logprobs`, its tokens' logprobs."""
     generate: bool = True
     """False for `echo` with `max_tokens` 0: the completion is the prompt alone (lm-eval-harness style)."""
+    draws: Draws | None = None
+    """Sampled extension: draws from the teacher at tokens rows_from..T-1 (pipeline/teacher/sampled.py)."""
 
     @property
     def job_k(self) -> int:
@@ -146,7 +149,44 @@ def validate_completion(body: dict[str, Any], server: TeacherServer) -> Completi
                 param=binary.ROWS_FROM_FIELD,
             )
         req.rows_from = rows_from
+    if sampled.SAMPLES_FIELD in body:
+        req.draws = _draws(body, req, server)
     return req
+
+
+def _draws(body: dict[str, Any], req: CompletionRequest, server: TeacherServer) -> Draws:
+    """The sampled extension's fields, or ApiError 400 naming the one that is wrong."""
+    n, seed = body.get(sampled.SAMPLES_FIELD), body.get(sampled.SEED_FIELD, 0)
+    limit = server.max_samples
+    if limit == 0:
+        raise ApiError(
+            400,
+            f"{sampled.SAMPLES_FIELD}: this server cannot draw from the teacher's distribution: its engine "
+            f"({server.settings.engine}) returns top-k prompt logprobs only; serve the teacher with "
+            f"--engine transformers for a sampled teacher",
+            param=sampled.SAMPLES_FIELD,
+        )
+    if type(n) is not int or not 1 <= n <= limit or req.rows_from is None:
+        raise ApiError(
+            400,
+            f"{sampled.SAMPLES_FIELD}: expected an int in [1, {limit}] (--max-samples) with "
+            f"{binary.ROWS_FROM_FIELD}, got {n!r} with {binary.ROWS_FROM_FIELD}={req.rows_from!r}",
+            param=sampled.SAMPLES_FIELD,
+        )
+    if type(seed) is not int or not 0 <= seed < sampled.SEED_LIMIT:
+        raise ApiError(
+            400,
+            f"{sampled.SEED_FIELD}: expected an int in [0, 2**63), got {seed!r}",
+            param=sampled.SEED_FIELD,
+        )
+    return Draws(n, seed, req.rows_from)
+
+
+def render_sampled(res: ScoreResult, model: str) -> bytes:
+    """The sampled body: the draws of rows rows_from..T-1."""
+    assert res.drawn is not None
+    ids_RS, counts_RS, lp_RS = res.drawn
+    return sampled.render(ids_RS, counts_RS, lp_RS, model)
 
 
 def render_binary(ids: list[int], res: ScoreResult, req: CompletionRequest, model: str) -> bytes:

@@ -25,13 +25,26 @@ import numpy as np
 log = logging.getLogger("gkd.teacher.server")
 
 
+@dataclass(frozen=True)
+class Draws:
+    """What a job asks to be drawn from the teacher (the sampled extension, pipeline/teacher/sampled.py)."""
+
+    samples: int
+    """Draws per position, with replacement, at temperature 1."""
+    seed: int
+    """Seed of the job's own generator: the same ids and seed give the same draws."""
+    rows_from: int
+    """The first token whose distribution is drawn from (rows rows_from - 1 .. T - 2 of the job)."""
+
+
 @dataclass
 class ScoreJob:
-    """One prompt to score: its ids and the widest top-k anybody wants of it."""
+    """One prompt to score: its ids, the widest top-k anybody wants of it, and draws if asked."""
 
     ids: list[int]
     k: int
     future: asyncio.Future[ScoreResult] = field(repr=False)
+    draws: Draws | None = None
 
 
 @dataclass
@@ -46,6 +59,9 @@ class ScoreResult:
     """float32 [T]: entry p is the logprob of the actual token p + 1 at position p (entry T-1: greedy)."""
     actual_ranks_T: np.ndarray
     """int64 [T]: 1-based rank of that token in the full distribution."""
+    drawn: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    """With `Draws`: (ids int64 [R, S], counts int32 [R, S], logprobs float32 [R, S]) as
+    `draw_teacher_samples` returns them, row r over token rows_from + r (R = T - rows_from)."""
 
 
 @dataclass(frozen=True)
@@ -92,10 +108,11 @@ class Batcher:
                 job.future.cancel()
         self._executor.shutdown(wait=True, cancel_futures=True)
 
-    async def submit(self, ids: list[int], k: int) -> ScoreResult:
-        """Score `ids` with top-`k` per position (k >= 1); waits for the batch that includes it."""
+    async def submit(self, ids: list[int], k: int, draws: Draws | None = None) -> ScoreResult:
+        """Score `ids` with top-`k` per position (k >= 1) and, with `draws`, draw from the distributions;
+        waits for the batch that includes it."""
         fut: asyncio.Future[ScoreResult] = asyncio.get_running_loop().create_future()
-        await self.queue.put(ScoreJob(ids, max(1, k), fut))
+        await self.queue.put(ScoreJob(ids, max(1, k), fut, draws))
         return await fut
 
     async def _collect(self) -> list[ScoreJob]:
@@ -181,4 +198,18 @@ class Batcher:
             topk_logprobs_TK=top_lp_TK.cpu().numpy(),
             actual_logprobs_T=actual_T.cpu().numpy(),
             actual_ranks_T=rank_T.cpu().numpy(),
+            drawn=_draw(logprobs_TV, job.draws) if job.draws is not None else None,
         )
+
+
+def _draw(logprobs_TV: Any, draws: Draws) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The job's draws from rows rows_from - 1 .. T - 2 (over tokens rows_from .. T - 1), on the device
+    of the logits, with a generator of its own seeded by the job (batch-mates do not change them)."""
+    import torch
+
+    from pipeline.train.loss.sampled import draw_teacher_samples
+
+    gen = torch.Generator(device=logprobs_TV.device).manual_seed(draws.seed)
+    rows_RV = logprobs_TV[draws.rows_from - 1 : -1]
+    ids_RS, counts_RS, lp_RS = draw_teacher_samples(rows_RV, draws.samples, gen)
+    return ids_RS.cpu().numpy(), counts_RS.cpu().numpy(), lp_RS.cpu().numpy()

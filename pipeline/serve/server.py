@@ -21,19 +21,19 @@ import signal
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from pipeline.errors import ApiError, SettingsError
-from pipeline.notice import NOTICE_EVERY_S
-from pipeline.serve.api import render_binary, render_choice, validate_completion
+from pipeline.serve.api import render_binary, render_choice, render_sampled, validate_completion
 from pipeline.serve.batcher import Batcher, BatcherConfig
+from pipeline.serve.summary import Tally, log_summaries
 from pipeline.serve.vllm_engine import VllmEngine
 from pipeline.settings import setting
-from pipeline.teacher import vllm
+from pipeline.teacher import sampled, vllm
 from pipeline.teacher.binary import BINARY
 from pipeline.vocab import TOKENIZER_SIZE_FIELD
 
@@ -69,6 +69,9 @@ class TeacherServerSettings:
     max_wait_ms: float = setting(
         5.0, "How long a request waits for others to share its forward pass (transformers engine)."
     )
+    max_samples: int = setting(
+        256, "Most draws per position a sampled request (RS-KD extension) may ask for (transformers engine)."
+    )
     max_pending: int = setting(1024, "Prompts queued or running before new requests get HTTP 429.")
     max_body_bytes: int = setting(64 * 1024 * 1024, "Largest request body in bytes (413 above).")
     threads: int = setting(
@@ -91,22 +94,6 @@ def error_response(err: ApiError) -> web.Response:
     return json_response(vllm.error_body(err.status, err.message, err.type, err.param), err.status)
 
 
-@dataclass
-class Tally:
-    """What the server did since the last summary (`log_summaries`)."""
-
-    requests: int = 0
-    prompts: int = 0
-    positions: int = 0
-    refused: int = 0
-    """Requests answered with an error (4xx, 5xx)."""
-    since: float = field(default_factory=time.monotonic)
-
-
-#: How often `gkd teacher` logs what it served.
-SUMMARY_EVERY_S = NOTICE_EVERY_S
-
-
 class TeacherServer:
     """The model, tokenizer and batcher behind the routes."""
 
@@ -119,11 +106,13 @@ class TeacherServer:
         if isinstance(model, VllmEngine):
             self.batcher = model
             self.vocab_size, self.max_model_len = model.vocab_size, model.max_model_len
+            self.max_samples = 0  # its prompt logprobs are a top-k: nothing to draw from
         else:
             self.vocab_size = int(model.config.vocab_size)
             self.max_model_len = settings.max_model_len or int(
                 getattr(model.config, "max_position_embeddings", 2048)
             )
+            self.max_samples = settings.max_samples
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             self.batcher = Batcher(
                 model, settings.device, BatcherConfig(settings.max_batch_tokens, settings.max_wait_ms, pad)
@@ -198,6 +187,7 @@ class TeacherServer:
             parent=None,
             permission=[],
             **BINARY.card(),  # opt-in binary top-k (pipeline/teacher/binary)
+            **(sampled.card(self.max_samples) if self.max_samples else {}),  # opt-in draws (RS-KD)
             **{TOKENIZER_SIZE_FIELD: len(self.tokenizer)},  # workers record it for the trainer's check
         )
         return json_response(body)
@@ -225,9 +215,16 @@ class TeacherServer:
         self.tally.prompts += len(req.prompts)
         self.tally.positions += sum(len(p) for p in req.prompts)
         try:
-            results = await asyncio.gather(*(self.batcher.submit(ids, req.job_k) for ids in req.prompts))
+            if req.draws is not None:  # only the transformers Batcher draws (max_samples 0 otherwise)
+                assert isinstance(self.batcher, Batcher)
+                results = [await self.batcher.submit(req.prompts[0], req.job_k, req.draws)]
+            else:
+                results = await asyncio.gather(*(self.batcher.submit(ids, req.job_k) for ids in req.prompts))
         finally:
             self.pending -= len(req.prompts)
+        if req.draws is not None:
+            body = render_sampled(results[0], self.model_name)
+            return web.Response(body=body, content_type=sampled.MEDIA_TYPE)
         if req.rows_from is not None and BINARY.media_type in request.headers.get("Accept", ""):
             body = render_binary(req.prompts[0], results[0], req, self.model_name)
             return web.Response(body=body, content_type=BINARY.media_type)
@@ -342,22 +339,6 @@ def check_port(settings: TeacherServerSettings) -> None:
             sock.bind(addr)
         except OSError as exc:
             raise _port_error(settings, exc) from None
-
-
-async def log_summaries(server: TeacherServer, url: str, every_s: float = SUMMARY_EVERY_S) -> None:
-    """Every `every_s`: what was served since the last summary, or that nothing was (until cancelled)."""
-    while True:
-        await asyncio.sleep(every_s)
-        t, server.tally = server.tally, Tally()
-        span = time.monotonic() - t.since
-        if t.requests or t.refused:
-            log.info(
-                "last %.0f s: %d requests (%d prompts, %d positions, %.0f positions/s), %d refused, "
-                "%d prompts pending now",
-                span, t.requests, t.prompts, t.positions, t.positions / span, t.refused, server.pending,
-            )  # fmt: skip
-        else:
-            log.info("no requests in the last %.0f s; serving %s on %s", span, server.model_name, url)
 
 
 def set_threads(settings: TeacherServerSettings) -> int:

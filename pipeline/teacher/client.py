@@ -29,12 +29,14 @@ import orjson
 
 from pipeline.errors import (
     GKDError,
+    MalformedResponse,
     PermanentError,
     RetryableError,
     TeacherBadRequest,
     TeacherConnectionError,
     WireFormatError,
 )
+from pipeline.teacher import sampled
 from pipeline.teacher.binary import BINARY
 from pipeline.teacher.config import TeacherConfig, TeacherScores
 from pipeline.teacher.endpoints import Endpoint, EndpointSet
@@ -42,6 +44,7 @@ from pipeline.teacher.http import HttpLimits, make_session, request, status_of
 from pipeline.teacher.protocol import PROTOCOL_NAMES, TeacherProtocol, select
 from pipeline.teacher.startup import (
     TeacherVocabulary,
+    check_sampled,
     check_tokenizer,
     detect_backend,
     discover_model,
@@ -63,9 +66,11 @@ class _Request:
     payload: bytes
     """The JSON body (vLLM or SGLang)."""
     binary_payload: bytes | None = None
-    """The body for endpoints with the binary extension (built when first needed)."""
+    """The body for endpoints with the binary extension (built when first needed); sampled: the body."""
     tried: set[str] = field(default_factory=set)
     last_error: RetryableError | None = None
+    seed: int = 0
+    """Sampled: the seed of the draws (the same on every attempt and endpoint)."""
 
 
 class TeacherClient:
@@ -146,6 +151,8 @@ class TeacherClient:
         alive = [e for e in self.endpoints.endpoints if e.url in healthy]
         if proto.offers_binary:  # a vLLM-style card: max_model_len, maybe the binary extension
             await read_model_cards(session, alive, self._limits, binary=self.config.binary)
+        if self.config.sampled:
+            check_sampled(alive, self.config.k)
         limits = [ep.max_model_len for ep in alive if ep.max_model_len is not None]
         self.max_tokens = min(limits) - 1 if limits else None
         for ep in alive:
@@ -214,17 +221,32 @@ class TeacherClient:
     def _json_payload(self, ids: list[int], prompt_len: int) -> bytes:
         return orjson.dumps(self.protocol.request(ids, prompt_len, self.config.k, self.model_id))
 
-    def _parse(self, raw: bytes, content_type: str, req: _Request) -> tuple[np.ndarray, np.ndarray]:
-        # The answer's content type says which parser applies: an endpoint may answer JSON although
-        # binary was asked for (a proxy, a server restarted without the extension).
+    def _parse(
+        self, raw: bytes, content_type: str, req: _Request
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(ids, logprobs, counts or None) of an answer, parsed as its content type says: an endpoint may
+        answer JSON although binary was asked for (a proxy, a server restarted without the extension)."""
+        T, k = len(req.ids), self.config.k
+        if self.config.sampled:
+            if not content_type.startswith(sampled.MEDIA_TYPE):
+                raise MalformedResponse(
+                    f"sampled teacher answer: expected {sampled.MEDIA_TYPE}, got {content_type or 'none'} "
+                    f"(a teacher restarted without the sampled extension?)"
+                )
+            return sampled.parse_response(raw, T, req.prompt_len, k)
         proto = BINARY if content_type.startswith(BINARY.media_type) else self.protocol
-        return proto.parse(raw, len(req.ids), req.prompt_len, self.config.k)
+        return (*proto.parse(raw, T, req.prompt_len, k), None)
 
     async def _post(self, ep: Endpoint, req: _Request) -> tuple[bytes, str]:
         """(body, content type) of `ep`'s answer to `req` (binary when `ep` offers it)."""
         proto = self.protocol
         payload, accept = req.payload, proto.media_type
-        if ep.binary:
+        if self.config.sampled:
+            if req.binary_payload is None:
+                body = sampled.build_request(req.ids, self.config.k, self.model_id, req.prompt_len, req.seed)
+                req.binary_payload = orjson.dumps(body)
+            payload, accept = req.binary_payload, sampled.MEDIA_TYPE
+        elif ep.binary:
             proto = BINARY
             if req.binary_payload is None:
                 body = BINARY.request(req.ids, req.prompt_len, self.config.k, self.model_id)
@@ -236,8 +258,9 @@ class TeacherClient:
         )
         return raw, headers.get("Content-Type", "")
 
-    async def score(self, input_ids: np.ndarray, prompt_len: int) -> TeacherScores:
-        """Teacher top-k for tokens prompt_len..T-1 of `input_ids` (int [T]).
+    async def score(self, input_ids: np.ndarray, prompt_len: int, seed: int = 0) -> TeacherScores:
+        """Teacher top-k (or, `sampled`, k draws seeded by `seed`) for tokens prompt_len..T-1 of
+        `input_ids` (int [T]).
 
         Raises WireFormatError (bad prompt_len), PermanentError subclasses at once (4xx, malformed or
         invalid answer), or the last RetryableError once max_retries retries and failover are exhausted.
@@ -255,7 +278,7 @@ class TeacherClient:
                 f"serve the teacher with --max-model-len >= {T + 1}, or produce shorter rollouts"
             )
         ids_list = ids.tolist()
-        req = _Request(ids_list, prompt_len, self._json_payload(ids_list, prompt_len))
+        req = _Request(ids_list, prompt_len, self._json_payload(ids_list, prompt_len), seed=seed)
         attempts = 0
         while True:
             attempts += 1
@@ -292,7 +315,7 @@ class TeacherClient:
         try:
             async with self.endpoints.slot(ep):
                 raw, content_type = await self._post(ep, req)
-            ids_RK, lp_RK = self._parse(raw, content_type, req)
+            ids_RK, lp_RK, counts_RK = self._parse(raw, content_type, req)
             verdict = True
         except RetryableError as exc:
             verdict = True
@@ -310,7 +333,7 @@ class TeacherClient:
         latency = time.perf_counter() - t0
         self._succeeded(ep)
         self._emit("request", {"endpoint": ep.url, "latency_s": latency, "ok": True})
-        return TeacherScores(ids_RK, lp_RK, ep.url, latency, attempt)
+        return TeacherScores(ids_RK, lp_RK, ep.url, latency, attempt, counts_RK)
 
     def _failed(self, ep: Endpoint, exc: RetryableError, req: _Request, latency: float) -> None:
         _tag(exc, ep.url)

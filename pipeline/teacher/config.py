@@ -18,7 +18,10 @@ class TeacherConfig:
     backend: str = "auto"
     """"vllm" | "sglang" | "auto" (detected at start: /get_model_info answers -> sglang, else vllm)."""
     k: int = 20
-    """Top-k logprobs per position."""
+    """Top-k logprobs per position; with `sampled`, draws per position (n)."""
+    sampled: bool = False
+    """Ask for n = k draws per position from the teacher's distribution (RS-KD) instead of its top-k:
+    the reference server's sampled extension (pipeline/teacher/sampled.py); every endpoint must offer it."""
     model: str | None = None
     """Model id to send; None: discovered from /v1/models at start (per client instance)."""
     api_key: str | None = None
@@ -62,3 +65,5 @@ class TeacherScores:
     """Seconds of the successful attempt (HTTP + parse)."""
     attempts: int
     """Attempts made, 1 when the first succeeded."""
+    counts_RK: np.ndarray | None = None
+    """Sampled teacher: int32 [R, k] draw counts (rows sum to k; count-0 entries are padding)."""

@@ -37,6 +37,8 @@ class Endpoint:
     failures: int = 0
     binary: bool = False
     """The endpoint advertised the binary top-k response (pipeline/teacher/binary.py)."""
+    max_samples: int = 0
+    """Draws per position the endpoint offers (pipeline/teacher/sampled.py; 0: none)."""
     max_model_len: int | None = None
     """Longest sequence the server accepts, prompt plus generated tokens (from /v1/models; None: unknown)."""
     outage_since: float = 0.0

@@ -20,7 +20,7 @@ from pipeline.errors import (
     TeacherConnectionError,
     TeacherIncompatible,
 )
-from pipeline.teacher import sglang, vllm
+from pipeline.teacher import sampled, sglang, vllm
 from pipeline.teacher.binary import BINARY
 from pipeline.teacher.endpoints import Endpoint
 from pipeline.teacher.http import HttpLimits, request, status_of
@@ -102,8 +102,9 @@ async def discover_model(
 async def read_model_cards(
     session: aiohttp.ClientSession, endpoints: Sequence[Endpoint], limits: HttpLimits, *, binary: bool
 ) -> None:
-    """Read each endpoint's `/v1/models` card: its `max_model_len`, and (with `binary`) whether it
-    advertises the binary top-k response. An endpoint whose card cannot be read keeps the defaults."""
+    """Read each endpoint's `/v1/models` card: its `max_model_len`, how many draws it offers (sampled
+    extension), and (with `binary`) whether it advertises the binary top-k response. An endpoint whose
+    card cannot be read keeps the defaults."""
     for ep in endpoints:
         try:
             body = await _get_json(session, ep.url + vllm.MODELS_PATH, limits)
@@ -113,6 +114,19 @@ async def read_model_cards(
         limit = cards[0].get("max_model_len") if cards else None
         ep.max_model_len = limit if isinstance(limit, int) and not isinstance(limit, bool) else None
         ep.binary = binary and BINARY.advertised(body)
+        ep.max_samples = sampled.max_samples(body)
+
+
+def check_sampled(endpoints: Sequence[Endpoint], k: int) -> None:
+    """TeacherIncompatible unless every endpoint offers k draws per position (sampled extension)."""
+    for ep in endpoints:
+        if ep.max_samples < k:
+            offer = f"at most {ep.max_samples}" if ep.max_samples else "none (no gkd_sampled in its card)"
+            raise TeacherIncompatible(
+                f"teacher {ep.url} cannot draw {k} samples per position: it offers {offer}; expected the "
+                f"reference server (gkd teacher --engine transformers, --max-samples >= {k}): vLLM and "
+                f"SGLang return a top-k only. Fix: --teacher-mode topk, or another teacher"
+            )
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,9 @@
-"""The wire format: packed msgpack tensors and the two records (Rollout, ScoredSample), version 1.
+"""The wire format: packed msgpack tensors and the two records (Rollout, ScoredSample).
+
+Versions: a Rollout is version 1. A ScoredSample is version 1 (the teacher's top-k) or version 2 (a
+sampled teacher, RS-KD: version 1's fields plus ``teacher_counts``, int32 [R, K], how often each entry was
+drawn). A reader checks the version before any other field, so a reader that knows version 1 only refuses
+a version-2 record with a WireFormatError naming ``v``: it never reads draws as a top-k.
 
 The only module that spells a msgpack field. A tensor is the map
 ``{"dtype": "<i4" | "<i8" | "<f2" | "<f4", "shape": [..], "data": <bin, C order>}``.
@@ -23,6 +28,10 @@ from pipeline.errors import WireFormatError
 from pipeline.wire import mpack
 
 VERSION = 1
+"""Rollouts and top-k ScoredSamples."""
+SAMPLED_VERSION = 2
+"""ScoredSamples of a sampled teacher (they carry ``teacher_counts``)."""
+SCORED_VERSIONS = (VERSION, SAMPLED_VERSION)
 
 #: dtype strings accepted on the wire (little-endian only).
 TENSOR_DTYPES = frozenset({"<i4", "<i8", "<f2", "<f4"})
@@ -76,16 +85,24 @@ class Rollout:
 
 @dataclass
 class ScoredSample:
-    """A Rollout with the teacher's top-k. Row r is the distribution over token prompt_len + r."""
+    """A Rollout with the teacher's top-k (or draws). Row r is the distribution over token prompt_len + r."""
 
     rollout: Rollout
     topk_ids: np.ndarray
-    """int32 [R, K], each row sorted by logprob, descending."""
+    """int32 [R, K], each row sorted by logprob, descending. Sampled: the distinct drawn ids, then padding."""
     topk_logprobs: np.ndarray
     """float16 | float32 [R, K], natural-log probabilities normalized over the full vocabulary."""
     teacher: str
     k: int
     scored_ms: int = 0
+    teacher_counts: np.ndarray | None = None
+    """Sampled teacher only (version 2): int32 [R, K], how often each entry was drawn in the row's K = n
+    draws (each row sums to K; count-0 entries are padding). None: a top-k sample (version 1)."""
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the rows are draws from the teacher (RS-KD) rather than its top-k."""
+        return self.teacher_counts is not None
 
 
 # ---------------------------------------------------------------------------------------------- tensors
@@ -130,7 +147,9 @@ def unpack_tensor(obj: Any, name: str, dtypes: frozenset[str], ndim: int) -> np.
 # ---------------------------------------------------------------------------------------------- records
 
 
-def _unpack(buf: bytes | memoryview, limits: Limits, record: str) -> dict[str, Any]:
+def _unpack(
+    buf: bytes | memoryview, limits: Limits, record: str, versions: tuple[int, ...] = (VERSION,)
+) -> dict[str, Any]:
     if len(buf) > limits.max_message_bytes:
         raise WireFormatError(record, f"expected at most {limits.max_message_bytes} bytes, got {len(buf)}")
     try:
@@ -139,10 +158,19 @@ def _unpack(buf: bytes | memoryview, limits: Limits, record: str) -> dict[str, A
         raise WireFormatError(record, f"expected one plain msgpack map, got {exc}") from None
     if not isinstance(obj, dict):
         raise WireFormatError(record, f"expected a msgpack map, got {type(obj).__name__}")
-    v = obj.get("v")
-    if v != VERSION:
-        raise WireFormatError("v", f"expected version {VERSION}, got {v!r}")
+    check_version(obj.get("v"), versions)
     return obj
+
+
+def check_version(v: Any, versions: tuple[int, ...]) -> None:
+    """Raise WireFormatError naming ``v`` unless it is one of the reader's `versions` (checked before any
+    other field: a reader never reads a record of a version it does not know)."""
+    if type(v) is not int or v not in versions:
+        known = " or ".join(str(x) for x in versions)
+        hint = ""
+        if type(v) is int and v > max(versions):
+            hint = " (written by a newer gkd-pipeline: upgrade this reader)"
+        raise WireFormatError("v", f"expected version {known}, got {v!r}{hint}")
 
 
 def _int(obj: Mapping[str, Any], name: str, lo: int | None = None, hi: int | None = None) -> int:
@@ -253,8 +281,22 @@ def _check_scores(r: Rollout, ids_RK: np.ndarray, logprobs_RK: np.ndarray, k: in
         raise WireFormatError("topk_ids", f"expected non-negative token ids, got {int(ids_RK.min())}")
 
 
+def _check_counts(counts_RK: np.ndarray, k: int) -> None:
+    """Draw counts: int32, the shape of topk_ids (checked before), non-negative, each row summing to K."""
+    if counts_RK.size and int(counts_RK.min()) < 0:
+        raise WireFormatError("teacher_counts", f"expected non-negative counts, got {int(counts_RK.min())}")
+    sums_R = counts_RK.sum(axis=1, dtype=np.int64)
+    bad = np.flatnonzero(sums_R != k)
+    if bad.size:
+        raise WireFormatError(
+            "teacher_counts", f"expected every row to sum to k = {k} draws, got {int(sums_R[bad[0]])} "
+            f"in row {int(bad[0])}"
+        )  # fmt: skip
+
+
 def encode_scored(s: ScoredSample, limits: Limits = DEFAULT_LIMITS) -> bytes:
-    """Validate and encode a ScoredSample; topk_ids must be int32, logprobs float16 or float32."""
+    """Validate and encode a ScoredSample; topk_ids must be int32, logprobs float16 or float32, counts
+    (a sampled teacher's; written as version 2) int32."""
     obj = _rollout_map(s.rollout, limits)
     _check_scores(s.rollout, s.topk_ids, s.topk_logprobs, s.k, limits)
     if s.topk_ids.dtype != np.int32:
@@ -268,6 +310,16 @@ def encode_scored(s: ScoredSample, limits: Limits = DEFAULT_LIMITS) -> bytes:
     obj["teacher"] = s.teacher
     obj["k"] = int(s.k)
     obj["scored_ms"] = int(s.scored_ms)
+    if s.teacher_counts is not None:
+        counts_RK = s.teacher_counts
+        if counts_RK.dtype != np.int32 or counts_RK.shape != s.topk_ids.shape:
+            raise WireFormatError(
+                "teacher_counts", f"expected int32 {list(s.topk_ids.shape)} (as topk_ids), got "
+                f"{counts_RK.dtype} {list(counts_RK.shape)}"
+            )  # fmt: skip
+        _check_counts(counts_RK, s.k)
+        obj["v"] = SAMPLED_VERSION
+        obj["teacher_counts"] = pack_tensor(counts_RK, "teacher_counts")
     out = mpack.dumps(obj)
     if len(out) > limits.max_message_bytes:
         raise WireFormatError("scored", f"expected at most {limits.max_message_bytes} bytes, got {len(out)}")
@@ -275,13 +327,24 @@ def encode_scored(s: ScoredSample, limits: Limits = DEFAULT_LIMITS) -> bytes:
 
 
 def decode_scored(buf: bytes | memoryview, limits: Limits = DEFAULT_LIMITS) -> ScoredSample:
-    """Decode and validate a ScoredSample. Raises WireFormatError naming the bad field."""
-    obj = _unpack(buf, limits, "scored")
+    """Decode and validate a ScoredSample (version 1 or 2). Raises WireFormatError naming the bad field."""
+    obj = _unpack(buf, limits, "scored", SCORED_VERSIONS)
     r = _rollout_from(obj, limits)
     ids_RK = unpack_tensor(obj.get("topk_ids"), "topk_ids", ID_DTYPES, 2)
     logprobs_RK = unpack_tensor(obj.get("topk_logprobs"), "topk_logprobs", LOGPROB_WIRE_DTYPES, 2)
     k = _int(obj, "k")
     _check_scores(r, ids_RK, logprobs_RK, k, limits)
+    counts_RK = None
+    if obj["v"] == SAMPLED_VERSION:
+        counts_RK = unpack_tensor(obj.get("teacher_counts"), "teacher_counts", ID_DTYPES, 2)
+        if counts_RK.shape != ids_RK.shape:
+            raise WireFormatError(
+                "teacher_counts.shape",
+                f"expected the shape of topk_ids {list(ids_RK.shape)}, got {list(counts_RK.shape)}",
+            )
+        _check_counts(counts_RK, k)
+    elif "teacher_counts" in obj:
+        raise WireFormatError("teacher_counts", f"expected none in a version {VERSION} record, got a value")
     return ScoredSample(
         rollout=r,
         topk_ids=ids_RK,
@@ -289,4 +352,5 @@ def decode_scored(buf: bytes | memoryview, limits: Limits = DEFAULT_LIMITS) -> S
         teacher=_str(obj, "teacher"),
         k=k,
         scored_ms=_int(obj, "scored_ms", lo=0),
+        teacher_counts=counts_RK,
     )

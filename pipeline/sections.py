@@ -13,6 +13,13 @@ from pipeline.errors import SettingsError
 from pipeline.queue.schema import DEAD_MAX_ENTRIES, DEAD_MAX_PAYLOAD_BYTES, DEFAULT_RUN, Config, RunKeys
 from pipeline.settings import mask_url, section, setting
 
+#: Teacher modes: the top-k per position, or draws from the teacher's distribution (RS-KD).
+TOPK, SAMPLED = "topk", "sampled"
+TEACHER_MODES = (TOPK, SAMPLED)
+LOSS_MODES = ("tail", "renorm", SAMPLED)
+#: Most draws per position (the wire format's largest k, `pipeline.wire.codec.Limits.max_k`).
+MAX_SAMPLES = 256
+
 if TYPE_CHECKING:  # imported when used: it pulls in redis, which `gkd workers` loads after its signals
     from pipeline.queue.backpressure import WaterMarks
     from pipeline.queue.durable import Replicas
@@ -55,7 +62,21 @@ class RunSettings:
         "float16", "dtype of the stored top-k logprobs (fixed for the run).", choices=("float16", "float32")
     )
     loss_mode: str = setting(
-        "tail", "Top-k loss: tail (k + rest) or renorm (renormalized over k).", choices=("tail", "renorm")
+        "tail",
+        "Loss: tail (top-k + rest), renorm (renormalized over the top-k) or sampled (RS-KD on a sampled "
+        "teacher's draws, --samples; forward KL, --beta 0 only).",
+        choices=LOSS_MODES,
+    )
+    teacher_mode: str = setting(
+        TOPK,
+        "What the teacher sends per position: topk (its --k most likely tokens) or sampled (the distinct "
+        "tokens of --samples draws from its distribution, with counts: RS-KD; the reference teacher only).",
+        choices=TEACHER_MODES,
+    )
+    samples: int = setting(
+        16,
+        "Sampled runs: teacher draws per position (a row holds at most this many distinct tokens; fixed "
+        "for the run in place of --k).",
     )
 
     def __post_init__(self) -> None:
@@ -69,6 +90,19 @@ class RunSettings:
                 f"redis_min_replicas, redis_wait_ms: expected >= -1 and >= 1, got "
                 f"{self.redis_min_replicas} and {self.redis_wait_ms}"
             )
+        if not 1 <= self.samples <= MAX_SAMPLES:
+            raise SettingsError(f"samples: expected an int in [1, {MAX_SAMPLES}], got {self.samples}")
+
+    @property
+    def sampled(self) -> bool:
+        """A sampled run: workers draw (--teacher-mode sampled), a trainer trains on draws (--loss-mode
+        sampled). Each process exposes one of the two flags."""
+        return self.teacher_mode == SAMPLED or self.loss_mode == SAMPLED
+
+    @property
+    def width(self) -> int:
+        """Teacher entries per position on the wire: --samples in a sampled run, else --k."""
+        return self.samples if self.sampled else self.k
 
     @property
     def keys(self) -> RunKeys:
@@ -95,7 +129,8 @@ class RunSettings:
     def fixed(self, *fields: str) -> dict[str, object]:
         """The values of these run-config fields (`schema.Config`), for `check_run_config`."""
         values: dict[str, object] = {
-            Config.K: self.k,
+            Config.K: self.width,
+            Config.TEACHER_MODE: SAMPLED if self.sampled else TOPK,
             Config.LOGPROB_DTYPE: self.logprob_dtype,
             Config.LOSS_MODE: self.loss_mode,
             Config.PARTITIONS: self.partitions,

@@ -31,7 +31,7 @@ import redis.asyncio as aioredis
 from pipeline.dataset import manifest as mf
 from pipeline.dataset.format import ParquetOptions
 from pipeline.dataset.manifest import tokenizer_fingerprint
-from pipeline.dataset.redisops import refuse_if_trainers_live
+from pipeline.dataset.redisops import refuse_if_trainers_live, refuse_sampled
 from pipeline.dataset.writer import DatasetWriter
 from pipeline.errors import RedisUnavailable, SettingsError, StreamGroupMissing
 from pipeline.queue import schema as K
@@ -161,6 +161,7 @@ class Exporter:
                 f"gkd export: expected a run of one teacher, run {self.keys.run!r} has teachers "
                 f"{config[Config.TEACHERS]} (a scored dataset records one teacher model)"
             )
+        refuse_sampled(config, self.keys, "gkd export")
         if (Path(self.s.out) / mf.MANIFEST).exists():
             m = mf.load(self.s.out)
             w = self._open_writer(m.teacher, m.k, m.logprob_dtype)
@@ -300,6 +301,11 @@ class Exporter:
             sample = decode_scored(e.data)
         except Exception as exc:
             await self._dead(e, f"{type(exc).__name__}: {exc}")
+            return
+        if sample.sampled:  # never written as a top-k (the run's config refuses this at start already)
+            await self._dead(
+                e, "a sampled teacher's draws (ScoredSample v2): a scored dataset holds top-k rows"
+            )
             return
         w = self.writer
         if w is None:

@@ -26,6 +26,7 @@ from typing import Any
 from pipeline.dataset.format import FORMAT, FORMAT_VERSION, LOGPROB_DTYPES
 from pipeline.errors import DatasetError
 from pipeline.queue.schema import Config
+from pipeline.sections import TOPK
 
 MANIFEST = "manifest.json"
 
@@ -80,9 +81,11 @@ class Manifest:
         self.bytes += shard.bytes
 
     def identity(self) -> dict[str, object]:
-        """The settings a run must share with this dataset (run-config spelling)."""
+        """The settings a run must share with this dataset (run-config spelling): a dataset holds top-k rows
+        (a sampled run's draws cannot be exported), so its run's teacher mode is `topk`."""
         return {
             Config.K: self.k,
+            Config.TEACHER_MODE: TOPK,
             Config.TEACHER_MODEL: self.teacher,
             Config.LOGPROB_DTYPE: self.logprob_dtype,
         }

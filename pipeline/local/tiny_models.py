@@ -17,6 +17,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 VERSION = "v1"
 DEFAULT_CACHE = Path(os.environ.get("GKD_CACHE_DIR", ".gkd")) / "models"
@@ -107,7 +108,12 @@ def _build_tokenizer(path: Path, vocab_size: int):  # type: ignore[no-untyped-de
     return tok
 
 
-def _llama(vocab: int, hidden: int, layers: int, heads: int, tok, seed: int):  # type: ignore[no-untyped-def]
+def llama(
+    vocab: int, hidden: int, layers: int, heads: int, seed: int, *, max_positions: int = 256, **token_ids: Any
+) -> Any:
+    """A small Llama causal LM (Hugging Face, untied head, MLP 2 x hidden) initialized right after
+    ``torch.manual_seed(seed)``, so the same arguments give the same weights (tests, demo, benches).
+    `token_ids`: bos_token_id, eos_token_id, pad_token_id for the config (LlamaConfig's defaults else)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -119,13 +125,20 @@ def _llama(vocab: int, hidden: int, layers: int, heads: int, tok, seed: int):  #
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
-        max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=False,
+        **token_ids,
     )
     return LlamaForCausalLM(cfg)
+
+
+def _llama(vocab: int, hidden: int, layers: int, heads: int, tok, seed: int):  # type: ignore[no-untyped-def]
+    ids = {
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+    return llama(vocab, hidden, layers, heads, seed, **ids)
 
 
 def _train_teacher(model, tok, steps: int, seed: int) -> None:  # type: ignore[no-untyped-def]

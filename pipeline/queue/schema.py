@@ -144,6 +144,9 @@ class Config:
     """Fields of the run's `config` hash: the settings fixed for the whole run."""
 
     K = "k"
+    """Teacher entries per position: the top-k, or in a sampled run the draws n (`--samples`)."""
+    TEACHER_MODE = "teacher_mode"
+    """`topk` or `sampled` (RS-KD: draws with counts, ScoredSample version 2)."""
     TEACHER_MODEL = "teacher_model"
     LOGPROB_DTYPE = "logprob_dtype"
     LOSS_MODE = "loss_mode"

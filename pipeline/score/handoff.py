@@ -42,6 +42,7 @@ def pack_scored(
         teacher=teacher,
         k=k,
         scored_ms=now_ms(),
+        teacher_counts=scores.counts_RK,  # a sampled teacher's draws: written as version 2
     )
     return encode_scored(sample), int(scores.ids_RK.shape[0])
 

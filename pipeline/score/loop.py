@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 import time
@@ -58,9 +59,10 @@ class TeacherWorker:
     ) -> None:
         configs = {DEFAULT_TEACHER: teacher} if isinstance(teacher, TeacherConfig) else dict(teacher)
         for tname, cfg in configs.items():
-            if cfg.k != run.k:
+            if (cfg.k, cfg.sampled) != (run.width, run.sampled):
                 raise SettingsError(
-                    f"k: teacher {tname}'s client asks for k={cfg.k}, the run has k={run.k} (one k per run)"
+                    f"k: teacher {tname}'s client asks for k={cfg.k} (sampled: {cfg.sampled}), the run has "
+                    f"k={run.width} (sampled: {run.sampled}) (one k per run)"
                 )
         self.run_settings = run
         self.keys = run.keys
@@ -143,7 +145,7 @@ class TeacherWorker:
         if not await self._wait_for_redis():
             return False
         own = {
-            **self.run_settings.fixed(Config.K, Config.LOGPROB_DTYPE, Config.PARTITIONS),
+            **self.run_settings.fixed(Config.K, Config.LOGPROB_DTYPE, Config.PARTITIONS, Config.TEACHER_MODE),
             **self.router.fixed(),
         }
         await check_run_config(self.r, self.keys, own, record=False)
@@ -157,9 +159,11 @@ class TeacherWorker:
         released = await release_own_pending(self.consumer)  # an earlier process's, with this name
         if released:
             log.info("worker %s: released %d rollouts left pending by an earlier run", self.name, released)
+        run = self.run_settings
+        what = f"{run.width} draws per position (sampled)" if run.sampled else f"k={run.k}"
         log.info(
-            "worker %s: run %r, teachers %s, k=%d, %s, concurrency %d per teacher, at most %d held",
-            self.name, self.keys.run, self.router.describe(), self.run_settings.k,
+            "worker %s: run %r, teachers %s, %s, %s, concurrency %d per teacher, at most %d held",
+            self.name, self.keys.run, self.router.describe(), what,
             self.run_settings.logprob_dtype, self.opts.concurrency, self._max_held(),
         )  # fmt: skip
         return True
@@ -314,7 +318,7 @@ class TeacherWorker:
             return  # stopping during an outage (released at shutdown), or the lease was lost
         try:
             payload, positions = pack_scored(
-                rollout, scores, lane.client.model_id, self.run_settings.k, self._dtype
+                rollout, scores, lane.client.model_id, self.run_settings.width, self._dtype
             )
         except Exception as exc:  # deterministic too (this rollout with this answer)
             await self._dead_letter(
@@ -331,7 +335,9 @@ class TeacherWorker:
         attempt = 0
         while True:
             try:
-                scores = await lane.call(rollout.input_ids, rollout.prompt_len, self._parking)
+                scores = await lane.call(
+                    rollout.input_ids, rollout.prompt_len, self._parking, draw_seed(rollout.id)
+                )
             except RetryableError as exc:
                 attempt += 1
                 lane.failed(exc)
@@ -398,3 +404,9 @@ class TeacherWorker:
         self.tel.lanes(self.router.lanes.values())
         fields = {HB.IN_FLIGHT: len(self._owned), **self.tel.heartbeat_fields(self.router.models())}
         return {**fields, **self.router.heartbeat_fields()}
+
+
+def draw_seed(rollout_id: str) -> int:
+    """The seed of a rollout's draws (sampled teacher): a function of its id alone, so a rollout scored
+    again (a reclaimed lease, a resume's requeue) gets the same draws from the same teacher."""
+    return int.from_bytes(hashlib.blake2b(rollout_id.encode(), digest_size=8).digest(), "little") >> 1

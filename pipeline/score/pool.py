@@ -41,7 +41,9 @@ SUPERVISOR_ENV = "GKD_SUPERVISOR_PID"
 class WorkerSettings(CommonSettings):
     """Settings of `gkd workers` (flags, GKD_* environment variables, TOML table [workers])."""
 
-    run: RunSettings = section(RunSettings, "name", "redis_url", "k", "logprob_dtype", *REDIS_LAYOUT)
+    run: RunSettings = section(
+        RunSettings, "name", "redis_url", "k", "logprob_dtype", "teacher_mode", "samples", *REDIS_LAYOUT
+    )
     flow: FlowSettings = section(FlowSettings)
     loop: WorkerOptions = section(
         WorkerOptions,
@@ -82,7 +84,8 @@ def teacher_configs(s: WorkerSettings) -> dict[str, TeacherConfig]:
         name: TeacherConfig(
             endpoints=urls,
             backend=s.backend,
-            k=s.run.k,
+            k=s.run.width,
+            sampled=s.run.sampled,
             model=s.model if name == DEFAULT_TEACHER else None,
             api_key=s.api_key,
             request_timeout_s=s.request_timeout_s,

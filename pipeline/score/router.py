@@ -101,20 +101,21 @@ class Lane:
         n = self.breakers_open()
         return CLOSED if n == 0 else f"open {n}/{len(self.client.endpoints.endpoints)}"
 
-    async def call(self, ids: np.ndarray, prompt_len: int, parking: Parking) -> TeacherScores:
-        """One scoring call within the lane's in-flight limit. While the teacher is down only one call at a
-        time goes out (a probe); the others are parked behind it. Raises what `TeacherClient.score` does."""
+    async def call(self, ids: np.ndarray, prompt_len: int, parking: Parking, seed: int = 0) -> TeacherScores:
+        """One scoring call within the lane's in-flight limit (`seed`: of a sampled teacher's draws). While
+        the teacher is down only one call at a time goes out (a probe); the others are parked behind it.
+        Raises what `TeacherClient.score` does."""
         if self.down:
             with parking(self):
                 async with self._probe, self._slots:
-                    return await self.client.score(ids, prompt_len)
+                    return await self.client.score(ids, prompt_len, seed)
         if self._slots.locked():
             with parking(self):
                 await self._slots.acquire()
         else:
             await self._slots.acquire()
         try:
-            return await self.client.score(ids, prompt_len)
+            return await self.client.score(ids, prompt_len, seed)
         finally:
             self._slots.release()
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.sections import REDIS_LAYOUT, CommonSettings, FlowSettings, RunSettings
+from pipeline.errors import SettingsError
+from pipeline.sections import REDIS_LAYOUT, SAMPLED, CommonSettings, FlowSettings, RunSettings
 from pipeline.settings import section, setting
 
 #: LR schedules after warmup (pipeline.train.optim implements them).
@@ -20,7 +21,7 @@ SHARDINGS = ("fsdp", "ddp")
 class TrainSettings(CommonSettings):
     """Settings of `gkd train`."""
 
-    run: RunSettings = section(RunSettings, "name", "redis_url", "k", "loss_mode", *REDIS_LAYOUT)
+    run: RunSettings = section(RunSettings, "name", "redis_url", "k", "loss_mode", "samples", *REDIS_LAYOUT)
     flow: FlowSettings = section(
         FlowSettings,
         "lease_ms",
@@ -44,7 +45,9 @@ class TrainSettings(CommonSettings):
     )
     grad_accum: int = setting(1, "Micro-batches per optimizer step (per rank).")
     max_grad_norm: float = setting(1.0, "Gradient clipping norm (0: no clipping).")
-    beta: float = setting(0.5, "Generalized JSD beta: 0 forward KL, 1 reverse KL.")
+    beta: float = setting(
+        0.5, "Generalized JSD beta: 0 forward KL, 1 reverse KL (--loss-mode sampled: 0 only)."
+    )
     temperature: float = setting(1.0, "Distillation temperature (student and teacher).")
     checkpoint_every: int = setting(
         500, "Checkpoint (then trim the trained journal and publish the policy) every N steps."
@@ -93,3 +96,11 @@ class TrainSettings(CommonSettings):
     )
     num_threads: int = setting(0, "torch CPU threads (0: torch's default).")
     deterministic: bool = setting(False, "torch.use_deterministic_algorithms (reproducible CPU runs).")
+
+    def __post_init__(self) -> None:
+        if self.run.loss_mode == SAMPLED and self.beta != 0.0:
+            raise SettingsError(
+                f"beta: --loss-mode sampled (RS-KD) estimates forward KL only, expected --beta 0, got "
+                f"{self.beta}; the JSD mixture and reverse KL need the teacher's probability of tokens it "
+                f"did not draw (use --loss-mode tail or renorm with a top-k teacher for beta > 0)"
+            )

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.local import tiny_models
 from pipeline.train.loss import draw_teacher_samples, full_vocab_gjsd, topk_gkd_loss
 
 EOS = "<|eos|>"
@@ -103,21 +104,9 @@ def encode(tokenizer: Any, texts: list[str], limit_tokens: int | None = None) ->
 
 
 def llama(vocab: int, hidden: int, layers: int, seed: int) -> Any:
-    """A small Llama causal LM (Hugging Face) with a fixed initialization."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=max(1, hidden // 32),
-        num_key_value_heads=max(1, hidden // 32),
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(cfg)
+    """A small Llama causal LM (Hugging Face) with a fixed initialization, one head per 32 dimensions."""
+    heads = max(1, hidden // 32)
+    return tiny_models.llama(vocab, hidden, layers, heads, seed, max_positions=1024)
 
 
 def windows(

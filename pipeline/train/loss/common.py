@@ -145,6 +145,52 @@ def check_mode(mode: str, beta: float, counts: torch.Tensor | None, chunk_rows: 
         raise ValueError(f"chunk_rows: expected an integer >= 1 or None, got {chunk_rows!r}")
 
 
+def check_call(
+    n_rows: int,
+    vocab: int,
+    device: torch.device,
+    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+    owner: str,
+    *,
+    beta: float,
+    temperature: float,
+    normalizer: float | torch.Tensor | None,
+    mode: str,
+    chunk_rows: int | None,
+) -> None:
+    """Every argument check a loss call makes before computing (no device sync): `teacher` is (ids,
+    logprobs, counts, mask) as the caller got them; ValueError naming the argument otherwise."""
+    ids, logprobs, counts, mask = teacher
+    check_teacher(n_rows, vocab, device, ids, logprobs, counts, mask, owner)
+    check_scalars(beta, temperature, normalizer)
+    check_mode(mode, beta, counts, chunk_rows)
+
+
+def plan(
+    dtype: torch.dtype,
+    vocab: int,
+    teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+    *,
+    beta: float,
+    temperature: float,
+    mode: str,
+    chunk_rows: int,
+    need_grad: bool,
+) -> tuple[Teacher, torch.dtype]:
+    """(the call's Config and teacher rows made safe, the compute dtype) for inputs of `dtype`: ``tail``
+    with k == V is computed as ``renorm`` (the two agree exactly there)."""
+    ids, logprobs, counts, mask = teacher
+    cdt = compute_dtype(dtype)
+    cfg = Config(
+        beta=float(beta),
+        tau=float(temperature),
+        kind="renorm" if mode == "tail" and ids.shape[1] == vocab else mode,
+        chunk_rows=chunk_rows,
+        need_grad=need_grad,
+    )
+    return prepare_teacher(cfg, vocab, cdt, ids, logprobs, counts, mask), cdt
+
+
 def prepare_teacher(
     cfg: Config,
     vocab: int,

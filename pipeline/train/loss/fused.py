@@ -18,17 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from pipeline.train.loss.common import (
-    CHUNK_BYTES,
-    Config,
-    RowGrad,
-    check_mode,
-    check_scalars,
-    check_teacher,
-    compute_dtype,
-    finish,
-    prepare_teacher,
-)
+from pipeline.train.loss.common import CHUNK_BYTES, Config, RowGrad, check_call, compute_dtype, finish, plan
 from pipeline.train.loss.logits import STAT_NAMES, forward_rows
 
 MIN_CHUNK_BYTES = 32 * 2**20
@@ -232,9 +222,10 @@ def fused_topk_gkd_loss(
     _check_linear(hidden, weight, bias)
     n_rows, width = hidden.shape
     vocab = weight.shape[0]
-    check_teacher(n_rows, vocab, hidden.device, teacher_ids, teacher_logprobs, teacher_counts, mask, "hidden")
-    check_scalars(beta, temperature, normalizer)
-    check_mode(mode, beta, teacher_counts, chunk_rows)
+    given = (teacher_ids, teacher_logprobs, teacher_counts, mask)
+    scalars: dict[str, Any] = {"beta": beta, "temperature": temperature, "mode": mode}
+    check_call(n_rows, vocab, hidden.device, given, "hidden", normalizer=normalizer, chunk_rows=chunk_rows,
+               **scalars)  # fmt: skip
     if vocab_tile is not None and (not isinstance(vocab_tile, int) or vocab_tile < 1):
         raise ValueError(f"vocab_tile: expected an integer >= 1 or None, got {vocab_tile!r}")
     device_type = hidden.device.type
@@ -242,19 +233,13 @@ def fused_topk_gkd_loss(
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    cdt = compute_dtype(hidden.dtype)
-    k = teacher_ids.shape[1]
     needs_grad = any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    cfg = Config(
-        beta=float(beta),
-        tau=float(temperature),
-        kind="renorm" if mode == "tail" and k == vocab else mode,
-        chunk_rows=chunk_rows or default_chunk_rows(n_rows, width, vocab),
-        need_grad=torch.is_grad_enabled() and needs_grad,
-    )
+    teacher, cdt = plan(
+        hidden.dtype, vocab, given, chunk_rows=chunk_rows or default_chunk_rows(n_rows, width, vocab),
+        need_grad=torch.is_grad_enabled() and needs_grad, **scalars,
+    )  # fmt: skip
     tile = vocab_tile or default_vocab_tile(n_rows, width, vocab)
-    teacher = prepare_teacher(cfg, vocab, cdt, teacher_ids, teacher_logprobs, teacher_counts, mask)
     per_row = _FusedGKD.apply(
-        hidden, weight, bias, teacher.ids_NK, teacher.logp_NK, teacher.counts_NK, cfg, tile
+        hidden, weight, bias, teacher.ids_NK, teacher.logp_NK, teacher.counts_NK, teacher.cfg, tile
     )
     return finish(teacher, dict(zip(STAT_NAMES, per_row, strict=True)), normalizer, cdt)

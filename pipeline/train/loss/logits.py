@@ -12,17 +12,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from pipeline.train.loss.common import (
-    CHUNK_BYTES,
-    Config,
-    RowGrad,
-    check_mode,
-    check_scalars,
-    check_teacher,
-    compute_dtype,
-    finish,
-    prepare_teacher,
-)
+from pipeline.train.loss.common import CHUNK_BYTES, Config, RowGrad, check_call, compute_dtype, finish, plan
 from pipeline.train.loss.divergence import chunk_forward
 
 STAT_NAMES = ("loss", "tmass", "smass", "top1")
@@ -179,21 +169,15 @@ def topk_gkd_loss(
             f"dtype {student_logits.dtype}"
         )
     n_rows, vocab = student_logits.shape
-    device = student_logits.device
-    check_teacher(
-        n_rows, vocab, device, teacher_ids, teacher_logprobs, teacher_counts, mask, "student_logits"
+    given = (teacher_ids, teacher_logprobs, teacher_counts, mask)
+    scalars: dict[str, Any] = {"beta": beta, "temperature": temperature, "mode": mode}
+    check_call(n_rows, vocab, student_logits.device, given, "student_logits", normalizer=normalizer,
+               chunk_rows=chunk_rows, **scalars)  # fmt: skip
+    teacher, cdt = plan(
+        student_logits.dtype, vocab, given, chunk_rows=chunk_rows or max(1, CHUNK_BYTES // (4 * vocab)),
+        need_grad=torch.is_grad_enabled() and student_logits.requires_grad, **scalars,
+    )  # fmt: skip
+    per_row = _LogitsGKD.apply(
+        student_logits, teacher.ids_NK, teacher.logp_NK, teacher.counts_NK, teacher.cfg
     )
-    check_scalars(beta, temperature, normalizer)
-    check_mode(mode, beta, teacher_counts, chunk_rows)
-    cdt = compute_dtype(student_logits.dtype)
-    k = teacher_ids.shape[1]
-    cfg = Config(
-        beta=float(beta),
-        tau=float(temperature),
-        kind="renorm" if mode == "tail" and k == vocab else mode,
-        chunk_rows=chunk_rows or max(1, CHUNK_BYTES // (4 * vocab)),
-        need_grad=torch.is_grad_enabled() and student_logits.requires_grad,
-    )
-    teacher = prepare_teacher(cfg, vocab, cdt, teacher_ids, teacher_logprobs, teacher_counts, mask)
-    per_row = _LogitsGKD.apply(student_logits, teacher.ids_NK, teacher.logp_NK, teacher.counts_NK, cfg)
     return finish(teacher, dict(zip(STAT_NAMES, per_row, strict=True)), normalizer, cdt)

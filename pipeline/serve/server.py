@@ -7,6 +7,9 @@ them; `prompt_logprobs`, `logprobs`, `max_tokens` >= 1), `GET /v1/models`, `GET 
 vocabulary, for a bad body; 401 without the API key on /v1 routes; 404 for an unknown model; 429 when
 too many requests are pending). Concurrent requests are batched into one forward pass (teacher_batcher).
 
+Extensions, opt-in and advertised in /v1/models: the binary top-k (pipeline/teacher/binary.py) and draws
+from the teacher's distribution with counts (pipeline/teacher/sampled.py; transformers engine only).
+
 Deviation from vLLM: exactly one greedy token is generated whatever `max_tokens` is (finish_reason
 "length"); the server exists for prompt logprobs, not for generation.
 """

@@ -15,6 +15,11 @@ subclass that keeps them as numpy chunks instead (`_install`). That is a vLLM-in
 another signature in earlier releases), so other versions are refused at start with a message rather
 than risk wrong rows. The engine core and the model are vLLM's, untouched.
 
+A sampled teacher (RS-KD draws, pipeline/teacher/sampled.py) is refused here: the engine core sends the
+top-k of each prompt position only, not the distribution to draw from (prompt_logprobs = -1 would send
+all V entries per position, far more than the draws save). The server does not advertise the extension
+with this engine and answers such requests with 400.
+
 Shape legend: T = prompt tokens, K = top-k, P = prompt positions with a distribution (T - 1).
 """
 

@@ -9,7 +9,7 @@ Shape legend (suffixes of tensor names):
     B   samples in a micro-batch
     T   padded sequence length (the longest sample of the micro-batch)
     N   loss rows of the micro-batch (sum of R over its samples), in (sample, position) order
-    K   teacher top-k
+    K   teacher top-k (or, sampled, the draws per position)
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ class Batch:
     """int32 [N, K] (as on the wire); row n pairs with logits at positions_N[n]."""
     teacher_logprobs_NK: torch.Tensor
     """float16 [N, K] when every sample sent fp16, else float32."""
+    teacher_counts_NK: torch.Tensor | None
+    """int32 [N, K] draw counts of a sampled teacher (ScoredSample v2); None for top-k samples."""
     sample_ids: list[str]
     """Rollout ids, in batch order."""
     refs: list[Any] = field(default_factory=list)
@@ -70,7 +72,7 @@ class Batch:
         return out
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {
+        out = {
             "input_ids_BT": self.input_ids_BT,
             "attention_mask_BT": self.attention_mask_BT,
             "loss_mask_BT": self.loss_mask_BT,
@@ -78,6 +80,9 @@ class Batch:
             "teacher_ids_NK": self.teacher_ids_NK,
             "teacher_logprobs_NK": self.teacher_logprobs_NK,
         }
+        if self.teacher_counts_NK is not None:
+            out["teacher_counts_NK"] = self.teacher_counts_NK
+        return out
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
         moved: dict[str, Any] = {k: fn(v) for k, v in self.tensors().items()}
@@ -108,13 +113,17 @@ def collate(
 ) -> Batch:
     """Pad `samples` into one Batch (host memory; pinned when `pin`, default: CUDA is available).
 
-    Raises ValueError for an empty list or samples with different k.
+    Raises ValueError for an empty list, samples with different k, or top-k and sampled samples mixed.
     """
     if not samples:
         raise ValueError("collate: expected at least one sample, got none")
     ks = {s.k for s in samples}
     if len(ks) != 1:
         raise ValueError(f"collate: expected one teacher k across the micro-batch, got {sorted(ks)}")
+    modes = {s.sampled for s in samples}
+    if len(modes) != 1:
+        raise ValueError("collate: expected only top-k or only sampled samples in a micro-batch, got both")
+    sampled = modes.pop()
     pin = torch.cuda.is_available() if pin is None else pin
     n_b = len(samples)
     t_max = max(s.rollout.num_tokens for s in samples)
@@ -132,6 +141,7 @@ def collate(
     pos_N = empty((n_rows,), torch.int64)
     tids_NK = empty((n_rows, k), torch.int32)
     tlp_NK = empty((n_rows, k), torch.float16 if fp16 else torch.float32)
+    counts_NK = empty((n_rows, k), torch.int32) if sampled else None
     ids_np, attn_np, lmask_np = ids_BT.numpy(), attn_BT.numpy(), lmask_BT.numpy()
     pos_np, tids_np, tlp_np = pos_N.numpy(), tids_NK.numpy(), tlp_NK.numpy()
     ids_np.fill(pad_id)
@@ -147,6 +157,8 @@ def collate(
         pos_np[row : row + rows] = b * t_max + np.arange(p - 1, t - 1)
         tids_np[row : row + rows] = s.topk_ids
         tlp_np[row : row + rows] = s.topk_logprobs
+        if counts_NK is not None:
+            counts_NK.numpy()[row : row + rows] = s.teacher_counts
         row += rows
     return Batch(
         input_ids_BT=ids_BT,
@@ -155,6 +167,7 @@ def collate(
         positions_N=pos_N,
         teacher_ids_NK=tids_NK,
         teacher_logprobs_NK=tlp_NK,
+        teacher_counts_NK=counts_NK,
         sample_ids=[s.rollout.id for s in samples],
         refs=list(refs) if refs is not None else [],
         num_tokens=sum(s.rollout.num_tokens for s in samples),

@@ -133,7 +133,9 @@ class DistillModule(torch.nn.Module):
             pick = torch.tensor(idx[: cfg.kl_rows], dtype=torch.long, device=rows.device)
             ids = batch.teacher_ids_NK.index_select(0, pick)
             logp = batch.teacher_logprobs_NK.index_select(0, pick)
-            _, st = self._loss(rows.index_select(0, pick), batch, 0.0, cfg, teacher=(ids, logp))
+            counts = batch.teacher_counts_NK
+            counts = None if counts is None else counts.index_select(0, pick)
+            _, st = self._loss(rows.index_select(0, pick), batch, 0.0, cfg, teacher=(ids, logp, counts))
             out[teacher_key(name, "kl_sum")] = st["loss_sum"]
             out[teacher_key(name, "mass_sum")] = st["teacher_mass"] * st["rows"]
             out[teacher_key(name, "rows")] = st["rows"]
@@ -146,10 +148,10 @@ class DistillModule(torch.nn.Module):
         beta: float,
         cfg: LossConfig,
         normalizer: float | None = None,
-        teacher: tuple[torch.Tensor, torch.Tensor] | None = None,
+        teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, Stats]:
         """The loss over the first n = len(rows) loss rows of `batch` (or against `teacher`'s rows: ids
-        [n, K] and logprobs [n, K] given)."""
+        [n, K], logprobs [n, K] and, of a sampled teacher, draw counts [n, K] given)."""
         n = rows.shape[0]
         common: dict[str, Any] = {
             "beta": beta,
@@ -157,9 +159,16 @@ class DistillModule(torch.nn.Module):
             "mode": cfg.mode,
             "normalizer": normalizer,
         }
-        ids, logp = (
-            teacher if teacher is not None else (batch.teacher_ids_NK[:n], batch.teacher_logprobs_NK[:n])
-        )
+        if teacher is None:
+            counts = batch.teacher_counts_NK
+            teacher = (
+                batch.teacher_ids_NK[:n],
+                batch.teacher_logprobs_NK[:n],
+                None if counts is None else counts[:n],
+            )
+        ids, logp, counts = teacher
+        if counts is not None:  # a sampled teacher's draws (mode "sampled")
+            common["teacher_counts"] = counts
         if self.fused:
             head = self.lm.get_output_embeddings()
             return fused_topk_gkd_loss(rows, head.weight, ids, logp, bias=head.bias, **common)

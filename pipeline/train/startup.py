@@ -5,6 +5,8 @@
   ``--resume`` would otherwise restart from the base student and publish versions the producers already
   left behind, training the run's samples into a throwaway checkpoint);
 - the student's vocabulary against the teacher's (`pipeline.vocab.check_student`);
+- the run's teacher mode: a sampled teacher's draws train with ``--loss-mode sampled`` only, and that
+  mode needs a sampled teacher (`check_teacher_mode`);
 - a resume under another LR schedule (``--max-steps``, ``--lr``, ...) is said, with what it changes.
 """
 
@@ -16,11 +18,33 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PolicyRegression, SettingsError
+from pipeline.errors import ConfigMismatch, PolicyRegression, SettingsError
+from pipeline.queue.schema import Config
+from pipeline.sections import SAMPLED, TOPK, RunSettings
 from pipeline.train import checkpoint as ckpt
 
 #: The settings that shape the LR schedule, recorded in every checkpoint (TrainState.extra["schedule"]).
 SCHEDULE_SETTINGS = ("lr", "warmup_steps", "max_steps", "lr_schedule", "min_lr_ratio")
+
+
+def check_teacher_mode(config: Mapping[str, str], run: RunSettings) -> None:
+    """Raise ConfigMismatch naming the flags when the run's recorded teacher mode is not this trainer's:
+    draws (with counts) train only with the RS-KD loss, and that loss needs draws. A run whose workers
+    have not recorded a mode yet is checked when they do (both record it in the run config)."""
+    recorded = config.get(Config.TEACHER_MODE)
+    if recorded is None or recorded == (SAMPLED if run.sampled else TOPK):
+        return
+    k = config.get(Config.K, "?")
+    if recorded == SAMPLED:
+        fix = f"--loss-mode sampled --samples {k} --beta 0"
+        what = f"its teacher draws {k} samples per position (gkd workers --teacher-mode sampled)"
+    else:
+        fix = f"--loss-mode tail or renorm (with --k {k})"
+        what = f"its teacher sends its top-{k} (gkd workers --teacher-mode topk)"
+    raise ConfigMismatch(
+        f"run {run.name!r}: {what}; this trainer has --loss-mode {run.loss_mode}: expected {fix}, or "
+        f"another --run"
+    )
 
 
 def check_output_dir(path: str) -> None:

@@ -49,6 +49,7 @@ from pipeline.train.settings import TrainSettings
 from pipeline.train.startup import (
     check_output_dir,
     check_policy_floor,
+    check_teacher_mode,
     start_point,
 )
 from pipeline.train.step import LossConfig, StepStats, train_step
@@ -111,12 +112,13 @@ class Trainer(Lineage):
         self._vocab_checked = False
         self._outside_vocab = 0  # samples in a row whose ids the student's vocabulary does not cover
         self.idle_notice = WaitNotice(log)
-        fixed = s.run.fixed(Config.K, Config.LOSS_MODE, Config.PARTITIONS)
+        fixed = s.run.fixed(Config.K, Config.LOSS_MODE, Config.PARTITIONS, Config.TEACHER_MODE)
         try:
             waited = wait_for_redis(self.r, f"trainer {self.consumer_name}", self.stop)
             if not self.io.run(waited, timeout_s=None):
                 raise _Stopped
             # Refuse early, but fix nothing for the run until this trainer has passed every check.
+            check_teacher_mode(self.io.run(read_config(self.r, self.keys)), s.run)
             self.io.run(check_run_config(self.r, self.keys, fixed, record=False))
             self._check_policy_floor()
             self.ready = ReadyLeases(
@@ -170,10 +172,12 @@ class Trainer(Lineage):
     def _check(self, sample: ScoredSample) -> Verdict:
         """Dead-letter what can never train here; skip (count) stale student rollouts."""
         ro, s = sample.rollout, self.s
-        if sample.k != s.run.k:
+        if sample.k != s.run.width or sample.sampled != s.run.sampled:
+            mode = "sampled" if s.run.sampled else "top-k"
             return Verdict(
-                "dead", f"k mismatch: the run trains with k={s.run.k}, the sample has k={sample.k}"
-            )
+                "dead", f"k mismatch: the run trains with {mode} k={s.run.width}, the sample has "
+                f"{'sampled' if sample.sampled else 'top-k'} k={sample.k}",
+            )  # fmt: skip
         top = max(int(ro.input_ids.max()), int(sample.topk_ids.max()))
         if top >= self.vocab:
             self._outside_vocab += 1

@@ -53,17 +53,22 @@ def render(ids_RK: np.ndarray, logprobs_RK: np.ndarray, model: str) -> bytes:
     )
 
 
+def read_tensors(raw: bytes, what: str, version: int, fields: dict[str, frozenset[str]]) -> list[np.ndarray]:
+    """The 2-D tensors `fields` (name -> accepted dtypes) of a msgpack answer map of `version`, in order;
+    MalformedResponse naming `what` when the body is not such a map (shared by the msgpack extensions)."""
+    try:
+        obj = mpack.loads(raw)
+        if not isinstance(obj, dict) or obj.get("v") != version:
+            raise MalformedResponse(f"{what}: expected a msgpack map with v={version}, got {str(obj)[:80]}")
+        return [unpack_tensor(obj.get(name), name, dtypes, 2) for name, dtypes in fields.items()]
+    except (ValueError, WireFormatError) as exc:
+        raise MalformedResponse(f"{what}: {exc}") from None
+
+
 def parse_response(raw: bytes, num_tokens: int, prompt_len: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids int32 [R, k], logprobs float32 [R, k]) from a binary body; MalformedResponse when invalid."""
     what = "binary top-k"
-    try:
-        obj = mpack.loads(raw)
-        if not isinstance(obj, dict) or obj.get("v") != VERSION:
-            raise MalformedResponse(f"{what}: expected a msgpack map with v={VERSION}, got {str(obj)[:80]}")
-        ids_RK = unpack_tensor(obj.get("ids"), "ids", ID_DTYPES, 2)
-        lp_RK = unpack_tensor(obj.get("logprobs"), "logprobs", LOGPROB_WIRE_DTYPES, 2)
-    except (ValueError, WireFormatError) as exc:
-        raise MalformedResponse(f"{what}: {exc}") from None
+    ids_RK, lp_RK = read_tensors(raw, what, VERSION, {"ids": ID_DTYPES, "logprobs": LOGPROB_WIRE_DTYPES})
     R = num_tokens - prompt_len
     if ids_RK.shape != (R, k) or lp_RK.shape != (R, k):
         raise MalformedResponse(f"{what}: expected [{R}, {k}] arrays, got {ids_RK.shape} and {lp_RK.shape}")

@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import MalformedResponse, WireFormatError
+from pipeline.errors import MalformedResponse
 from pipeline.teacher import binary, rows, vllm
 from pipeline.wire import mpack
-from pipeline.wire.codec import ID_DTYPES, LOGPROB_WIRE_DTYPES, pack_tensor, unpack_tensor
+from pipeline.wire.codec import ID_DTYPES, LOGPROB_WIRE_DTYPES, pack_tensor
 
 MEDIA_TYPE = "application/x-gkd-sampled+msgpack"
 ADVERT_FIELD = "gkd_sampled"
@@ -83,15 +83,8 @@ def parse_response(
     logprobs finite and <= 0 (float slack clamped), no row whose drawn mass exceeds 1 (raw logits).
     MalformedResponse otherwise."""
     what = "sampled teacher answer"
-    try:
-        obj = mpack.loads(raw)
-        if not isinstance(obj, dict) or obj.get("v") != VERSION:
-            raise MalformedResponse(f"{what}: expected a msgpack map with v={VERSION}, got {str(obj)[:80]}")
-        ids_RN = unpack_tensor(obj.get("ids"), "ids", ID_DTYPES, 2)
-        lp_RN = unpack_tensor(obj.get("logprobs"), "logprobs", LOGPROB_WIRE_DTYPES, 2)
-        counts_RN = unpack_tensor(obj.get("counts"), "counts", ID_DTYPES, 2)
-    except (ValueError, WireFormatError) as exc:
-        raise MalformedResponse(f"{what}: {exc}") from None
+    fields = {"ids": ID_DTYPES, "logprobs": LOGPROB_WIRE_DTYPES, "counts": ID_DTYPES}
+    ids_RN, lp_RN, counts_RN = binary.read_tensors(raw, what, VERSION, fields)
     R = num_tokens - prompt_len
     if not ids_RN.shape == lp_RN.shape == counts_RN.shape == (R, n):
         raise MalformedResponse(

@@ -183,3 +183,9 @@ def test_parse_refuses_invalid_draws() -> None:
             sampled.parse_response(body, 5, 3, 3)
     with pytest.raises(MalformedResponse, match=r"expected \[2, 4\] arrays"):
         sampled.parse_response(good, 5, 3, 4)
+
+
+def test_draw_seed_is_a_function_of_the_rollout_id() -> None:
+    seeds = [sampled.draw_seed(f"r-{i}") for i in range(1000)]
+    assert seeds == [sampled.draw_seed(f"r-{i}") for i in range(1000)]  # every process, every run
+    assert len(set(seeds)) == 1000 and all(0 <= s < sampled.SEED_LIMIT for s in seeds)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import random
 import time
@@ -37,6 +36,7 @@ from pipeline.score.options import WorkerOptions, WorkerReport
 from pipeline.score.router import Lane, TeacherRouter, counted
 from pipeline.score.telemetry import Telemetry
 from pipeline.sections import FlowSettings, RunSettings
+from pipeline.teacher import sampled
 from pipeline.teacher.config import TeacherConfig, TeacherScores
 from pipeline.wire.codec import Rollout, decode_rollout
 
@@ -336,7 +336,7 @@ class TeacherWorker:
         while True:
             try:
                 scores = await lane.call(
-                    rollout.input_ids, rollout.prompt_len, self._parking, draw_seed(rollout.id)
+                    rollout.input_ids, rollout.prompt_len, self._parking, sampled.draw_seed(rollout.id)
                 )
             except RetryableError as exc:
                 attempt += 1
@@ -404,9 +404,3 @@ class TeacherWorker:
         self.tel.lanes(self.router.lanes.values())
         fields = {HB.IN_FLIGHT: len(self._owned), **self.tel.heartbeat_fields(self.router.models())}
         return {**fields, **self.router.heartbeat_fields()}
-
-
-def draw_seed(rollout_id: str) -> int:
-    """The seed of a rollout's draws (sampled teacher): a function of its id alone, so a rollout scored
-    again (a reclaimed lease, a resume's requeue) gets the same draws from the same teacher."""
-    return int.from_bytes(hashlib.blake2b(rollout_id.encode(), digest_size=8).digest(), "little") >> 1

@@ -22,6 +22,7 @@ Shape legend: R = rows (T - rows_from), N = draws per row (the width of every ar
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,12 @@ def max_samples(models_body: Any) -> int:
         return 0
     n = cards[0].get(MAX_SAMPLES_FIELD)
     return n if type(n) is int and n > 0 else 0
+
+
+def draw_seed(rollout_id: str) -> int:
+    """The seed of a rollout's draws, in [0, 2**63): a function of its id alone, so a rollout scored again
+    (a lease taken over, a resume's requeue) gets the same draws from the same teacher."""
+    return int.from_bytes(hashlib.blake2b(rollout_id.encode(), digest_size=8).digest(), "little") >> 1
 
 
 def card(limit: int) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from pipeline.errors import ConfigMismatch, SettingsError
+from pipeline.errors import ConfigMismatch, SettingsError, StreamGroupMissing
 from pipeline.monitor.report import build_report, take_sample
 from pipeline.monitor.text import render_text
 from pipeline.queue.backpressure import Backpressure, WaterMarks
@@ -160,3 +160,14 @@ async def test_status_shows_each_partition_and_their_sum(
     assert rows[1]["waiting_bytes"]["ready"] == 60
     text = render_text(rep)
     assert "3 partitions" in text and "{test.1}" in text
+
+
+async def test_errors_of_a_command_inside_a_pipeline_keep_their_class(
+    r: aioredis.Redis, keys: RunKeys
+) -> None:
+    """Reads that wait for replicas run in a pipeline; redis-py prefixes such errors with the command: the
+    code after that prefix still decides the class (NOGROUP: the group is gone)."""
+    pipe = r.pipeline(transaction=False)
+    pipe.xreadgroup("nogroup", "c", {keys.ready.key: ">"}, count=1)
+    with pytest.raises(StreamGroupMissing):
+        await pipe.execute()

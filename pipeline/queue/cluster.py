@@ -41,6 +41,16 @@ class _Pipeline(aiocluster.ClusterPipeline):
 class AsyncClusterClient(aiocluster.RedisCluster):
     gkd_where = ""
 
+    async def initialize(self, *args: Any, **kwargs: Any) -> AsyncClusterClient:
+        # Learning the slot map talks to the nodes outside execute_command (also from multi-key
+        # commands such as DELETE): a node that is down must surface as RedisUnavailable there too.
+        try:
+            await super().initialize(*args, **kwargs)
+        except FAILURES as exc:
+            cancelled(exc)
+            raise translate(exc, self.gkd_where) from exc
+        return self
+
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
             out = await super().execute_command(*args, **kwargs)

@@ -5,6 +5,7 @@ they return raise only `pipeline.errors` classes; this module is the one place t
 exceptions and Redis's error codes:
 
     connection refused or reset, timeout, LOADING, OOM, READONLY, ...  -> RedisUnavailable (retryable)
+    (UNBLOCKED: a blocked read's stream moved to another cluster node)
     NOGROUP (a stream or group vanished: Redis lost its data)          -> StreamGroupMissing
     wrong password or user                                             -> RedisAuthError
     anything else Redis refuses (WRONGTYPE, a script error, ...)       -> RedisCommandError(code)
@@ -50,8 +51,21 @@ MAX_BLOCK_MS = 2000
 
 #: Error codes with which Redis says "not now" rather than "never": waited out like an outage.
 _TRANSIENT_CODES = frozenset(
-    {"LOADING", "OOM", "READONLY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "BUSY", "MISCONF", "NOREPLICAS"}
+    {
+        "LOADING",
+        "OOM",
+        "READONLY",
+        "MASTERDOWN",
+        "TRYAGAIN",
+        "CLUSTERDOWN",
+        "BUSY",
+        "MISCONF",
+        "NOREPLICAS",
+        "UNBLOCKED",
+    }
 )
+#: How redis-py prefixes the error of one command of a pipeline it raises.
+_IN_PIPELINE = " of pipeline caused error: "
 _AUTH_CODES = frozenset({"NOAUTH", "WRONGPASS", "NOPERM"})
 #: redis-py strips the code of the errors it knows from the message; these are the classes it uses.
 _CLASS_CODES: dict[type[BaseException], str] = {
@@ -96,7 +110,10 @@ def _code(exc: BaseException) -> str:
     for cls, code in _CLASS_CODES.items():
         if isinstance(exc, cls):
             return code
-    first = str(exc).split(" ", 1)[0]
+    text = str(exc)
+    if _IN_PIPELINE in text:  # redis-py prefixes a pipeline's error with the command that failed
+        text = text.split(_IN_PIPELINE, 1)[1].lstrip("('\"")
+    first = text.split(" ", 1)[0]
     return first if first.isupper() and first.isalpha() else "ERR"
 
 

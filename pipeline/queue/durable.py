@@ -17,6 +17,7 @@ from typing import Any
 
 from pipeline.errors import RedisCommandError
 from pipeline.notice import WaitNotice
+from pipeline.queue.connection import FAILURES, translate
 
 log = logging.getLogger("gkd.redis")
 
@@ -43,7 +44,11 @@ class Replicas:
         if self.n <= 0:
             return list(await pipe.execute())
         if self._cluster:
-            pipe.execute_command("WAIT", self.n, self.timeout_ms, target_nodes=self.r.get_node_from_key(key))
+            try:
+                node = self.r.get_node_from_key(key)
+            except FAILURES as exc:  # no slot map yet, or the slot's master is gone: wait like an outage
+                raise translate(exc) from exc
+            pipe.execute_command("WAIT", self.n, self.timeout_ms, target_nodes=node)
         else:
             pipe.execute_command("WAIT", self.n, self.timeout_ms)
         *out, acked = await pipe.execute()

@@ -9,7 +9,9 @@ partition it is a thin layer over one `StreamConsumer`.
 
 Reads are fair: each read starts at the partition after the one the previous read started at, and
 takes from each partition at most an even share of what is left to read, without waiting; it waits
-(`block_ms`) only when none had anything.
+(`block_ms`) only when none had anything. A partition whose master cannot answer (a failover) does not
+hold up the others: a read raises only when no partition gave anything. Entries whose read reply was
+lost stay pending for this consumer and are reclaimed after the lease.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 
+from pipeline.errors import RedisUnavailable
 from pipeline.queue.lease import Entry, StreamConsumer
 from pipeline.queue.schema import RunKeys, Stream
 
@@ -61,20 +64,29 @@ class Partitioned:
             return [] if 0 in skip else await self.of[0].read(count, block_ms)
         order = [c for c in self._rotation() if c.part not in skip]
         out: list[Entry] = []
+        down: list[RedisUnavailable] = []
         for i, c in enumerate(order):  # each takes at most an even share of what is left
             share = -(-(count - len(out)) // (len(order) - i))
-            if share > 0:
-                out += await c.read(share, block_ms=None)
+            try:
+                out += await c.read(share, block_ms=None) if share > 0 else []
+            except RedisUnavailable as exc:  # its master is failing over: the others go on
+                down.append(exc)
         if out:
             return out
+        if down:
+            raise down[0]
         if not order:  # every partition is skipped (its ready stream full): wait a little, not spin
             await asyncio.sleep(min(block_ms or 0, 100) / 1000)
             return out
         waiting = order[: max(min(count, len(order)), 1)]
         shares = [count // len(waiting) + (i < count % len(waiting)) for i in range(len(waiting))]
         reads = [c.read(max(n, 1), block_ms) for c, n in zip(waiting, shares, strict=True)]
-        got = await asyncio.gather(*reads)
-        return [e for page in got for e in page]
+        got = await asyncio.gather(*reads, return_exceptions=True)
+        fails = [g for g in got if isinstance(g, BaseException)]
+        entries = [e for page in got if not isinstance(page, BaseException) for e in page]
+        if fails and not entries:
+            raise fails[0]
+        return entries
 
     async def read_own_pending(self, count: int, after: bytes = b"0") -> tuple[list[Entry], bytes | None]:
         """Entries delivered earlier to this consumer name and not acknowledged, partition by partition.

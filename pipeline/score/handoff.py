@@ -107,6 +107,14 @@ class HandoffBatcher:
             await self._publish(batch)
 
     async def _publish(self, batch: list[_Result]) -> None:
+        """One script per partition, concurrently: a partition whose master fails over holds back only
+        its own results (each is retried on its own, so none is published twice)."""
+        parts: dict[int, list[_Result]] = {}
+        for res in batch:
+            parts.setdefault(res.entry.part, []).append(res)
+        await asyncio.gather(*(self._publish_part(group) for group in parts.values()))
+
+    async def _publish_part(self, batch: list[_Result]) -> None:
         items = [(res.entry, res.payload, res.positions) for res in batch]
         # Cancelled mid-call at shutdown, the entries stay owned and get released; a release of an
         # entry the call did publish is refused by the ownership check, so nothing is duplicated.

@@ -260,3 +260,23 @@ async def test_slot_migration_mid_run_loses_and_duplicates_nothing(
     own_cluster: RedisCluster, procs: Procs, tmp_path: Path
 ) -> None:
     await _migrate_mid_run(own_cluster, procs, tmp_path, 240)
+
+
+def test_bench_redis_reports_every_layout() -> None:
+    """A tiny `gkd bench redis`: one node, the cluster with P = 3 and 6, every metric, positive rates."""
+    from workers.bench.redis import run as bench_redis
+
+    try:
+        rows = bench_redis(
+            ["--samples", "60", "--rows", "16", "--k", "4", "--workers", "2", "--trainers", "1"]
+        )
+    except (FileNotFoundError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot start a Redis Cluster with the redis-server/redis-cli here: {exc}")
+    by = {row["metric"]: row for row in rows}
+    for layout in ("node_p1", "cluster3_p3", "cluster3_p6"):
+        for metric in ("handoff_samples_per_s", "consume_samples_per_s", "handoff_mb_per_s"):
+            assert by[f"{layout}.{metric}"]["value"] > 0, (layout, metric)
+        for metric in ("cpu_s_per_gb_masters", "cpu_s_per_gb_per_master", "cpu_s_per_gb_replicas"):
+            assert by[f"{layout}.{metric}"]["value"] >= 0, (layout, metric)
+    assert by["cluster3_p6.handoff_samples_per_s"]["baseline"] == by["node_p1.handoff_samples_per_s"]["value"]
+    assert by["node_p1.cpu_s_per_gb_replicas"]["value"] == 0  # one node has no replica

@@ -411,3 +411,53 @@ def _fields_or_none(sub: str) -> set[str] | None:
         if isinstance(v, type) and dataclasses.is_dataclass(v) and issubclass(v, CommonSettings)
         for name in setting_names(v)
     }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------- Redis Cluster
+
+CLUSTER = DEPLOY / "cluster"
+CLUSTER_ENV = ("GKD_REDIS_CLUSTER", "GKD_PARTITIONS")
+
+
+def test_compose_cluster_override_runs_a_partitioned_run_on_six_cluster_nodes(
+    compose: dict[str, Any],
+) -> None:
+    doc = yaml.safe_load((CLUSTER / "docker-compose.cluster.yml").read_text())
+    services = doc["services"]
+    nodes = [name for name, svc in services.items() if "command" in svc and "redis-server" in svc["command"]]
+    assert nodes == ["redis", "redis-2", "redis-3", "redis-4", "redis-5", "redis-6"]
+    for name in nodes:
+        argv = services[name]["command"]
+        assert argv[argv.index("--cluster-enabled") + 1] == "yes" and "--masterauth" in argv, name
+        assert argv[argv.index("--cluster-config-file") + 1] == "nodes.conf", name
+    create = " ".join(services["redis-cluster-create"]["entrypoint"])
+    assert "--cluster-replicas 1" in create and "--cluster-yes" in create
+    joined = create.split("--cluster create", 1)[1]
+    assert all(f"getent hosts {n} " in joined for n in nodes), joined
+    gkd = {"workers", "trainer", "rollouts", "status"}
+    assert gkd <= set(compose["services"]), "the override names services of docker-compose.yml"
+    for name in gkd:
+        env = services[name]["environment"]
+        assert env["GKD_REDIS_CLUSTER"] == "1" and "GKD_PARTITIONS" in env, name
+    subs = {"workers": "workers", "trainer": "train", "rollouts": "rollouts", "status": "status"}
+    for name, sub in subs.items():
+        fields = set().union(*(setting_names(cls) for cls in settings_classes(sub)))
+        for var in services[name]["environment"]:
+            assert var[len(ENV_PREFIX) :].lower() in fields, f"gkd {sub} ignores {var}"
+
+
+def test_k8s_redis_cluster_has_six_nodes_and_joins_them_with_a_replica_each() -> None:
+    docs = [d for d in yaml.safe_load_all((CLUSTER / "k8s" / "10-redis-cluster.yaml").read_text()) if d]
+    kinds = {d["kind"]: d for d in docs}
+    assert set(kinds) == {"Service", "StatefulSet", "Job"}
+    sts, svc = kinds["StatefulSet"], kinds["Service"]
+    assert sts["spec"]["replicas"] == 6 and sts["spec"]["serviceName"] == svc["metadata"]["name"]
+    assert {p["port"] for p in svc["spec"]["ports"]} == {6379, 16379}  # clients and the cluster bus
+    argv = sts["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert argv[argv.index("--cluster-enabled") + 1] == "yes" and "--masterauth" in argv
+    create = kinds["Job"]["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    pods = [f"redis-cluster-{i}.redis-cluster.gkd.svc:6379" for i in range(6)]
+    assert all(p in create for p in pods) and "--cluster-replicas 1" in create
+    # the settings the header asks to add to the run's ConfigMap are settings every process has
+    for var in CLUSTER_ENV:
+        assert var[len(ENV_PREFIX) :].lower() in setting_names(CommonSettings), var

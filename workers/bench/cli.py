@@ -22,14 +22,15 @@ SUITES: dict[str, str] = {
     "trainer": "data-wait fraction of step time with prefetch on and off",
     "e2e": "async pipeline against a synchronous fetch-then-train loop",
     "redis_loss": "what a Redis kill -9 loses with appendfsync always vs everysec",
+    "redis": "samples/s handed off and consumed through one Redis node and a 3-master cluster (P=3, 6)",
     "teacher": "gkd workers against vllm serve (JSON), gkd teacher --engine vllm and gkd teacher (binary)",
     "serve": "positions/s of the reference teacher server (gkd teacher) scoring for the worker pool",
     "export": "scored datasets: bytes per token on disk, export and replay throughput",
     "fidelity": "student quality after distillation with each loss (trains models, ~20 min on 2 cores)",
 }
 
-ON_REQUEST = ("redis_loss", "teacher", "serve", "fidelity")
-"""Suites that `all` leaves out: redis_loss measures Redis itself, teacher needs vLLM (its own
+ON_REQUEST = ("redis_loss", "redis", "teacher", "serve", "fidelity")
+"""Suites that `all` leaves out: redis_loss and redis measure Redis itself, teacher needs vLLM (its own
 environment), serve the reference server on a device (the GPU check runs it), fidelity trains models
 for about 20 minutes."""
 

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import aiohttp
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
 from pipeline.errors import SettingsError
-from pipeline.local.redis_server import env_without_proxy
+from pipeline.local.redis_server import env_without_proxy, free_port
 from pipeline.local.tiny_models import tiny_models
 from pipeline.produce.producer import RolloutSettings, produce
 from pipeline.produce.prompts import PromptFileError
@@ -57,10 +58,10 @@ async def teachers() -> AsyncIterator[dict[str, FakeTeacher]]:
         await fake.stop()
 
 
-def config(url: str) -> TeacherConfig:
+def config(url: str, timeout_s: float = 10.0) -> TeacherConfig:
     return TeacherConfig(
         endpoints=[url], backend="vllm", k=K, max_retries=1, backoff_base_s=0.01, backoff_max_s=0.05,
-        breaker_failures=2, breaker_reset_s=0.1, request_timeout_s=10,
+        breaker_failures=2, breaker_reset_s=0.1, request_timeout_s=timeout_s,
     )  # fmt: skip
 
 
@@ -70,11 +71,13 @@ async def running(
     keys: RunKeys,
     fakes: dict[str, FakeTeacher],
     flow: FlowSettings | None = None,
+    timeout_s: float = 10.0,
     **opts: Any,
 ) -> AsyncIterator[TeacherWorker]:
     run = RunSettings(name=keys.run, redis_url=redis_url, k=K)
     options = WorkerOptions(**{"outage_backoff_s": 0.02, "outage_backoff_max_s": 0.2, **opts})
-    worker = TeacherWorker(run, {n: config(f.url) for n, f in fakes.items()}, "w0", flow, options)
+    configs = {n: config(f.url, timeout_s) for n, f in fakes.items()}
+    worker = TeacherWorker(run, configs, "w0", flow, options)
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     started = asyncio.create_task(worker.started.wait())
@@ -262,7 +265,10 @@ async def test_a_killed_teacher_holds_back_only_its_own_rollouts_and_nothing_is_
     async def ready_n(n: int) -> bool:
         return int(await r.xlen(keys.ready.key)) >= n
 
-    async with running(redis_url, keys, teachers, flow, concurrency=2, max_held=40) as worker:
+    port = free_port()
+    async with running(
+        redis_url, keys, teachers, flow, concurrency=2, max_held=40, metrics_port=port
+    ) as worker:
         await add(r, keys, first)
         await wait_for(lambda: ready_n(10), "the first 10 samples")
         await math.stop()  # killed mid-run
@@ -288,6 +294,16 @@ async def test_a_killed_teacher_holds_back_only_its_own_rollouts_and_nothing_is_
         assert code_st["scored"] == 25 and code_st["scored_positions"] == 7 * 25
         assert code_st["positions_per_s"] == 0  # nothing scored between gkd status's two samples
         assert code_st["latency_p95_ms"] >= code_st["latency_p50_ms"] > 0
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+            metrics = await resp.text()
+        assert 'gkd_teacher_breakers_open{teacher="math"} 1.0' in metrics
+        assert 'gkd_teacher_breakers_open{teacher="code"} 0.0' in metrics
+        assert 'gkd_teacher_positions_total{teacher="code"} 175.0' in metrics
+        assert 'gkd_teacher_waiting{teacher="math"} 0.0' not in metrics
+        assert (
+            f'gkd_teacher_request_seconds_count{{endpoint="{teachers["code"].url}",teacher="code"}}'
+            in metrics
+        )
         await asyncio.sleep(1.0)  # > 3 leases with math down
         ready = {s.rollout.id for s in await ready_samples(r, keys)}
         assert not ready & {ro.id for ro in later if ro.teacher_name == "math"}
@@ -404,3 +420,29 @@ async def test_gkd_workers_with_named_teachers_from_toml(
     for s in await ready_samples(r, keys):
         check_scored_by_its_teacher(s, teachers)
     assert (await read_config(r, keys))[Config.TEACHERS] == "code,math"
+
+
+async def test_a_slow_teacher_holds_back_only_its_own_rollouts(
+    redis_url: str, r: aioredis.Redis, keys: RunKeys, teachers: dict[str, FakeTeacher]
+) -> None:
+    math = teachers["math"]
+    rollouts = [make_rollout(i, ["math", "code"][i % 2]) for i in range(40)]
+    code_ids = {ro.id for ro in rollouts if ro.teacher_name == "code"}
+    # A request timeout far above the test: math stays slow, not down (its breaker stays closed).
+    async with running(
+        redis_url, keys, teachers, None, 300.0, concurrency=2, max_held=40, grace_s=0.5
+    ) as worker:
+        math.slow_s, math.mode = 600.0, "slow"  # after its start-up probe: math's requests now hang
+        await add(r, keys, rollouts)
+
+        async def code_done() -> bool:
+            return {s.rollout.id for s in await ready_samples(r, keys)} == code_ids
+
+        await wait_for(code_done, "every code rollout scored while math's requests hang")
+        lane = worker.router.lanes["math"]
+        # math has its 2 requests in flight; its other rollouts wait for a slot, not the read loop.
+        assert lane.client.in_flight() == 2 and lane.waiting == 18 and not lane.down
+    # Stopped: the hanging math rollouts were handed back, none dead, none lost.
+    assert await r.xlen(keys.ready.key) == 20 and await r.xlen(keys.dead.key) == 0
+    assert await r.xlen(keys.rollouts.key) == 20
+    assert (await r.xpending(keys.rollouts.key, "teachers"))["pending"] == 20  # released, reclaimable now

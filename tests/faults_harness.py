@@ -89,17 +89,19 @@ async def produce(
     batch: int = 25,
     marks: WaterMarks | None = None,
     stop: asyncio.Event | None = None,
+    partitions: int = 1,
 ) -> int:
     """Add `items` to the rollouts stream in batches, waiting for room above the high-water mark like
-    `gkd rollouts` does. Returns how many were acknowledged by Redis."""
-    await ensure_groups(r, keys)
-    bp = Backpressure(r, keys.rollouts, marks or WaterMarks())
+    `gkd rollouts` does (each batch to the least filled partition). Returns how many were acknowledged."""
+    await ensure_groups(r, keys, partitions)
+    parts = keys.parts(partitions)
+    bp = Backpressure(r, keys.rollouts, marks or WaterMarks(), parts=parts)
     done = 0
     for i in range(0, len(items), batch):
         if stop is not None and stop.is_set():
             break
         await bp.wait_for_room(stop)
-        await add_rollouts(r, keys, items[i : i + batch])
+        await add_rollouts(r, parts[await bp.least_filled()], items[i : i + batch])
         done += len(items[i : i + batch])
     return done
 
@@ -573,9 +575,17 @@ def lineage_steps(sample_logs: Sequence[Path]) -> dict[tuple[int, int], list[str
 
 
 async def outcome(
-    r: aioredis.Redis, keys: RunKeys, produced: Sequence[str], sample_log: Path | None = None
+    r: aioredis.Redis,
+    keys: RunKeys,
+    produced: Sequence[str],
+    sample_log: Path | None = None,
+    partitions: int = 1,
 ) -> Outcome:
-    out = Outcome(list(produced), ready=await ready_ids(r, keys), dead=await dead_letters(r, keys))
+    out = Outcome(list(produced))
+    for part in keys.parts(partitions):
+        out.ready.update(await ready_ids(r, part))
+        for rid, records in (await dead_letters(r, part)).items():
+            out.dead.setdefault(rid, []).extend(records)
     if sample_log is not None:
         for ids in trained_steps(sample_log).values():
             out.trained.update(ids)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
+import os
 import signal
 import subprocess
 from collections.abc import Awaitable, Callable, Iterator
@@ -25,6 +27,7 @@ from tests.faults_harness import (
     FaultyTeacher,
     Procs,
     dead_letters,
+    gkd,
     procs,
     rollouts_cmd,
     sample_log_count,
@@ -150,6 +153,14 @@ async def test_whole_pipeline_with_six_partitions_on_a_cluster_trains_each_rollo
     assert await stats_total(rc, keys, Stat.TRAINED_SAMPLES) == n
     slots = {int(await rc.cluster_keyslot(p.ready.key)) for p in keys.parts(P)}
     assert len(slots) == P
+    # gkd status through the cluster: one row per partition, counters summed over the partitions
+    status = subprocess.run(
+        [*gkd("status", "--run", keys.run, "--redis", cluster.url, "--interval-s", "0", "--json")],
+        env={**os.environ, **cluster_env()}, capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    rep = json.loads(status.stdout)
+    assert [row["partition"] for row in rep["partitions"]] == list(range(P))
+    assert rep["stats"][Stat.ROLLOUTS_PRODUCED] == rep["stats"][Stat.TRAINED_SAMPLES] == n
 
 
 @pytest.fixture

@@ -65,16 +65,18 @@ def _between_checkpoints(sample_log: Path, at_least: int) -> bool:
     return step >= at_least and step % CHECKPOINT_EVERY != 0
 
 
-async def _settled(r: aioredis.Redis, keys: RunKeys, sample_log: Path, n: int) -> bool:
-    return sample_log_count(sample_log) + int(await r.xlen(keys.dead.key)) >= n
+async def _settled(r: aioredis.Redis, keys: RunKeys, sample_log: Path, n: int, partitions: int = 1) -> bool:
+    dead = sum([int(await r.xlen(p.dead.key)) for p in keys.parts(partitions)])
+    return sample_log_count(sample_log) + dead >= n
 
 
-async def _nothing_left(r: aioredis.Redis, keys: RunKeys) -> None:
-    """No entry in any stream of the run, nothing pending in either group."""
-    for stream in (keys.rollouts, keys.ready, keys.journal):
-        assert int(await r.xlen(stream.key)) == 0, stream.kind
-    for stream in keys.work_streams:
-        assert (await r.xpending(stream.key, stream.group))["pending"] == 0, stream.kind
+async def _nothing_left(r: aioredis.Redis, keys: RunKeys, partitions: int = 1) -> None:
+    """No entry in any stream of the run (of any partition), nothing pending in either group."""
+    for part in keys.parts(partitions):
+        for stream in (part.rollouts, part.ready, part.journal):
+            assert int(await r.xlen(stream.key)) == 0, stream.key
+        for stream in part.work_streams:
+            assert (await r.xpending(stream.key, stream.group))["pending"] == 0, stream.key
 
 
 async def _crash_and_resume(
@@ -90,18 +92,21 @@ async def _crash_and_resume(
     resumed: list[str],
     kill_at: list[int],
     worker_kills: bool = False,
+    partitions: int = 1,
 ) -> None:
     """Start `first`, SIGKILL it between checkpoints past each step of `kill_at` (restarting it as `first`
     before the last kill, as `resumed` after it); check the ledger once everything has settled."""
     keys = RunKeys.for_run(run)
     sample_log = tmp_path / "samples.jsonl"
     items = rollouts(n, run)
-    await ensure_groups(r, keys)
+    await ensure_groups(r, keys, partitions)
+    env = {"GKD_PARTITIONS": str(partitions)}  # every process of the run, as a deployment sets it
     workers = {w: worker_cmd(redis_url, run, [teacher.url], w, max_deliveries=50) for w in ("w0", "w1")}
     for w, cmd in workers.items():
-        procs.spawn(w, cmd)
-    procs.spawn("trainer", first, group=True)
-    producer = asyncio.create_task(produce(r, keys, items, marks=WaterMarks(200, 100)))
+        procs.spawn(w, cmd, env)
+    procs.spawn("trainer", first, env, group=True)
+    marks = WaterMarks(200, 100)
+    producer = asyncio.create_task(produce(r, keys, items, marks=marks, partitions=partitions))
     rng = random.Random(5)
     for i, step in enumerate(kill_at):
 
@@ -109,27 +114,32 @@ async def _crash_and_resume(
             if worker_kills and rng.random() < 0.02:  # now and then (every ~2.5 s) a worker dies too
                 w = rng.choice(list(workers))
                 procs.kill9(w)
-                procs.spawn(w, workers[w])
+                procs.spawn(w, workers[w], env)
             return _between_checkpoints(sample_log, s)
 
         await wait_until(ready_to_kill, 300, f"step {step}", procs=procs, alive=["trainer"], poll_s=0.05)
         procs.kill9("trainer")
-        procs.spawn("trainer", [*(resumed if i == len(kill_at) - 1 else first), "--resume"], group=True)
+        procs.spawn("trainer", [*(resumed if i == len(kill_at) - 1 else first), "--resume"], env, group=True)
     await producer
-    await wait_until(lambda: _settled(r, keys, sample_log, n), 600, "everything trained", procs=procs,
-                     alive=["trainer"])  # fmt: skip
+    await wait_until(lambda: _settled(r, keys, sample_log, n, partitions), 600, "everything trained",
+                     procs=procs, alive=["trainer"])  # fmt: skip
     assert await procs.wait("trainer", 120) == 0, procs.tail("trainer")  # idle exit: final checkpoint
     for w in workers:
         procs.signal(w, signal.SIGTERM)
     assert {w: await procs.wait(w, 90) for w in workers} == {"w0": 0, "w1": 0}
-    result = await outcome(r, keys, [rid for rid, _ in items], sample_log)
+    result = await outcome(r, keys, [rid for rid, _ in items], sample_log, partitions)
     result.assert_exactly_once("trained")
     assert not result.dead, result.dead
-    await _nothing_left(r, keys)
+    await _nothing_left(r, keys, partitions)
     logged = len(sample_log.read_text().splitlines())
     kept = len(trained_steps(sample_log))
     assert logged > kept, f"{logged} step lines, {kept} kept: no kill discarded a step"
-    stats = await read_stats(r, keys)
+    stats: dict[str, int] = {}
+    for part in keys.parts(partitions) if partitions > 1 else []:  # the partitions' script counters
+        for name, value in (await read_stats(r, part)).items():
+            stats[name] = stats.get(name, 0) + value
+    for name, value in (await read_stats(r, keys)).items():
+        stats[name] = stats.get(name, 0) + value
     # The discarded steps' samples came back: from the journal (requeued) or still pending (taken over).
     assert stats.get(Stat.REQUEUED, 0) + stats.get(Stat.RECLAIMED, 0) > 0, stats
     print(f"{result.summary('trained')}; requeued {stats.get(Stat.REQUEUED, 0)}, "
@@ -149,6 +159,16 @@ async def test_kill_9_then_resume_with_the_same_ranks_trains_every_sample_once(
                             resumed=train, kill_at=[4, 11])  # fmt: skip
     steps = sorted(step for _, step in trained_steps(tmp_path / "samples.jsonl"))
     assert steps == list(range(1, len(steps) + 1)), "the continued run's steps are 1..n without gaps"
+
+
+async def test_kill_9_then_resume_of_a_run_of_three_partitions_trains_every_sample_once(
+    redis_url: str, r: aioredis.Redis, teacher: FaultyTeacher, procs: Procs, tmp_path: Path
+) -> None:
+    """A partitioned run (P = 3, one node): the killed job's journal entries go back into their own
+    partition's rollouts, its unjournaled ones are settled in their partition (`<p>/<id>` listings)."""
+    train = _train(redis_url, "parts", tmp_path)
+    await _crash_and_resume(redis_url, r, teacher, procs, tmp_path, run="parts", n=160, first=train,
+                            resumed=train, kill_at=[4], partitions=3)  # fmt: skip
 
 
 async def test_kill_9_of_two_torchrun_ranks_then_resume_with_one(

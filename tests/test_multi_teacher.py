@@ -72,9 +72,10 @@ async def running(
     fakes: dict[str, FakeTeacher],
     flow: FlowSettings | None = None,
     timeout_s: float = 10.0,
+    dtype: str = "float16",
     **opts: Any,
 ) -> AsyncIterator[TeacherWorker]:
-    run = RunSettings(name=keys.run, redis_url=redis_url, k=K)
+    run = RunSettings(name=keys.run, redis_url=redis_url, k=K, logprob_dtype=dtype)
     options = WorkerOptions(**{"outage_backoff_s": 0.02, "outage_backoff_max_s": 0.2, **opts})
     configs = {n: config(f.url, timeout_s) for n, f in fakes.items()}
     worker = TeacherWorker(run, configs, "w0", flow, options)
@@ -115,7 +116,10 @@ def check_scored_by_its_teacher(s: ScoredSample, fakes: dict[str, FakeTeacher]) 
     ids_RK, lp_RK = own.expected(s.rollout.input_ids, P, K)
     assert s.teacher == own.model and s.k == K
     assert np.array_equal(s.topk_ids, ids_RK), f"{s.rollout.id}: not {name}'s top-k"
-    np.testing.assert_allclose(s.topk_logprobs.astype(np.float32), lp_RK, atol=1e-2, rtol=1e-3)
+    if s.topk_logprobs.dtype == np.float32:  # bit for bit what the teacher sent
+        assert np.array_equal(s.topk_logprobs, lp_RK), f"{s.rollout.id}: not {name}'s logprobs"
+    else:  # float16 on the wire
+        np.testing.assert_array_equal(s.topk_logprobs, lp_RK.astype(np.float16))
     other_ids, _ = other.expected(s.rollout.input_ids, P, K)
     assert not np.array_equal(other_ids, ids_RK)  # the two teachers differ on every sample here
 
@@ -172,7 +176,7 @@ async def test_mixed_prompt_file_every_sample_scored_by_the_teacher_it_names(
         run=RunSettings(name=keys.run, redis_url=redis_url, k=K), prompts=prompts, student=student,
         lmbda=0.0, shuffle=False, device="cpu", policy_poll_s=0.0, teacher="code",
     )  # fmt: skip
-    async with running(redis_url, keys, teachers, concurrency=3):
+    async with running(redis_url, keys, teachers, dtype="float32", concurrency=3):
         summary = await produce(settings)
         assert summary.produced == len(lines)
         # Another producer's rollout naming a teacher the run does not have: dead, naming the known ones.

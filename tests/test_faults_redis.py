@@ -158,9 +158,11 @@ async def test_long_redis_killed_three_times_under_load(
 
 
 class ReplyDropper:
-    """A TCP proxy in front of Redis that forwards everything, except that the first transaction adding
-    rollouts (MULTI ... XADD ... EXEC) is executed by Redis but its reply never comes back: the proxy
-    closes the connection instead, as a Redis crash between executing and replying would do."""
+    """A TCP proxy in front of Redis that forwards everything, except that the first script adding a
+    batch of rollouts (EVALSHA of `scripts.ADD` with the rollouts stream and the batch's marker as keys) is
+    executed by Redis but its reply never comes back: the proxy closes the connection instead, as a Redis
+    crash between executing and replying would do. A NOSCRIPT error (the script not loaded yet: nothing
+    was executed) passes, and the script's next call is the one whose reply is lost."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
@@ -184,14 +186,16 @@ class ReplyDropper:
 
         async def client_to_redis() -> None:
             while data := await c_reader.read(65536):
-                if not self.dropped and b"EXEC" in data and b"XADD" in data:
+                if not self.dropped and b"EVALSHA" in data and b":rollouts" in data and b":batch:" in data:
                     drop_next_reply.set()
                 u_writer.write(data)
                 await u_writer.drain()
 
         async def redis_to_client() -> None:
             while data := await u_reader.read(65536):
-                if drop_next_reply.is_set():
+                if drop_next_reply.is_set() and data.startswith(b"-NOSCRIPT"):
+                    drop_next_reply.clear()
+                elif drop_next_reply.is_set():
                     self.dropped += 1
                     return  # executed by Redis; the client never hears of it
                 c_writer.write(data)
@@ -213,9 +217,10 @@ class ReplyDropper:
 async def test_producer_batch_whose_reply_was_lost_is_not_written_twice(
     redis_url: str, procs: Procs, tmp_path: Path
 ) -> None:
-    """Redis executes a batch of XADDs but the reply is lost (as on a crash between the two; `gkd bench
-    redis_loss` counts such writes as persisted_unacked). The producer used to retry blindly and write
-    the batch twice, training it twice (R1, fixed in workers/rollouts.py 3e0205e)."""
+    """Redis executes a batch of XADDs (one script with the batch's marker) but the reply is lost (as on a
+    crash between the two; `gkd bench redis_loss` counts such writes as persisted_unacked). The producer
+    used to retry blindly and write the batch twice, training it twice (R1, fixed in workers/rollouts.py
+    3e0205e)."""
     keys = RunKeys.for_run("dup")
     port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
     proxy = await ReplyDropper(port).start()

@@ -466,7 +466,7 @@ def test_a_worker_stopped_before_its_teacher_answered_fixes_nothing(redis_url: s
     dead = f"http://127.0.0.1:{free_port()}"
     proc = _spawn(["workers", "--redis", redis_url, "--run", "early", "--teacher", dead, "--k", "4"], log)
     try:
-        text = _wait_log(proc, log, "teacher unavailable")
+        text = _wait_log(proc, log, "teacher default unavailable at start")
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
     finally:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import PermanentError, RetryableError, TeacherIncompatible, UnknownTeacher
+from pipeline.notice import WaitNotice
 from pipeline.queue.connection import wait_event
 from pipeline.queue.schema import DEFAULT_TEACHER, HB, Config
 from pipeline.score.teachers import teacher_names_field
@@ -78,12 +79,16 @@ class Lane:
         least every 2 s). Permanent failures (k above the server's limit, another tokenizer) raise at once,
         naming the teacher; a stop while waiting raises the last RetryableError."""
         delay = backoff_s
+        notice = WaitNotice(log, level=logging.WARNING)
         while True:
             try:
                 await self.client.start()
                 return
             except RetryableError as exc:
                 on_down(exc)
+                if notice.waited_s == 0.0:  # said at once, then every NOTICE_EVERY_S while it lasts
+                    log.warning("teacher %s unavailable at start (%s); waiting for it", self.name, exc)
+                notice.waiting(lambda e=exc: f"still waiting for teacher {self.name} to start ({e})")
                 if await wait_event(stop, delay):
                     raise
                 delay = min(delay * 2, 2.0)

@@ -176,11 +176,7 @@ class ReadyLeases:
             while self._pending:
                 with self._pending_lock:
                     step, entries = self._pending[0]
-                try:
-                    write = functools.partial(self.consumer.journal, entries, step)
-                    flags = await self.retry.call("journaling trained samples", write)
-                except StreamGroupMissing:
-                    flags = [False] * len(entries)  # Redis lost its data: nothing left to move
+                flags = await self._journal_step(entries, step)
                 lost = [e.id for e, ok in zip(entries, flags, strict=True) if not ok]
                 if lost:  # journaled by an attempt whose reply was lost, or taken over after a stall
                     log.warning("%s: %d trained samples were no longer ours to journal: %s",
@@ -188,6 +184,24 @@ class ReadyLeases:
                 self.held.drop(entries)
                 with self._pending_lock:
                     self._pending.pop(0)
+
+    async def _journal_step(self, entries: Sequence[Entry], step: int) -> list[bool]:
+        """One journal write per partition, each retried on its own until Redis takes it: a partition
+        whose master fails over does not make the others' entries look lost on the retry."""
+        by_part: dict[int, list[int]] = {}
+        for i, e in enumerate(entries):
+            by_part.setdefault(e.part, []).append(i)
+        flags = [False] * len(entries)
+        for idx in by_part.values():
+            part = [entries[i] for i in idx]
+            try:
+                write = functools.partial(self.consumer.journal, part, step)
+                done = await self.retry.call("journaling trained samples", write)
+            except StreamGroupMissing:
+                done = [False] * len(part)  # Redis lost its data: nothing left to move
+            for i, ok in zip(idx, done, strict=True):
+                flags[i] = ok
+        return flags
 
     # ---------------------------------------------------------------------- training thread
 

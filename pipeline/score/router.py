@@ -88,7 +88,7 @@ class Lane:
                 on_down(exc)
                 if notice.waited_s == 0.0:  # said at once, then every NOTICE_EVERY_S while it lasts
                     log.warning("teacher %s unavailable at start (%s); waiting for it", self.name, exc)
-                notice.waiting(lambda e=exc: f"still waiting for teacher {self.name} to start ({e})")
+                notice.waiting(f"still waiting for teacher {self.name} to start ({exc})")
                 if await wait_event(stop, delay):
                     raise
                 delay = min(delay * 2, 2.0)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
-from pipeline.errors import ConfigMismatch, SettingsError, StreamGroupMissing
+from pipeline.errors import ConfigMismatch, RedisUnavailable, SettingsError, StreamGroupMissing
 from pipeline.monitor.report import build_report, take_sample
 from pipeline.monitor.text import render_text
 from pipeline.queue.backpressure import Backpressure, WaterMarks
@@ -171,3 +171,12 @@ async def test_errors_of_a_command_inside_a_pipeline_keep_their_class(
     pipe.xreadgroup("nogroup", "c", {keys.ready.key: ">"}, count=1)
     with pytest.raises(StreamGroupMissing):
         await pipe.execute()
+
+
+def test_a_cluster_seed_that_does_not_answer_is_an_outage() -> None:
+    """`gkd status --redis-cluster` against a seed that is down says so (RedisUnavailable naming it)."""
+    from pipeline.local.redis_server import free_port
+
+    port = free_port()
+    with pytest.raises(RedisUnavailable, match=f"127.0.0.1:{port}"):
+        connect_sync(f"redis://127.0.0.1:{port}/0", cluster=True)

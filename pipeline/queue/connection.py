@@ -232,9 +232,12 @@ def connect_sync(url: str, *, socket_timeout_s: float = 10.0, cluster: bool = Fa
     if cluster:
         from pipeline.queue import cluster as rc
 
-        c: Any = rc.cluster_client(
-            url, rc.SyncClusterClient, socket_timeout_s=socket_timeout_s, connect_timeout_s=5.0
-        )
+        try:  # the blocking cluster client learns the slot map as it is built
+            c: Any = rc.cluster_client(
+                url, rc.SyncClusterClient, socket_timeout_s=socket_timeout_s, connect_timeout_s=5.0
+            )
+        except FAILURES as exc:
+            raise translate(exc, mask_url(url)) from exc
         c.gkd_where = mask_url(url)
         return c  # type: ignore[no-any-return]
     client: redis.Redis = _SyncClient.from_url(

@@ -201,10 +201,10 @@ def _reshaped(payload: bytes) -> bytes:
 async def test_trainer_holding_more_than_the_ready_high_water_mark_does_not_deadlock(
     redis_url: str, r: aioredis.Redis, teacher: FaultyTeacher, procs: Procs, tmp_path: Path
 ) -> None:
-    """The trainer keeps trained samples unacknowledged until its next checkpoint, and they count toward
-    ready's high-water mark. When a checkpoint interval needs more samples than the mark lets through,
-    workers pause and the trainer must still make progress: it checkpoints early when starved. (Found by
-    this suite as T1, a deadlock; fixed in workers/trainer.py 0e4ebe0.)"""
+    """A checkpoint interval that needs far more samples than ready's high-water mark lets through. The
+    trainer once held trained samples in ready until its checkpoint, so workers paused and it starved (T1,
+    a deadlock). Now a trained sample leaves ready right after its step (the trained journal keeps its
+    rollout), so the mark never counts trained samples and training goes on to the end."""
     keys = RunKeys.for_run("hold")
     sample_log = tmp_path / "samples.jsonl"
     items = rollouts(60, "hold")
@@ -215,16 +215,19 @@ async def test_trainer_holding_more_than_the_ready_high_water_mark_does_not_dead
     procs.spawn("trainer", trainer_cmd(redis_url, keys.run, student_path(), tmp_path / "out", sample_log,
                                        checkpoint_every=10))  # fmt: skip
     await produce(r, keys, items)
-    last, last_change = -1, asyncio.get_running_loop().time()
+    last, last_change = 0, asyncio.get_running_loop().time()
 
     async def done_or_stuck() -> bool:
+        # A deadlock shows as training that started and then stopped: fail early with where it stopped.
+        # Counted from the first trained sample (start-up takes what the machine's load makes it), with
+        # a window far above a step's time, so a loaded machine is not taken for a deadlock.
         nonlocal last, last_change
         n = sample_log_count(sample_log)
         now = asyncio.get_running_loop().time()
         if n != last:
             last, last_change = n, now
         stuck_s = now - last_change
-        assert stuck_s < 15, f"no training progress for {stuck_s:.0f} s at {n} of {len(items)} samples"
+        assert n == 0 or stuck_s < 60, f"no training progress for {stuck_s:.0f} s at {n} of {len(items)}"
         return await _done(r, keys, sample_log, len(items))
 
     await wait_until(done_or_stuck, 180, "everything trained", procs=procs, alive=["trainer", "w0"])

@@ -13,11 +13,10 @@ from typing import Any
 
 import redis.asyncio.cluster as aiocluster
 import redis.cluster
-import redis.exceptions as rex
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from pipeline.queue.connection import FAILURES, cancelled, translate, translated
+from pipeline.queue.connection import guarded, guarded_sync, translated
 
 
 def _retry() -> Retry:
@@ -29,13 +28,7 @@ class _Pipeline(aiocluster.ClusterPipeline):
     gkd_where = ""
 
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
-        try:
-            out = translated(await super().execute(raise_on_error, allow_redirections))
-        except FAILURES as exc:
-            cancelled(exc)
-            raise translate(exc, self.gkd_where) from exc
-        cancelled()
-        return out
+        return translated(await guarded(self.gkd_where, super().execute(raise_on_error, allow_redirections)))
 
 
 class AsyncClusterClient(aiocluster.RedisCluster):
@@ -44,23 +37,11 @@ class AsyncClusterClient(aiocluster.RedisCluster):
     async def initialize(self, *args: Any, **kwargs: Any) -> AsyncClusterClient:
         # Learning the slot map talks to the nodes outside execute_command (also from multi-key
         # commands such as DELETE): a node that is down must surface as RedisUnavailable there too.
-        try:
-            await super().initialize(*args, **kwargs)
-        except FAILURES as exc:
-            cancelled(exc)
-            raise translate(exc, self.gkd_where) from exc
+        await guarded(self.gkd_where, super().initialize(*args, **kwargs))
         return self
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            out = await super().execute_command(*args, **kwargs)
-        except rex.NoScriptError:
-            raise  # redis-py's Script loads the script and calls again
-        except FAILURES as exc:
-            cancelled(exc)
-            raise translate(exc, self.gkd_where) from exc
-        cancelled()
-        return out
+        return await guarded(self.gkd_where, super().execute_command(*args, **kwargs), scripts=True)
 
     def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> _Pipeline:
         pipe = _Pipeline(self, transaction)  # type: ignore[abstract]
@@ -72,22 +53,16 @@ class _SyncPipeline(redis.cluster.ClusterPipeline):
     gkd_where = ""
 
     def execute(self, raise_on_error: bool = True) -> list[Any]:
-        try:
-            return translated(super().execute(raise_on_error))
-        except FAILURES as exc:
-            raise translate(exc, self.gkd_where) from exc
+        call = super().execute
+        return translated(guarded_sync(self.gkd_where, lambda: call(raise_on_error)))
 
 
 class SyncClusterClient(redis.cluster.RedisCluster):
     gkd_where = ""
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return super().execute_command(*args, **kwargs)
-        except rex.NoScriptError:
-            raise
-        except FAILURES as exc:
-            raise translate(exc, self.gkd_where) from exc
+        call = super().execute_command
+        return guarded_sync(self.gkd_where, lambda: call(*args, **kwargs), scripts=True)
 
     def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> Any:
         pipe = super().pipeline(transaction, shard_hint)

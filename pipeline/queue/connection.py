@@ -133,6 +133,31 @@ def translated(results: list[Any]) -> list[Any]:
     return [translate(x) if isinstance(x, FAILURES) else x for x in results]
 
 
+async def guarded(where: str, call: Awaitable[T], *, scripts: bool = False) -> T:
+    """Await a redis-py call with its failures raised as ours (`translate`, naming `where`) and a cancellation
+    that redis-py absorbed raised again (`cancelled`). With `scripts`, NoScriptError passes as it is:
+    redis-py's Script then loads the script and calls again."""
+    try:
+        out = await call
+    except FAILURES as exc:
+        if scripts and isinstance(exc, rex.NoScriptError):
+            raise
+        cancelled(exc)
+        raise translate(exc, where) from exc
+    cancelled()
+    return out
+
+
+def guarded_sync(where: str, call: Callable[[], T], *, scripts: bool = False) -> T:
+    """`guarded` for the blocking client: `call()` with its failures raised as ours."""
+    try:
+        return call()
+    except FAILURES as exc:
+        if scripts and isinstance(exc, rex.NoScriptError):
+            raise
+        raise translate(exc, where) from exc
+
+
 def where(client: Any) -> str:
     """The URL (password masked) a client of `connect`/`connect_sync` talks to."""
     return str(getattr(client, "gkd_where", "") or "")
@@ -142,28 +167,14 @@ class _Pipeline(aioclient.Pipeline):
     gkd_where = ""
 
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
-        try:
-            out = translated(await super().execute(raise_on_error))
-        except FAILURES as exc:
-            cancelled(exc)
-            raise translate(exc, self.gkd_where) from exc
-        cancelled()
-        return out
+        return translated(await guarded(self.gkd_where, super().execute(raise_on_error)))
 
 
 class _Client(aioredis.Redis):
     gkd_where = ""
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
-        try:
-            out = await super().execute_command(*args, **options)
-        except rex.NoScriptError:
-            raise  # redis-py's Script loads the script and calls again
-        except FAILURES as exc:
-            cancelled(exc)
-            raise translate(exc, self.gkd_where) from exc
-        cancelled()
-        return out
+        return await guarded(self.gkd_where, super().execute_command(*args, **options), scripts=True)
 
     def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> _Pipeline:
         pipe = _Pipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
@@ -175,22 +186,16 @@ class _SyncPipeline(redis.client.Pipeline):
     gkd_where = ""
 
     def execute(self, raise_on_error: bool = True) -> list[Any]:
-        try:
-            return translated(super().execute(raise_on_error))
-        except FAILURES as exc:
-            raise translate(exc, self.gkd_where) from exc
+        call = super().execute
+        return translated(guarded_sync(self.gkd_where, lambda: call(raise_on_error)))
 
 
 class _SyncClient(redis.Redis):
     gkd_where = ""
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
-        try:
-            return super().execute_command(*args, **options)
-        except rex.NoScriptError:
-            raise
-        except FAILURES as exc:
-            raise translate(exc, self.gkd_where) from exc
+        call = super().execute_command
+        return guarded_sync(self.gkd_where, lambda: call(*args, **options), scripts=True)
 
     def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> _SyncPipeline:
         pipe = _SyncPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)

@@ -182,6 +182,7 @@ def run(args: list[str]) -> list[dict[str, Any]]:
 
 if __name__ == "__main__":
     import json
+    import sys
 
-    for row in run(__import__("sys").argv[1:]):
+    for row in run(sys.argv[1:]):
         print(json.dumps(row))

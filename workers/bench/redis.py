@@ -159,8 +159,8 @@ def run(args: list[str]) -> list[dict[str, Any]]:
     p.add_argument("--samples", type=int, default=2000, help="scored samples per layout")
     p.add_argument("--rows", type=int, default=256, help="scored tokens per sample")
     p.add_argument("--k", type=int, default=32, help="teacher top-k per token")
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--trainers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=4, help="concurrent handoff consumers (workers)")
+    p.add_argument("--trainers", type=int, default=2, help="concurrent journaling consumers (trainer ranks)")
     a = p.parse_args(args)
     rollout, scored = _payloads(a.rows, a.k)
     rows = [

@@ -19,8 +19,10 @@ it is started with `--max-logprobs 64 --dtype float32 --enforce-eager` and VLLM_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -77,7 +79,10 @@ class Server:
     def start(self) -> Server:
         env = env_without_proxy() | {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
         with open(self.log, "ab") as fh:
-            self.proc = subprocess.Popen(self.args, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+            # Its own process group: vLLM's engine process outlives an API server that is killed, and
+            # stop() takes the whole group down with it.
+            self.proc = subprocess.Popen(self.args, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                         start_new_session=True)  # fmt: skip
         import requests
 
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -92,13 +97,19 @@ class Server:
             time.sleep(0.5)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        """`sig` to the server, then SIGKILL to what is left of its process group (the engine core and
+        its workers after a SIGKILL of the server, or a server that did not stop within 60 s)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
+                pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
 
     def tail(self, n: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
